@@ -1,0 +1,137 @@
+"""Host side of the agent protocol: asyncio, one TCP connection per request."""
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from . import protocol as P
+
+
+class AgentError(Exception):
+    """The agent could not be reached or failed a request."""
+
+
+class AgentRequestError(AgentError):
+    """The agent refused a request as invalid (the caller's fault)."""
+
+
+@dataclass
+class ExecEvent:
+    kind: str            # "stdout" | "stderr" | "exit"
+    data: bytes = b""
+    exit_code: int = 0
+    timed_out: bool = False
+
+
+class AgentConnection:
+    """One authenticated connection carrying one request."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    async def read_frame(self) -> tuple[int, bytes]:
+        try:
+            header = await self.reader.readexactly(P.HEADER.size)
+            ftype, n = P.parse_header(header)
+            payload = await self.reader.readexactly(n) if n else b""
+        except asyncio.IncompleteReadError as e:
+            raise AgentError("agent closed the connection") from e
+        if ftype == P.ERROR:
+            err = json.loads(payload)
+            cls = AgentRequestError if err.get("kind") == P.INVALID else AgentError
+            raise cls(err.get("error", "agent error"))
+        return ftype, payload
+
+    async def send(self, ftype: int, payload: bytes = b"") -> None:
+        self.writer.write(P.encode(ftype, payload))
+        await self.writer.drain()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+class AgentClient:
+    def __init__(self, host: str, port: int, token: str):
+        self.host = host
+        self.port = port
+        self.token = token.encode()
+
+    async def connect(self, ftype: int, payload: bytes = b"", timeout: float = 5.0) -> AgentConnection:
+        """Open a connection and send AUTH + the request in one write."""
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise AgentError(f"connect to agent at {self.host}:{self.port}: {e or 'timed out'}") from e
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            # Replies are several small frames: without NODELAY they wait for delayed ACKs.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.write(P.encode(P.AUTH, self.token) + P.encode(ftype, payload))
+        return AgentConnection(reader, writer)
+
+    async def request_json(self, ftype: int, expect: int, payload: bytes = b"", timeout: float = 5.0):
+        conn = await self.connect(ftype, payload, timeout)
+        try:
+            while True:
+                rtype, data = await asyncio.wait_for(conn.read_frame(), timeout)
+                if rtype == expect:
+                    return json.loads(data)
+        except asyncio.TimeoutError as e:
+            raise AgentError("agent did not answer in time") from e
+        finally:
+            await conn.close()
+
+    async def activity(self, timeout: float = 5.0) -> dict:
+        return await self.request_json(P.ACTIVITY_REQ, P.ACTIVITY_RESP, timeout=timeout)
+
+    async def sessions(self) -> list[dict]:
+        return await self.request_json(P.EXEC_LIST_REQ, P.EXEC_LIST_RESP)
+
+    async def wait_ready(self, deadline: float, alive=None) -> None:
+        """Poll until the agent answers; the first SYN can be lost while runsc takes the NIC."""
+        loop = asyncio.get_running_loop()
+        last: Exception | None = None
+        while loop.time() < deadline:
+            if alive is not None and not await alive():
+                raise AgentError(f"sandbox exited before its agent answered ({last})")
+            try:
+                await self.activity(timeout=0.2)
+                return
+            except AgentError as e:
+                last = e
+                await asyncio.sleep(0.02)
+        raise AgentError(f"agent did not answer in time: {last}")
+
+    async def exec(self, request: dict, stdin: bytes | None = None) -> AsyncIterator[ExecEvent]:
+        """Run a one-shot command; yields stdout/stderr chunks then one exit event.
+
+        Closing the iterator early (client gone) closes the connection, which makes the agent
+        kill the command's process group.
+        """
+        req = dict(request, stdin=stdin is not None)
+        conn = await self.connect(P.EXEC_REQ, json.dumps(req).encode())
+        try:
+            if stdin is not None:
+                for i in range(0, len(stdin), P.MAX_FRAME):
+                    conn.writer.write(P.encode(P.STDIN, stdin[i:i + P.MAX_FRAME]))
+                await conn.send(P.STDIN, b"")
+            while True:
+                ftype, payload = await conn.read_frame()
+                if ftype == P.STDOUT:
+                    yield ExecEvent("stdout", payload)
+                elif ftype == P.STDERR:
+                    yield ExecEvent("stderr", payload)
+                elif ftype == P.EXIT:
+                    info = json.loads(payload)
+                    yield ExecEvent("exit", exit_code=info["exit_code"], timed_out=bool(info.get("timed_out")))
+                    return
+        finally:
+            await conn.close()

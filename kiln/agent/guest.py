@@ -1,0 +1,610 @@
+"""kiln guest agent: PID 1 inside every sandbox. Standard library only (any image with python3 runs it).
+
+    python3 guest.py CONFIG_JSON
+
+CONFIG_JSON holds {"token", "port", "env", "init"}. PID 1 only reaps orphans; it forks the server,
+which listens on the sandbox's address and serves one authenticated request per connection
+(see protocol.py): one-shot exec (buffered or streamed by the host), PTY sessions with scrollback
+(the `init` session among them), the activity clock. The server is re-forked if it ever dies.
+"""
+from __future__ import annotations
+
+import fcntl
+import hmac
+import json
+import os
+import pwd
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+try:  # imported as kiln.agent.guest on the host (tests), run as a plain script in the sandbox
+    from . import protocol as P
+except ImportError:  # pragma: no cover
+    import protocol as P  # type: ignore[no-redef]
+
+DEFAULT_UID = 1000
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+AUTH_DEADLINE = 5.0
+MAX_CONNECTIONS = 50
+MAX_SESSIONS = 20
+SCROLLBACK = 64 * 1024
+EXITED_SESSION_TTL = 30.0
+READ_CHUNK = 64 * 1024
+INIT_MARKER = "/var/lib/kiln-agent/init-started"
+
+
+class RequestError(Exception):
+    """A request the agent refuses; kind is protocol.INVALID (caller's fault) or protocol.FAILED."""
+
+    def __init__(self, message: str, kind: str = P.INVALID):
+        super().__init__(message)
+        self.kind = kind
+
+
+# ---------------------------------------------------------------- framing over a blocking socket
+
+def recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(sock: socket.socket) -> tuple[int, bytes] | None:
+    header = recv_exact(sock, P.HEADER.size)
+    if header is None:
+        return None
+    ftype, n = P.parse_header(header)
+    payload = recv_exact(sock, n) if n else b""
+    if payload is None:
+        return None
+    return ftype, payload
+
+
+class Conn:
+    """A host connection; sends are serialised so frames never interleave."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def send(self, ftype: int, payload: bytes = b"") -> bool:
+        data = P.encode(ftype, payload)
+        with self.lock:
+            if self.closed:
+                return False
+            try:
+                self.sock.sendall(data)
+                return True
+            except OSError:
+                self.closed = True
+                return False
+
+    def send_json(self, ftype: int, obj) -> bool:
+        return self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
+
+    def send_chunks(self, ftype: int, data: bytes) -> bool:
+        for i in range(0, len(data), P.MAX_FRAME):
+            if not self.send(ftype, data[i:i + P.MAX_FRAME]):
+                return False
+        return True
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# ---------------------------------------------------------------- the agent state
+
+class Agent:
+    def __init__(self, config: dict):
+        self.token = config["token"].encode()
+        self.port = int(config.get("port", P.AGENT_PORT))
+        self.sandbox_env = {str(k): str(v) for k, v in (config.get("env") or {}).items()}
+        self.init_script = config.get("init") or ""
+        self.last_activity = time.time()
+        self.sessions: dict[str, Session] = {}
+        self.sessions_lock = threading.Lock()
+        self.session_counter = 0
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+    # -- identity and environment
+
+    def identity(self, user) -> pwd.struct_passwd | None:
+        """Resolve `user` (None = uid 1000, a name, or a uid) to a passwd entry, or None if uid is unnamed."""
+        if user is None or user == "":
+            user = DEFAULT_UID
+        if isinstance(user, str) and user.isdigit():
+            user = int(user)
+        try:
+            return pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+        except KeyError:
+            if isinstance(user, int) and 0 <= user < 2**31:
+                return None
+            raise RequestError(f"unknown user: {user}")
+
+    def build_env(self, pw, uid: int, extra: dict | None) -> dict:
+        env = {"PATH": DEFAULT_PATH, "TERM": "xterm-256color", "LANG": "C.UTF-8",
+               "HOME": pw.pw_dir if pw else "/", "USER": pw.pw_name if pw else str(uid)}
+        env.update(self.sandbox_env)
+        env.update({str(k): str(v) for k, v in (extra or {}).items()})
+        return env
+
+    def popen_identity(self, req: dict) -> dict:
+        """Keyword arguments for Popen that run the child as the requested user."""
+        pw = self.identity(req.get("user"))
+        uid = pw.pw_uid if pw else int(req["user"])
+        gid = pw.pw_gid if pw else uid
+        kw = {"env": self.build_env(pw, uid, req.get("env"))}
+        if uid != os.getuid():
+            kw.update(user=uid, group=gid, extra_groups=[])
+        cwd = req.get("cwd") or "/"
+        if not os.path.isdir(cwd):
+            raise RequestError(f"cwd: no such directory: {cwd}")
+        kw["cwd"] = cwd
+        return kw
+
+    # -- sessions
+
+    def new_session_id(self, wanted: str | None) -> str:
+        with self.sessions_lock:
+            if wanted:
+                if wanted in self.sessions:
+                    raise RequestError(f"session {wanted} already exists")
+                return wanted
+            self.session_counter += 1
+            return f"s{self.session_counter}"
+
+    def add_session(self, session: "Session") -> None:
+        with self.sessions_lock:
+            self.reap_sessions_locked()
+            if len(self.sessions) >= MAX_SESSIONS:
+                raise RequestError("session limit exceeded", P.FAILED)
+            self.sessions[session.id] = session
+
+    def reap_sessions_locked(self) -> None:
+        now = time.time()
+        for sid, s in list(self.sessions.items()):
+            if s.exited_at and sid != "init" and now - s.exited_at > EXITED_SESSION_TTL:
+                del self.sessions[sid]
+
+    def remove_session(self, sid: str) -> None:
+        with self.sessions_lock:
+            self.sessions.pop(sid, None)
+
+    def get_session(self, sid: str) -> "Session":
+        with self.sessions_lock:
+            self.reap_sessions_locked()
+            s = self.sessions.get(sid)
+        if s is None:
+            raise RequestError(f"no such session: {sid}")
+        return s
+
+    def session_list(self) -> list[dict]:
+        with self.sessions_lock:
+            self.reap_sessions_locked()
+            return [s.info() for s in self.sessions.values()]
+
+    def activity(self) -> dict:
+        with self.sessions_lock:
+            sessions = list(self.sessions.values())
+        return {"last_activity_unix": self.last_activity,
+                "active_sessions": sum(1 for s in sessions if s.running),
+                "attached_sessions": sum(1 for s in sessions if s.client is not None)}
+
+    def start_init(self) -> None:
+        """Run the create-time `init` script once per sandbox (not again after a reboot)."""
+        if not self.init_script or os.path.exists(INIT_MARKER):
+            return
+        os.makedirs(os.path.dirname(INIT_MARKER), exist_ok=True)
+        with open(INIT_MARKER, "w"):
+            pass
+        req = {"argv": ["/bin/sh", "-c", self.init_script], "cwd": "/workspace", "max_idle_sec": 0}
+        if not os.path.isdir("/workspace"):
+            req["cwd"] = "/"
+        try:
+            Session.start(self, "init", req)
+        except Exception as e:  # the agent must keep serving even if init cannot start
+            print(f"kiln-agent: init failed to start: {e}", file=sys.stderr, flush=True)
+
+    # -- serving
+
+    def serve(self) -> None:
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind(("0.0.0.0", self.port))
+        lsock.listen(128)
+        threading.Thread(target=self.start_init, daemon=True).start()
+        while True:
+            sock, _ = lsock.accept()
+            if not self.connections.acquire(blocking=False):
+                Conn(sock).send_json(P.ERROR, {"error": "connection limit exceeded", "kind": P.FAILED})
+                sock.close()
+                continue
+            threading.Thread(target=self.handle_connection, args=(sock,), daemon=True).start()
+
+    def handle_connection(self, sock: socket.socket) -> None:
+        conn = Conn(sock)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(AUTH_DEADLINE)
+            first = recv_frame(sock)
+            if first is None or first[0] != P.AUTH or not hmac.compare_digest(first[1], self.token):
+                conn.send_json(P.ERROR, {"error": "auth required", "kind": P.FAILED})
+                return
+            request = recv_frame(sock)
+            sock.settimeout(None)
+            if request is None:
+                return
+            self.dispatch(conn, *request)
+        except RequestError as e:
+            conn.send_json(P.ERROR, {"error": str(e), "kind": e.kind})
+        except (OSError, ValueError) as e:
+            conn.send_json(P.ERROR, {"error": f"agent: {e}", "kind": P.FAILED})
+        finally:
+            conn.close()
+            self.connections.release()
+
+    def dispatch(self, conn: Conn, ftype: int, payload: bytes) -> None:
+        if ftype == P.ACTIVITY_REQ:
+            conn.send_json(P.ACTIVITY_RESP, self.activity())
+        elif ftype == P.EXEC_LIST_REQ:
+            conn.send_json(P.EXEC_LIST_RESP, self.session_list())
+        elif ftype == P.EXEC_REQ:
+            req = json.loads(payload)
+            self.touch()
+            if req.get("session"):
+                self.get_session(req["session"]).attach(conn, force=not req.get("if_detached"))
+            elif req.get("tty"):
+                session = Session.start(self, self.new_session_id(req.get("session_id")), req)
+                session.attach(conn, force=True)
+            else:
+                run_exec(self, conn, req)
+        elif ftype == P.EXEC_KILL:
+            self.get_session(json.loads(payload)["session_id"]).kill(signal.SIGKILL)
+            conn.send_json(P.EXIT, {"exit_code": 0})
+        else:
+            raise RequestError(f"unknown request type 0x{ftype:02x}")
+
+
+# ---------------------------------------------------------------- one-shot exec
+
+def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
+    """Run argv to completion, streaming stdout/stderr frames, then EXIT.
+
+    The child gets its own process group; timeout, a KILL frame or the host going away kill
+    the whole group, so nothing of the command outlives its request.
+    """
+    argv = req.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise RequestError("cmd required")
+    kw = agent.popen_identity(req)
+    want_stdin = bool(req.get("stdin"))
+    timeout = req.get("timeout_sec")
+    deadline = time.monotonic() + float(timeout) if timeout else None
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE if want_stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True, close_fds=True, **kw)
+    except FileNotFoundError:
+        conn.send(P.STDERR, f"exec: {argv[0]}: command not found\n".encode())
+        conn.send_json(P.EXIT, {"exit_code": 127})
+        return
+    except PermissionError:
+        conn.send(P.STDERR, f"exec: {argv[0]}: permission denied\n".encode())
+        conn.send_json(P.EXIT, {"exit_code": 126})
+        return
+    except OSError as e:
+        conn.send(P.STDERR, f"exec: {argv[0]}: {e.strerror}\n".encode())
+        conn.send_json(P.EXIT, {"exit_code": 126})
+        return
+
+    def kill_group() -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    sel = selectors.DefaultSelector()
+    streams = {proc.stdout.fileno(): (proc.stdout, P.STDOUT), proc.stderr.fileno(): (proc.stderr, P.STDERR)}
+    for fd in streams:
+        sel.register(fd, selectors.EVENT_READ)
+    sel.register(conn.sock, selectors.EVENT_READ)
+    inbuf = bytearray()
+    timed_out = host_gone = False
+    try:
+        while streams:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if wait == 0.0:
+                timed_out = True
+                break
+            for key, _ in sel.select(wait):
+                if key.fileobj is conn.sock:
+                    data = conn.sock.recv(READ_CHUNK)  # readable: does not block
+                    if not data:
+                        host_gone = True
+                        break
+                    inbuf += data
+                    host_gone = not handle_exec_input(inbuf, proc)
+                    if host_gone:
+                        break
+                else:
+                    data = os.read(key.fd, READ_CHUNK)
+                    if not data:
+                        sel.unregister(key.fd)
+                        del streams[key.fd]
+                    else:
+                        conn.send(streams[key.fd][1], data)
+            if host_gone:
+                break
+        if timed_out or host_gone:
+            kill_group()
+            proc.wait()
+        else:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                kill_group()
+                proc.wait()
+    finally:
+        sel.close()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            if f:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+    if host_gone:
+        return
+    if timed_out:
+        conn.send_json(P.EXIT, {"exit_code": 124, "timed_out": True})
+    else:
+        rc = proc.returncode
+        conn.send_json(P.EXIT, {"exit_code": 128 - rc if rc < 0 else rc})
+
+
+def handle_exec_input(buf: bytearray, proc: subprocess.Popen) -> bool:
+    """Apply complete frames from the host to a running exec; False means kill it."""
+    while len(buf) >= P.HEADER.size:
+        ftype, n = P.parse_header(bytes(buf[:P.HEADER.size]))
+        if len(buf) < P.HEADER.size + n:
+            break
+        payload = bytes(buf[P.HEADER.size:P.HEADER.size + n])
+        del buf[:P.HEADER.size + n]
+        if ftype == P.KILL:
+            return False
+        if ftype == P.STDIN and proc.stdin:
+            try:
+                if payload:
+                    proc.stdin.write(payload)
+                    proc.stdin.flush()
+                else:
+                    proc.stdin.close()
+            except (BrokenPipeError, ValueError):
+                pass
+    return True
+
+
+# ---------------------------------------------------------------- PTY sessions
+
+class Session:
+    """A process on a PTY with a 64 KiB scrollback ring; one attached client at a time."""
+
+    def __init__(self, agent: Agent, sid: str, argv: list[str], proc: subprocess.Popen, master: int,
+                 max_idle: float):
+        self.agent = agent
+        self.id = sid
+        self.argv = argv
+        self.proc = proc
+        self.master = master
+        self.max_idle = max_idle
+        self.scrollback = bytearray()
+        self.lock = threading.Lock()
+        self.client: Conn | None = None
+        self.running = True
+        self.exit_code: int | None = None
+        self.exited_at: float | None = None
+        self.created_at = int(time.time())
+        self.detached_at = time.monotonic()
+
+    @classmethod
+    def start(cls, agent: Agent, sid: str, req: dict) -> "Session":
+        argv = req.get("argv") or ["/bin/sh"]
+        kw = agent.popen_identity(req)
+        master, slave = os.openpty()
+        set_winsize(slave, int(req.get("rows") or 24), int(req.get("cols") or 80))
+
+        def make_controlling_tty() -> None:
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                                    preexec_fn=make_controlling_tty, close_fds=True, **kw)
+        except OSError as e:
+            os.close(master)
+            raise RequestError(f"start {argv[0]}: {e.strerror}")
+        finally:
+            os.close(slave)
+        max_idle = req.get("max_idle_sec")
+        session = cls(agent, sid, argv, proc, master, 3600.0 if max_idle is None else float(max_idle))
+        agent.add_session(session)
+        threading.Thread(target=session.pump, daemon=True).start()
+        return session
+
+    def info(self) -> dict:
+        d = {"session_id": self.id, "argv": " ".join(self.argv), "tty": True, "running": self.running,
+             "attached": self.client is not None, "created_at": self.created_at}
+        if not self.running:
+            d["exit_code"] = self.exit_code
+        return d
+
+    def pump(self) -> None:
+        """Move PTY output to the scrollback and the attached client until the child exits.
+
+        A PTY master does not report EOF when the child exits under gVisor: poll and waitpid.
+        """
+        while True:
+            try:
+                ready = select_read(self.master, 0.2)
+                data = os.read(self.master, READ_CHUNK) if ready else b""
+            except OSError:
+                data = None
+            if data:
+                self.output(data)
+                continue
+            if self.proc.poll() is not None or data is None:
+                # drain what is left, then report the exit
+                try:
+                    while select_read(self.master, 0):
+                        more = os.read(self.master, READ_CHUNK)
+                        if not more:
+                            break
+                        self.output(more)
+                except OSError:
+                    pass
+                self.finish(self.proc.wait())
+                return
+            if (self.max_idle and self.client is None
+                    and time.monotonic() - self.detached_at > self.max_idle):
+                self.kill(signal.SIGKILL)
+
+    def output(self, data: bytes) -> None:
+        with self.lock:
+            self.scrollback += data
+            if len(self.scrollback) > SCROLLBACK:
+                del self.scrollback[:len(self.scrollback) - SCROLLBACK]
+            if self.client and not self.client.send(P.STDOUT, data):
+                self.client = None
+                self.detached_at = time.monotonic()
+
+    def finish(self, rc: int) -> None:
+        os.close(self.master)
+        with self.lock:
+            self.running = False
+            self.exit_code = 128 - rc if rc < 0 else rc
+            self.exited_at = time.time()
+            client, self.client = self.client, None
+        if client:
+            client.send_json(P.EXIT, {"exit_code": self.exit_code})
+            client.close()
+            if self.id != "init":
+                self.agent.remove_session(self.id)
+
+    def kill(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def attach(self, conn: Conn, force: bool) -> None:
+        """Replay the scrollback, then relay live output and the client's keystrokes."""
+        with self.lock:
+            if self.client is not None and not force:
+                raise RequestError("session is attached")
+            old, self.client = self.client, conn
+            if old:
+                old.send_json(P.EXIT, {"exit_code": 0})
+                old.close()
+            conn.send_json(P.SESSION_INFO, self.info())
+            if self.scrollback:
+                conn.send_chunks(P.STDOUT, bytes(self.scrollback))
+            if not self.running:
+                self.client = None
+                conn.send_json(P.EXIT, {"exit_code": self.exit_code})
+                return
+        try:
+            while True:
+                frame = recv_frame(conn.sock)
+                if frame is None:
+                    break
+                ftype, payload = frame
+                if ftype == P.STDIN and payload:
+                    self.agent.touch()
+                    os.write(self.master, payload)
+                elif ftype == P.RESIZE:
+                    size = json.loads(payload)
+                    set_winsize(self.master, int(size["rows"]), int(size["cols"]))
+                elif ftype == P.KILL:
+                    self.kill(signal.SIGTERM)
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                if self.client is conn:
+                    self.client = None
+                    self.detached_at = time.monotonic()
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def select_read(fd: int, timeout: float) -> bool:
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(fd, selectors.EVENT_READ)
+        return bool(sel.select(timeout))
+    finally:
+        sel.close()
+
+
+# ---------------------------------------------------------------- PID 1
+
+def reap_forever(server_pid: int, start_server) -> None:
+    """PID 1 duty: reap every orphan; restart the server if it dies."""
+    while True:
+        try:
+            pid, _ = os.wait()
+        except ChildProcessError:
+            time.sleep(0.5)
+            continue
+        except InterruptedError:
+            continue
+        if pid == server_pid:
+            time.sleep(0.2)
+            server_pid = start_server()
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        config = json.load(f)
+    agent = Agent(config)
+
+    def start_server() -> int:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                agent.serve()
+            finally:
+                os._exit(1)
+        return pid
+
+    if os.getpid() == 1:
+        reap_forever(start_server(), start_server)
+    else:  # run directly (tests on the host): no orphans of ours to reap
+        agent.serve()
+
+
+if __name__ == "__main__":
+    main()

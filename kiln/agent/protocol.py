@@ -1,0 +1,61 @@
+"""kiln agent wire protocol, shared by the guest agent and the host client. Standard library only.
+
+One request per TCP connection. Every frame is: 4-byte big-endian length (= 1 + payload length),
+1 type byte, payload. The first frame from the host is AUTH carrying the sandbox's token; the
+second is the request (EXEC_REQ, EXEC_LIST_REQ, ACTIVITY_REQ, FILE_*, PORTS_REQ, ...). JSON
+payloads are UTF-8. Unknown frame types are ignored by both sides (forward compatibility).
+"""
+from __future__ import annotations
+
+import json
+import struct
+
+AGENT_PORT = 1024
+MAX_FRAME = 1 << 20  # payload bytes
+HEADER = struct.Struct(">IB")
+
+# Stream frames
+STDIN = 0x01          # host -> guest bytes; an empty payload closes the child's stdin
+STDOUT = 0x02
+STDERR = 0x03
+RESIZE = 0x04         # JSON {"rows","cols"}
+EXIT = 0x05           # JSON {"exit_code", "timed_out"?}
+ERROR = 0x06          # JSON {"error": message, "kind": "invalid" | "failed"}
+KILL = 0x07           # host asks the guest to kill the process group
+# Requests / responses
+EXEC_REQ = 0x10       # JSON, see guest.handle_exec
+AUTH = 0x11           # token bytes
+EXEC_LIST_REQ = 0x30
+EXEC_LIST_RESP = 0x31
+EXEC_KILL = 0x32
+SESSION_INFO = 0x33
+ACTIVITY_REQ = 0x40
+ACTIVITY_RESP = 0x41
+FILE_READ = 0x50
+FILE_WRITE = 0x52
+FILE_STAT = 0x54
+FILE_LS = 0x56
+PORTS_REQ = 0x60
+PORTS_RESP = 0x61
+
+# ERROR kinds: "invalid" is the caller's fault (maps to HTTP 400), "failed" is not.
+INVALID = "invalid"
+FAILED = "failed"
+
+
+def encode(ftype: int, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"frame payload too large: {len(payload)}")
+    return HEADER.pack(len(payload) + 1, ftype) + payload
+
+
+def encode_json(ftype: int, obj) -> bytes:
+    return encode(ftype, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def parse_header(header: bytes) -> tuple[int, int]:
+    """Return (frame type, payload length) from the 5 header bytes."""
+    length, ftype = HEADER.unpack(header)
+    if length < 1 or length - 1 > MAX_FRAME:
+        raise ValueError(f"bad frame length {length}")
+    return ftype, length - 1

@@ -1,0 +1,60 @@
+"""Bearer-token authentication, and the headers and limits every API response shares."""
+from __future__ import annotations
+
+import json
+
+from fastapi import Request
+
+from .. import __version__
+from ..core.errors import Unauthorized
+from ..store.db import User
+
+MAX_JSON_BODY = 1 << 20
+
+
+def require_user(request: Request) -> User:
+    """The caller, from `Authorization: Bearer <key>`; query-string tokens are refused."""
+    header = request.headers.get("authorization", "")
+    if not header.startswith("Bearer ") or not header[7:].strip():
+        raise Unauthorized("authorization required")
+    user = request.app.state.store.user_by_key(header[7:].strip())
+    if user is None:
+        raise Unauthorized("invalid api key")
+    return user
+
+
+class CommonHeaders:
+    """ASGI middleware: version headers on every HTTP response; JSON bodies over 1 MiB refused unread;
+    bodies read as JSON.
+
+    Plain ASGI (not BaseHTTPMiddleware) so streamed responses flush immediately and client
+    disconnects reach the handler.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        version = __version__.encode()
+        self.headers = [(b"x-kiln-version", version), (b"x-bhatti-version", version)]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + self.headers
+            await send(message)
+
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > MAX_JSON_BODY and "/files" not in scope["path"]:
+            body = json.dumps({"error": "request body too large (max 1 MiB)"}).encode() + b"\n"
+            await send_with_headers({"type": "http.response.start", "status": 413,
+                                     "headers": [(b"content-type", b"application/json"),
+                                                 (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        if "/files" not in scope["path"]:
+            # Every API body is JSON whatever Content-Type says (`curl -d` sends a form type).
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send_with_headers)

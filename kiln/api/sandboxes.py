@@ -1,0 +1,83 @@
+"""Routes: /sandboxes create, list, get, delete, start."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+
+from ..core.errors import BadRequest
+from ..core.sandboxes import CreateRequest
+from ..store.db import SandboxRow, User
+from .auth import require_user
+
+router = APIRouter()
+
+
+class CreateBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr | None = None
+    cpus: float | None = None
+    memory_mb: int | None = None
+    env: dict[StrictStr, StrictStr] = {}
+    init: StrictStr = ""
+    keep_hot: StrictBool = False
+
+
+class StartBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    force: StrictBool = False
+
+
+def sandbox_json(row: SandboxRow, engine: str) -> dict:
+    d = {"id": row.id, "name": row.name, "template_id": "", "engine": engine, "status": row.status,
+         "ip": row.ip, "created_by": row.owner_id, "created_at": row.created_at, "keep_hot": row.keep_hot,
+         "cpus": row.cpus, "memory_mb": row.memory_mb, "disk_size_mb": 0, "image": row.image}
+    if row.reason:
+        d["reason"] = row.reason
+    if row.stopped_at:
+        d["stopped_at"] = row.stopped_at
+    if row.labels:
+        d["labels"] = row.labels
+    return d
+
+
+def service(request: Request):
+    return request.app.state.sandboxes
+
+
+@router.post("/sandboxes", status_code=201)
+async def create_sandbox(body: CreateBody, request: Request, response: Response,
+                         user: User = Depends(require_user)):
+    row, existed = await service(request).create(user, CreateRequest(**body.model_dump()))
+    if existed:
+        response.status_code = 200
+        response.headers["X-Bhatti-Existing"] = "true"
+    return sandbox_json(row, request.app.state.engine.name)
+
+
+@router.get("/sandboxes")
+async def list_sandboxes(request: Request, user: User = Depends(require_user)):
+    engine = request.app.state.engine.name
+    return [sandbox_json(r, engine) for r in service(request).list(user)]
+
+
+@router.api_route("/sandboxes/", methods=["GET", "POST", "PATCH", "DELETE"], include_in_schema=False)
+async def missing_id(user: User = Depends(require_user)):
+    raise BadRequest("missing sandbox id")
+
+
+@router.get("/sandboxes/{sandbox_id}")
+async def get_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
+    return sandbox_json(service(request).get(user, sandbox_id), request.app.state.engine.name)
+
+
+@router.delete("/sandboxes/{sandbox_id}")
+async def delete_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
+    await service(request).destroy(user, sandbox_id)
+    return {"status": "destroyed"}
+
+
+@router.post("/sandboxes/{sandbox_id}/start")
+async def start_sandbox(sandbox_id: str, request: Request, body: StartBody | None = None,
+                        user: User = Depends(require_user)):
+    row = await service(request).start(user, sandbox_id)
+    return sandbox_json(row, request.app.state.engine.name)

@@ -1,0 +1,51 @@
+"""Builds the HTTP app and runs what lives beside it: the store, the engine, background loops."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+from fastapi import FastAPI
+
+from . import __version__
+from .api import errors, exec as exec_api, health, sandboxes as sandboxes_api
+from .api.auth import CommonHeaders
+from .config import Config
+from .core.sandboxes import SandboxService
+from .core.users import ensure_admin
+from .engine.gvisor.engine import GVisorEngine
+from .images.default import ensure_default_image
+from .store.db import Store
+
+log = logging.getLogger("kiln")
+
+
+def build_app(config: Config) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        ensure_default_image(config.image_root, log=log.info)
+        store = Store(config.data_dir / "state.db")
+        key = ensure_admin(store, config)
+        if key:
+            log.info("created the admin user; its API key is in %s", config.data_dir / "admin.token")
+        engine = GVisorEngine(config.data_dir, config.image_root, config.network.subnet, config.runsc)
+        sandboxes = SandboxService(store, engine, config)
+        await engine.start_engine()
+        await sandboxes.reconcile()
+        app.state.store, app.state.engine, app.state.sandboxes = store, engine, sandboxes
+        app.state.started = time.monotonic()
+        log.info("kiln %s listening on http://%s (admin token: %s)", __version__, config.listen,
+                 config.data_dir / "admin.token")
+        try:
+            yield
+        finally:
+            await engine.close_engine()
+            store.close()
+
+    app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
+    app.add_middleware(CommonHeaders)
+    errors.install(app)
+    for module in (health, sandboxes_api, exec_api):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,124 @@
+"""kiln's settings: config.yaml, every key optional, validated at start with errors naming the key."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_PATHS = [Path("/etc/kiln/config.yaml")]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class NetworkConfig(Section):
+    subnet: str = "10.77.0.0/16"
+
+    @field_validator("subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        import ipaddress
+        net = ipaddress.ip_network(v)  # raises ValueError with a clear message
+        if net.version != 4 or net.prefixlen > 29:
+            raise ValueError("must be an IPv4 network of /29 or larger")
+        return str(net)
+
+
+class ThermalConfig(Section):
+    warm_after: float = Field(30.0, gt=0, description="seconds idle before a sandbox is paused")
+    cold_after: float = Field(1800.0, gt=0, description="seconds warm before it is snapshotted to disk")
+    tick: float = Field(10.0, gt=0)
+
+
+class PublishConfig(Section):
+    domain: str = "localhost"
+
+
+class PortsConfig(Section):
+    host_bind: str = "127.0.0.1"
+
+
+class LimitsConfig(Section):
+    max_sandboxes: int = Field(50, ge=1)
+    max_cpus_per_sandbox: float = Field(4, gt=0)
+    max_memory_mb_per_sandbox: int = Field(4096, ge=16)
+    exec_output_cap_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+
+
+class Config(Section):
+    listen: str = "127.0.0.1:8080"
+    data_dir: Path = Path("/var/lib/kiln")
+    images_dir: Path | None = None  # default: <data_dir>/images
+    runsc: str = "runsc"
+    log_level: str = "info"
+    network: NetworkConfig = NetworkConfig()
+    thermal: ThermalConfig = ThermalConfig()
+    publish: PublishConfig = PublishConfig()
+    ports: PortsConfig = PortsConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError("must be one of debug, info, warning, error")
+        return v.lower()
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0] or "0.0.0.0"
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def image_root(self) -> Path:
+        return self.images_dir or self.data_dir / "images"
+
+
+class ConfigError(Exception):
+    pass
+
+
+def describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None = None) -> Config:
+    """Load from `path`, else $KILN_CONFIG, else /etc/kiln/config.yaml if present, else defaults."""
+    path = path or os.environ.get("KILN_CONFIG")
+    candidates = [Path(path)] if path else [p for p in DEFAULT_CONFIG_PATHS if p.exists()]
+    data: Any = {}
+    source = "(defaults)"
+    if candidates:
+        source = str(candidates[0])
+        try:
+            data = yaml.safe_load(candidates[0].read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"cannot read config {source}: {e.strerror}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {source} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {source} must be a mapping of keys to values")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe(e, source)) from e

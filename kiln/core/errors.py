@@ -1,0 +1,39 @@
+"""The one exception hierarchy of kiln; the API layer maps each class to its status code in one place."""
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(KilnError):
+    status = 400
+
+
+class Unauthorized(KilnError):
+    status = 401
+
+
+class NotFound(KilnError):
+    status = 404
+
+
+class Conflict(KilnError):
+    status = 409
+
+
+class TooManyRequests(KilnError):
+    status = 429
+
+
+class Internal(KilnError):
+    """A failure whose cause is logged but never shown to the caller."""
+    status = 500
+
+    def __init__(self, cause: str = ""):
+        super().__init__("internal error")
+        self.cause = cause

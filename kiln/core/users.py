@@ -1,0 +1,40 @@
+"""Users and API keys: the admin user and its key file on first start."""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from ..config import Config
+from ..store.db import Store, User, now
+
+KEY_PREFIX = "kiln_"
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_hex(32)
+
+
+def new_user(name: str, config: Config, max_sandboxes: int | None = None) -> User:
+    lim = config.limits
+    return User(id="usr_" + secrets.token_hex(4), name=name,
+                max_sandboxes=max_sandboxes or lim.max_sandboxes,
+                max_cpus_per_sandbox=lim.max_cpus_per_sandbox,
+                max_memory_mb_per_sandbox=lim.max_memory_mb_per_sandbox, created_at=now())
+
+
+def ensure_admin(store: Store, config: Config) -> str | None:
+    """Create the admin user and <data_dir>/admin.token (0600) on first start; return the new key."""
+    token_file = config.data_dir / "admin.token"
+    if store.user_by_name("admin") is not None:
+        return None
+    key = new_key()
+    write_token(token_file, key)
+    store.create_user(new_user("admin", config), key)
+    return key
+
+
+def write_token(path: Path, key: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")

@@ -1,0 +1,65 @@
+"""The engine interface: what turns a sandbox spec into a running isolated environment.
+
+Everything above this (API, core services, store) is engine-agnostic. Capabilities beyond the
+basic lifecycle (pausing, checkpointing) are separate small protocols, so callers ask for the
+one they need with isinstance().
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from ..agent.client import AgentClient
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a user can ask for. Engine details (addresses, paths, flags) never appear here."""
+    id: str
+    hostname: str
+    cpus: float = 1.0
+    memory_mb: int = 512
+    env: dict[str, str] = field(default_factory=dict)
+    init: str = ""
+    image: str = "default"
+
+
+class State(str, enum.Enum):
+    RUNNING = "running"   # processes running, agent reachable
+    PAUSED = "paused"     # processes frozen, memory kept
+    STOPPED = "stopped"   # no processes; a snapshot or the disk is kept for start
+    DEAD = "dead"         # exited on its own (crash, OOM); disk kept, start boots it again
+    MISSING = "missing"   # the engine knows nothing of it
+
+
+@dataclass
+class Status:
+    state: State
+    reason: str = ""      # for DEAD: "oom" | "exited"
+
+
+@dataclass
+class SandboxHandle:
+    """How the layers above reach a live sandbox."""
+    id: str
+    ip: str
+    agent: AgentClient
+
+
+class EngineError(Exception):
+    """An engine operation failed; the message is for logs, not for API callers."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+
+    async def start_engine(self) -> None: ...
+    async def close_engine(self) -> None: ...
+    async def create(self, spec: SandboxSpec) -> SandboxHandle: ...
+    async def destroy(self, sandbox_id: str) -> None: ...
+    async def boot(self, sandbox_id: str) -> SandboxHandle: ...
+    async def status(self, sandbox_id: str) -> Status: ...
+    def handle(self, sandbox_id: str) -> SandboxHandle | None: ...
+    async def list_ids(self) -> list[str]: ...

@@ -1,0 +1,111 @@
+"""The OCI bundle of a sandbox: an overlayfs root over the image and the runtime spec.
+
+Layout of a sandbox directory:
+    upper/, work/     overlayfs upper and work dirs: the sandbox's disk changes, and nothing else
+    rootfs/           the overlay mount point, handed to runsc as the bundle root
+    config.json       the OCI runtime spec
+    agent.json        the agent's config (token, env, init), mounted read-only, root-only readable
+    engine.json       what the engine needs to find this sandbox again after a daemon restart
+    console.log       runsc's and the agent's stdio (append mode: runsc writes it with its own offset)
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..base import SandboxSpec
+from .network import Link
+from .proc import run
+
+AGENT_DIR = Path(__file__).resolve().parents[2] / "agent"
+GUEST_AGENT_DIR = "/opt/kiln/agent"
+GUEST_AGENT_CONFIG = "/opt/kiln/config.json"
+CPU_PERIOD = 100_000
+
+# Docker's default capability set plus SYS_PTRACE: the agent runs as root and must be able to
+# switch users and own files; gVisor is the isolation boundary, not capabilities.
+CAPABILITIES = [
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE", "CAP_SYS_PTRACE",
+]
+
+
+def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str) -> dict:
+    memory = spec.memory_mb * 1024 * 1024
+    caps = {k: CAPABILITIES for k in ("bounding", "effective", "permitted")}
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": False,
+            "user": {"uid": 0, "gid": 0},
+            "args": ["/usr/bin/python3", "-B", "-u", f"{GUEST_AGENT_DIR}/guest.py", GUEST_AGENT_CONFIG],
+            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
+            "cwd": "/",
+            "capabilities": caps,
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+        },
+        "root": {"path": str(sandbox_dir / "rootfs"), "readonly": False},
+        "hostname": spec.hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "nodev", "mode=1777"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
+            {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755"]},
+            {"destination": GUEST_AGENT_DIR, "type": "bind", "source": str(AGENT_DIR), "options": ["rbind", "ro"]},
+            {"destination": GUEST_AGENT_CONFIG, "type": "bind", "source": str(sandbox_dir / "agent.json"),
+             "options": ["bind", "ro"]},
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
+                           {"type": "network", "path": link.netns_path}],
+            "cgroupsPath": cgroups_path,
+            "resources": {
+                "memory": {"limit": memory, "swap": memory},
+                "cpu": {"quota": int(spec.cpus * CPU_PERIOD), "period": CPU_PERIOD},
+                "pids": {"limit": 4096},
+            },
+        },
+    }
+
+
+def write_private(path: Path, data: str) -> None:
+    """Write a root-only file atomically (it may hold the agent token and secrets)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_bundle(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str) -> None:
+    for d in ("upper", "work", "rootfs"):
+        (sandbox_dir / d).mkdir(exist_ok=True)
+    agent_config = {"token": token, "env": spec.env, "init": spec.init}
+    write_private(sandbox_dir / "agent.json", json.dumps(agent_config))
+    write_private(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path)))
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+async def mount_rootfs(image_dir: Path, sandbox_dir: Path) -> None:
+    rootfs = sandbox_dir / "rootfs"
+    if is_mounted(rootfs):
+        return
+    opts = f"lowerdir={image_dir},upperdir={sandbox_dir / 'upper'},workdir={sandbox_dir / 'work'}"
+    await run(["mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs)])
+
+
+async def unmount_rootfs(sandbox_dir: Path) -> None:
+    rootfs = sandbox_dir / "rootfs"
+    if is_mounted(rootfs):
+        await run(["umount", "-l", str(rootfs)], check=False)

@@ -1,0 +1,278 @@
+"""The gVisor engine: each sandbox is a runsc container in its own netns, on an overlay of its image."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from ...agent.client import AgentClient
+from ...agent.protocol import AGENT_PORT
+from ..base import EngineError, SandboxHandle, SandboxSpec, State, Status
+from . import bundle
+from .network import Link, Network
+from .proc import run
+from .runsc import Runsc, tail
+
+log = logging.getLogger("kiln.engine.gvisor")
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+BOOT_TIMEOUT = 30.0
+
+
+def host_prefix(data_dir: Path) -> str:
+    """6 hex chars derived from the data dir: the namespace of every host-global name we create."""
+    return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:6]
+
+
+@dataclass
+class Record:
+    """What the engine keeps about one sandbox (engine.json in its directory)."""
+    id: str
+    slot: int
+    token: str
+    image: str
+    memory_mb: int
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+class GVisorEngine:
+    name = "gvisor"
+
+    def __init__(self, data_dir: Path, images_dir: Path, subnet: str, runsc_binary: str = "runsc"):
+        self.data_dir = data_dir
+        self.images_dir = images_dir
+        self.sandboxes_dir = data_dir / "sandboxes"
+        self.prefix = host_prefix(data_dir)
+        self.network = Network(self.prefix, subnet)
+        self.runsc = Runsc(data_dir / "runsc", runsc_binary)
+        self.cgroup_parent = f"kiln-{self.prefix}"
+        self.records: dict[str, Record] = {}
+        self.watchers: dict[str, int] = {}  # sandbox id -> pidfd of its runsc sandbox process
+        self.slot_lock = asyncio.Lock()
+        self.on_exit: Callable[[str], Awaitable[None]] | None = None
+
+    # ------------------------------------------------------------ engine lifecycle
+
+    async def start_engine(self) -> None:
+        self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        await self.network.install_firewall()
+        for d in self.sandboxes_dir.iterdir():
+            try:
+                rec = Record(**json.loads((d / "engine.json").read_text()))
+                self.records[rec.id] = rec
+            except (OSError, ValueError, TypeError):
+                log.warning("removing half-made sandbox directory %s", d)
+                await self.remove_leftovers(d.name, None)
+        known = {self.link(r).netns for r in self.records.values()}
+        known_ifs = {self.link(r).host_if for r in self.records.values()}
+        netns, ifs = self.network.leftovers()
+        for ns in netns:
+            if ns not in known:
+                await self.network.destroy(Link(ns, "", "", ""))
+        for i in ifs:
+            if i not in known_ifs:
+                await run(["ip", "link", "delete", i], check=False)
+        for sandbox_id in await self.runsc.list_ids():
+            if sandbox_id not in self.records:
+                await self.runsc.delete(sandbox_id)
+        for rec in self.records.values():
+            if (await self.status(rec.id)).state == State.RUNNING:
+                await self.watch(rec.id)
+
+    async def close_engine(self) -> None:
+        """Stop watching; remove host-wide objects if no sandbox of ours is left."""
+        for sandbox_id in list(self.watchers):
+            self.unwatch(sandbox_id)
+        if not self.records:
+            await self.network.remove_firewall()
+            for controller in self.cgroup_controllers():
+                try:
+                    (CGROUP_ROOT / controller / self.cgroup_parent).rmdir()
+                except OSError:
+                    pass
+
+    # ------------------------------------------------------------ helpers
+
+    def dir(self, sandbox_id: str) -> Path:
+        return self.sandboxes_dir / sandbox_id
+
+    def link(self, rec: Record) -> Link:
+        return self.network.link(rec.id, rec.slot)
+
+    def cgroups_path(self, sandbox_id: str) -> str:
+        return f"/{self.cgroup_parent}/{sandbox_id}"
+
+    @staticmethod
+    def cgroup_controllers() -> list[str]:
+        try:
+            return [c for c in os.listdir(CGROUP_ROOT) if (CGROUP_ROOT / c / "tasks").exists()]
+        except OSError:
+            return []
+
+    def handle(self, sandbox_id: str) -> SandboxHandle | None:
+        rec = self.records.get(sandbox_id)
+        if rec is None:
+            return None
+        link = self.link(rec)
+        return SandboxHandle(id=rec.id, ip=link.sandbox_ip, agent=AgentClient(link.sandbox_ip, AGENT_PORT, rec.token))
+
+    async def list_ids(self) -> list[str]:
+        return list(self.records)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def create(self, spec: SandboxSpec) -> SandboxHandle:
+        image_dir = self.images_dir / spec.image
+        if not (image_dir / "usr/bin/python3").exists():
+            raise EngineError(f"image {spec.image!r} is not built at {image_dir}")
+        sandbox_dir = self.dir(spec.id)
+        async with self.slot_lock:
+            used = {r.slot for r in self.records.values()}
+            slot = next((s for s in range(self.network.max_slots) if s not in used), None)
+            if slot is None:
+                raise EngineError(f"no free address left in {self.network.subnet}")
+            rec = Record(id=spec.id, slot=slot, token=secrets.token_hex(16), image=spec.image,
+                         memory_mb=spec.memory_mb)
+            self.records[spec.id] = rec
+        try:
+            sandbox_dir.mkdir(parents=True)
+            link = self.link(rec)
+            bundle.write_bundle(spec, sandbox_dir, link, self.cgroups_path(spec.id), rec.token)
+            await self.network.create(link)
+            await bundle.mount_rootfs(image_dir, sandbox_dir)
+            # engine.json last: a directory without it is a half-made sandbox, removed on start.
+            bundle.write_private(sandbox_dir / "engine.json", rec.to_json())
+            return await self.launch(rec)
+        except BaseException:
+            await self.destroy(spec.id)
+            raise
+
+    async def launch(self, rec: Record) -> SandboxHandle:
+        sandbox_dir = self.dir(rec.id)
+        await self.runsc.run_detached(rec.id, sandbox_dir, sandbox_dir / "console.log")
+        handle = self.handle(rec.id)
+        polls = 0
+
+        async def alive() -> bool:
+            nonlocal polls
+            polls += 1
+            if polls % 25:
+                return True
+            return (await self.status(rec.id)).state == State.RUNNING
+
+        loop = asyncio.get_running_loop()
+        try:
+            await handle.agent.wait_ready(loop.time() + BOOT_TIMEOUT, alive)
+        except Exception as e:
+            raise EngineError(f"sandbox {rec.id} did not boot: {e}; console: {tail(sandbox_dir / 'console.log')}")
+        await self.watch(rec.id)
+        return handle
+
+    async def boot(self, sandbox_id: str) -> SandboxHandle:
+        """Boot a sandbox that exited (crash, OOM) again, on the disk it had."""
+        rec = self.records.get(sandbox_id)
+        if rec is None:
+            raise EngineError(f"unknown sandbox {sandbox_id}")
+        self.unwatch(sandbox_id)
+        await self.runsc.delete(sandbox_id)
+        self.remove_cgroups(sandbox_id)
+        link = self.link(rec)
+        if not os.path.exists(link.netns_path):
+            await self.network.create(link)
+        else:
+            await self.network.prepare_for_boot(link)
+        await bundle.mount_rootfs(self.images_dir / rec.image, self.dir(sandbox_id))
+        return await self.launch(rec)
+
+    async def destroy(self, sandbox_id: str) -> None:
+        rec = self.records.get(sandbox_id)
+        await self.remove_leftovers(sandbox_id, rec)
+        self.records.pop(sandbox_id, None)
+
+    async def remove_leftovers(self, sandbox_id: str, rec: Record | None) -> None:
+        self.unwatch(sandbox_id)
+        await self.runsc.delete(sandbox_id)
+        sandbox_dir = self.dir(sandbox_id)
+        await bundle.unmount_rootfs(sandbox_dir)
+        if rec is not None:
+            await self.network.destroy(self.link(rec))
+        else:
+            await self.network.destroy(Link(f"kiln-{self.prefix}-{sandbox_id}", "", "", ""))
+        self.remove_cgroups(sandbox_id)
+        shutil.rmtree(sandbox_dir, ignore_errors=True)
+
+    def remove_cgroups(self, sandbox_id: str) -> None:
+        """An interrupted runsc delete leaves the per-container cgroup directories behind."""
+        for controller in self.cgroup_controllers():
+            path = CGROUP_ROOT / controller / self.cgroup_parent / sandbox_id
+            if path.exists():
+                for sub in sorted(path.rglob("*"), reverse=True):
+                    if sub.is_dir():
+                        try:
+                            sub.rmdir()
+                        except OSError:
+                            pass
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+
+    async def status(self, sandbox_id: str) -> Status:
+        if sandbox_id not in self.records:
+            return Status(State.MISSING)
+        st = await self.runsc.state(sandbox_id)
+        if st is None:
+            return Status(State.DEAD, "exited")
+        s = st.get("status")
+        if s == "running":
+            return Status(State.RUNNING)
+        if s == "paused":
+            return Status(State.PAUSED)
+        return Status(State.DEAD, "oom" if self.oom_killed(sandbox_id) else "exited")
+
+    def oom_killed(self, sandbox_id: str) -> bool:
+        path = CGROUP_ROOT / "memory" / self.cgroup_parent / sandbox_id / "memory.oom_control"
+        try:
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and int(value) > 0:
+                    return True
+        except (OSError, ValueError):
+            pass
+        return False
+
+    # ------------------------------------------------------------ exit watching
+
+    async def watch(self, sandbox_id: str) -> None:
+        """Get told at once when the sandbox's runsc process exits (an OOM kills the whole sandbox)."""
+        self.unwatch(sandbox_id)
+        st = await self.runsc.state(sandbox_id)
+        pid = (st or {}).get("pid")
+        if not pid:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return
+        self.watchers[sandbox_id] = fd
+        asyncio.get_running_loop().add_reader(fd, self._exited, sandbox_id)
+
+    def unwatch(self, sandbox_id: str) -> None:
+        fd = self.watchers.pop(sandbox_id, None)
+        if fd is not None:
+            asyncio.get_running_loop().remove_reader(fd)
+            os.close(fd)
+
+    def _exited(self, sandbox_id: str) -> None:
+        self.unwatch(sandbox_id)
+        if self.on_exit is not None:
+            asyncio.get_running_loop().create_task(self.on_exit(sandbox_id))

@@ -1,0 +1,216 @@
+"""The store: SQLite in WAL mode, the only module that speaks SQL.
+
+Schema changes are numbered migrations applied in order at open; `PRAGMA user_version` records
+how far a database has come. Every query that reads user-owned rows takes the owner.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+MIGRATIONS: list[str] = [
+    # 1: users, API keys, sandboxes
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        max_sandboxes INTEGER NOT NULL,
+        max_cpus_per_sandbox REAL NOT NULL,
+        max_memory_mb_per_sandbox INTEGER NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE api_keys (
+        key_hash TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES users(id),
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT NOT NULL DEFAULT '',
+        ip TEXT NOT NULL DEFAULT '',
+        cpus REAL NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        image TEXT NOT NULL,
+        env TEXT NOT NULL DEFAULT '{}',
+        init TEXT NOT NULL DEFAULT '',
+        keep_hot INTEGER NOT NULL DEFAULT 0,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at TEXT NOT NULL,
+        stopped_at TEXT
+    );
+    CREATE UNIQUE INDEX sandboxes_owner_name ON sandboxes(owner_id, name);
+    """,
+]
+
+
+def now() -> str:
+    """RFC 3339 UTC with nanosecond-style precision, like bhatti's Go timestamps."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class User:
+    id: str
+    name: str
+    max_sandboxes: int
+    max_cpus_per_sandbox: float
+    max_memory_mb_per_sandbox: int
+    created_at: str
+
+
+@dataclass
+class SandboxRow:
+    id: str
+    owner_id: str
+    name: str
+    status: str          # creating | running | stopped | unknown
+    cpus: float
+    memory_mb: int
+    image: str
+    created_at: str
+    reason: str = ""
+    ip: str = ""
+    env: dict = field(default_factory=dict)
+    init: str = ""
+    keep_hot: bool = False
+    labels: dict = field(default_factory=dict)
+    stopped_at: str | None = None
+
+
+class NameTaken(Exception):
+    pass
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    def migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            with self.lock:
+                self.db.execute("BEGIN")
+                try:
+                    for stmt in filter(str.strip, script.split(";")):
+                        self.db.execute(stmt)
+                    self.db.execute(f"PRAGMA user_version={i}")
+                    self.db.execute("COMMIT")
+                except BaseException:
+                    self.db.execute("ROLLBACK")
+                    raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _exec(self, sql: str, args=()) -> sqlite3.Cursor:
+        with self.lock:
+            return self.db.execute(sql, args)
+
+    # ------------------------------------------------------------ users and keys
+
+    def create_user(self, user: User, key: str) -> None:
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.execute("INSERT INTO users VALUES (?,?,?,?,?,?)",
+                                (user.id, user.name, user.max_sandboxes, user.max_cpus_per_sandbox,
+                                 user.max_memory_mb_per_sandbox, user.created_at))
+                self.db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user.id, now()))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def user_by_name(self, name: str) -> User | None:
+        row = self._exec("SELECT * FROM users WHERE name=?", (name,)).fetchone()
+        return User(**dict(row)) if row else None
+
+    def user_by_key(self, key: str) -> User | None:
+        row = self._exec("SELECT u.* FROM users u JOIN api_keys k ON k.user_id=u.id WHERE k.key_hash=?",
+                         (hash_key(key),)).fetchone()
+        return User(**dict(row)) if row else None
+
+    def list_users(self) -> list[User]:
+        return [User(**dict(r)) for r in self._exec("SELECT * FROM users ORDER BY created_at")]
+
+    def delete_user(self, user_id: str) -> None:
+        self._exec("DELETE FROM users WHERE id=?", (user_id,))
+
+    def replace_keys(self, user_id: str, key: str) -> None:
+        with self.lock:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM api_keys WHERE user_id=?", (user_id,))
+            self.db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user_id, now()))
+            self.db.execute("COMMIT")
+
+    # ------------------------------------------------------------ sandboxes
+
+    @staticmethod
+    def _sandbox(row: sqlite3.Row) -> SandboxRow:
+        d = dict(row)
+        d["env"] = json.loads(d["env"])
+        d["labels"] = json.loads(d["labels"])
+        d["keep_hot"] = bool(d["keep_hot"])
+        return SandboxRow(**d)
+
+    def insert_sandbox(self, s: SandboxRow) -> None:
+        try:
+            self._exec(
+                "INSERT INTO sandboxes (id, owner_id, name, status, reason, ip, cpus, memory_mb, image, env, init,"
+                " keep_hot, labels, created_at, stopped_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (s.id, s.owner_id, s.name, s.status, s.reason, s.ip, s.cpus, s.memory_mb, s.image,
+                 json.dumps(s.env), s.init, int(s.keep_hot), json.dumps(s.labels), s.created_at, s.stopped_at))
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(s.name) from e
+
+    def update_sandbox(self, sandbox_id: str, **fields) -> None:
+        for k in ("env", "labels"):
+            if k in fields:
+                fields[k] = json.dumps(fields[k])
+        if "keep_hot" in fields:
+            fields["keep_hot"] = int(fields["keep_hot"])
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self._exec(f"UPDATE sandboxes SET {cols} WHERE id=?", (*fields.values(), sandbox_id))
+
+    def delete_sandbox(self, sandbox_id: str) -> None:
+        self._exec("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+
+    def get_sandbox(self, owner_id: str, id_or_name: str) -> SandboxRow | None:
+        """Exact id first, then name; only the owner's sandboxes."""
+        row = self._exec("SELECT * FROM sandboxes WHERE owner_id=? AND id=?", (owner_id, id_or_name)).fetchone()
+        if row is None:
+            row = self._exec("SELECT * FROM sandboxes WHERE owner_id=? AND name=?",
+                             (owner_id, id_or_name)).fetchone()
+        return self._sandbox(row) if row else None
+
+    def list_sandboxes(self, owner_id: str | None = None) -> list[SandboxRow]:
+        if owner_id is None:
+            rows = self._exec("SELECT * FROM sandboxes ORDER BY created_at DESC")
+        else:
+            rows = self._exec("SELECT * FROM sandboxes WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
+        return [self._sandbox(r) for r in rows]
+
+    def count_sandboxes(self, owner_id: str | None = None) -> int:
+        if owner_id is None:
+            return self._exec("SELECT COUNT(*) FROM sandboxes").fetchone()[0]
+        return self._exec("SELECT COUNT(*) FROM sandboxes WHERE owner_id=?", (owner_id,)).fetchone()[0]

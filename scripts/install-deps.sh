@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs everything kiln needs on a Debian 12 host, skipping what is already there.
+# Called by `make serve` and `make test`; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
+
+need_apt=()
+runsc_ok() { command -v runsc >/dev/null && runsc --version 2>/dev/null | grep -Eq 'runsc version (0\.0~)?(release-)?20(2[4-9]|[3-9][0-9])'; }
+runsc_ok || need_apt+=(runsc)
+command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
+command -v ip >/dev/null || need_apt+=(iproute2)
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+
+if [ ${#need_apt[@]} -gt 0 ]; then
+  # runsc must come from bookworm-backports (the bookworm build is too old: ptrace only, no
+  # --compression=none, broken coreutils). Add that suite for the mirror the machine already uses.
+  if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    mirror=$(grep -rhs '^URIs:' /etc/apt/sources.list.d/*.sources | grep -v security | head -n1 | awk '{print $2}')
+    [ -n "$mirror" ] || mirror=$(grep -rhs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
+                                  | grep bookworm | grep -v security | head -n1 | awk '{print $2}')
+    [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+    say "adding bookworm-backports from $mirror"
+    echo "deb $mirror bookworm-backports main" > /etc/apt/sources.list.d/kiln-backports.list
+  fi
+  say "apt: installing ${need_apt[*]}"
+  apt-get update -qq
+  others=()
+  for p in "${need_apt[@]}"; do [ "$p" = runsc ] || others+=("$p"); done
+  if [ ${#others[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${others[@]}"
+  fi
+  if [[ " ${need_apt[*]} " == *" runsc "* ]]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends -t bookworm-backports runsc
+  fi
+fi
+runsc_ok || { echo "runsc from bookworm-backports is required (runsc --version: $(runsc --version 2>&1 | head -1))" >&2; exit 1; }
+
+# Python dependencies into the project venv.
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.kiln-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  say "pip: installing kiln and its dependencies into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+say "dependencies ready"
