@@ -8,7 +8,7 @@ import time
 from fastapi import FastAPI
 
 from . import __version__
-from .api import errors, exec as exec_api, health, sandboxes as sandboxes_api
+from .api import errors, exec as exec_api, health, sandboxes as sandboxes_api, sessions as sessions_api
 from .api.auth import CommonHeaders
 from .config import Config
 from .core.sandboxes import SandboxService
@@ -46,6 +46,6 @@ def build_app(config: Config) -> FastAPI:
     app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
     app.add_middleware(CommonHeaders)
     errors.install(app)
-    for module in (health, sandboxes_api, exec_api):
+    for module in (health, sandboxes_api, exec_api, sessions_api):
         app.include_router(module.router)
     return app

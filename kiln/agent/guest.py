@@ -324,38 +324,38 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         except ProcessLookupError:
             pass
 
+    stdin = StdinFeeder(proc.stdin) if proc.stdin else None
     sel = selectors.DefaultSelector()
-    streams = {proc.stdout.fileno(): (proc.stdout, P.STDOUT), proc.stderr.fileno(): (proc.stderr, P.STDERR)}
+    streams = {proc.stdout.fileno(): P.STDOUT, proc.stderr.fileno(): P.STDERR}
     for fd in streams:
         sel.register(fd, selectors.EVENT_READ)
     sel.register(conn.sock, selectors.EVENT_READ)
     inbuf = bytearray()
     timed_out = host_gone = False
     try:
-        while streams:
+        while streams and not host_gone:
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if wait == 0.0:
                 timed_out = True
                 break
-            for key, _ in sel.select(wait):
+            if stdin:
+                stdin.register(sel)
+            for key, events in sel.select(wait):
                 if key.fileobj is conn.sock:
                     data = conn.sock.recv(READ_CHUNK)  # readable: does not block
-                    if not data:
+                    inbuf += data
+                    if not data or not apply_host_frames(inbuf, stdin):
                         host_gone = True
                         break
-                    inbuf += data
-                    host_gone = not handle_exec_input(inbuf, proc)
-                    if host_gone:
-                        break
+                elif stdin and key.fd == stdin.fd:
+                    stdin.write()
                 else:
                     data = os.read(key.fd, READ_CHUNK)
-                    if not data:
+                    if data:
+                        conn.send(streams[key.fd], data)
+                    else:
                         sel.unregister(key.fd)
                         del streams[key.fd]
-                    else:
-                        conn.send(streams[key.fd][1], data)
-            if host_gone:
-                break
         if timed_out or host_gone:
             kill_group()
             proc.wait()
@@ -384,7 +384,54 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         conn.send_json(P.EXIT, {"exit_code": 128 - rc if rc < 0 else rc})
 
 
-def handle_exec_input(buf: bytearray, proc: subprocess.Popen) -> bool:
+class StdinFeeder:
+    """Feeds host STDIN frames to the child without blocking, so a child that writes a lot
+    before reading everything (e.g. `cat` of a big input) never deadlocks against us."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.fd = pipe.fileno()
+        os.set_blocking(self.fd, False)
+        self.pending = bytearray()
+        self.eof = False
+        self.closed = False
+        self.registered = False
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self.pending += data
+        else:
+            self.eof = True
+
+    def register(self, sel: selectors.BaseSelector) -> None:
+        want = bool(self.pending) and not self.closed
+        if want and not self.registered:
+            sel.register(self.fd, selectors.EVENT_WRITE)
+        elif not want and self.registered:
+            sel.unregister(self.fd)
+        self.registered = want
+        if self.eof and not self.pending and not self.closed:
+            self.close()
+
+    def write(self) -> None:
+        try:
+            n = os.write(self.fd, self.pending[:READ_CHUNK])
+            del self.pending[:n]
+        except BlockingIOError:
+            pass
+        except OSError:  # the child closed its stdin: drop the rest
+            self.pending.clear()
+            self.eof = True
+
+    def close(self) -> None:
+        self.closed = True
+        try:
+            self.pipe.close()
+        except OSError:
+            pass
+
+
+def apply_host_frames(buf: bytearray, stdin: StdinFeeder | None) -> bool:
     """Apply complete frames from the host to a running exec; False means kill it."""
     while len(buf) >= P.HEADER.size:
         ftype, n = P.parse_header(bytes(buf[:P.HEADER.size]))
@@ -394,15 +441,8 @@ def handle_exec_input(buf: bytearray, proc: subprocess.Popen) -> bool:
         del buf[:P.HEADER.size + n]
         if ftype == P.KILL:
             return False
-        if ftype == P.STDIN and proc.stdin:
-            try:
-                if payload:
-                    proc.stdin.write(payload)
-                    proc.stdin.flush()
-                else:
-                    proc.stdin.close()
-            except (BrokenPipeError, ValueError):
-                pass
+        if ftype == P.STDIN and stdin:
+            stdin.feed(payload)
     return True
 
 

@@ -29,6 +29,33 @@ def image_build(args) -> int:
     return 0
 
 
+def user_create(args) -> int:
+    from ..core.users import new_key, new_user
+    from ..store.db import Store
+
+    config = load_config(args.config)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.data_dir / "state.db")
+    if store.user_by_name(args.name):
+        print(f"kiln: user {args.name!r} already exists", file=sys.stderr)
+        return 1
+    key = new_key()
+    store.create_user(new_user(args.name, config, args.max_sandboxes), key)
+    print(f"created user {args.name}; API key (shown once):")
+    print(key)
+    return 0
+
+
+def user_list(args) -> int:
+    from ..store.db import Store
+
+    config = load_config(args.config)
+    store = Store(config.data_dir / "state.db")
+    for u in store.list_users():
+        print(f"{u.id}\t{u.name}\tmax_sandboxes={u.max_sandboxes}\tcreated {u.created_at}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kiln", description="kiln sandbox orchestrator")
     parser.add_argument("--config", help="config file (default: $KILN_CONFIG, then /etc/kiln/config.yaml)")
@@ -40,6 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     b = img.add_parser("build", help="build the default image if it is missing")
     b.add_argument("--config", dest="config", default=argparse.SUPPRESS)
     b.set_defaults(func=image_build)
+    users = sub.add_parser("user", help="manage API users (on the server host)").add_subparsers(
+        dest="user_command", required=True)
+    c = users.add_parser("create", help="create a user and print its API key once")
+    c.add_argument("name")
+    c.add_argument("--max-sandboxes", type=int, default=None)
+    c.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    c.set_defaults(func=user_create)
+    ls = users.add_parser("list", help="list users")
+    ls.add_argument("--config", dest="config", default=argparse.SUPPRESS)
+    ls.set_defaults(func=user_list)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -210,6 +210,14 @@ class SandboxService:
             raise Internal(f"sandbox {row.id} is running in the store but unknown to the engine")
         return handle
 
+    async def sessions(self, user: User, id_or_name: str) -> list[dict]:
+        row = self.get(user, id_or_name)
+        handle = await self.ready_handle(row)
+        try:
+            return await handle.agent.sessions()
+        except AgentError as e:
+            await self.raise_for_dead(row, e)
+
     @staticmethod
     def validate_exec(req: ExecRequest) -> dict:
         if not req.cmd or not all(isinstance(a, str) for a in req.cmd) or req.cmd[0] == "":

@@ -1,0 +1,169 @@
+"""A real kiln daemon for tests: its own port, data dir, subnet and host-name prefix.
+
+Every host object the daemon may leave behind carries its prefix, so `leftovers()` can prove a
+clean state and `scrub()` can remove what a failed test left, without touching anything else.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from kiln.engine.gvisor.engine import CGROUP_ROOT, host_prefix
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = REPO / ".cache" / "images"
+_subnets = itertools.count((os.getpid() % 50) * 4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, extra_config: dict | None = None):
+        self.data_dir = Path(tempfile.mkdtemp(prefix="kiln-test-"))
+        self.port = free_port()
+        self.prefix = host_prefix(self.data_dir)
+        self.subnet = f"10.{200 + next(_subnets) % 50}.{os.getpid() % 250}.0/24"
+        self.config = {"listen": f"127.0.0.1:{self.port}", "data_dir": str(self.data_dir),
+                       "images_dir": str(IMAGES), "network": {"subnet": self.subnet}}
+        for k, v in (extra_config or {}).items():
+            self.config[k] = v
+        self.config_path = self.data_dir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = self.data_dir / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    # ------------------------------------------------------------ process
+
+    def start(self, timeout: float = 120.0) -> "Daemon":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli.main", "serve", "--config",
+                                      str(self.config_path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon did not come up:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGKILL)  # by PID, never by name
+        self.proc.wait()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    # ------------------------------------------------------------ clients
+
+    @property
+    def admin_token(self) -> str:
+        return (self.data_dir / "admin.token").read_text().strip()
+
+    def client(self, token: str | None = None, timeout: float = 60.0) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token or self.admin_token}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def create_user(self, name: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "kiln.cli.main", "user", "create", name, "--config",
+                              str(self.config_path)], capture_output=True, text=True, check=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    # ------------------------------------------------------------ host state
+
+    def runsc_ids(self) -> list[str]:
+        root = self.data_dir / "runsc"
+        if not root.exists():
+            return []
+        out = subprocess.run(["runsc", f"--root={root}", "list", "-format=json"], capture_output=True, text=True)
+        try:
+            return [c["id"] for c in json.loads(out.stdout) or []]
+        except ValueError:
+            return []
+
+    def leftovers(self) -> dict[str, list[str]]:
+        """Every host object carrying this daemon's prefix or living under its data dir."""
+        netns = [n for n in os.listdir("/var/run/netns")] if os.path.isdir("/var/run/netns") else []
+        cgroups = []
+        for controller in os.listdir(CGROUP_ROOT):
+            parent = CGROUP_ROOT / controller / f"kiln-{self.prefix}"
+            if parent.is_dir():
+                cgroups += [str(p) for p in parent.iterdir() if p.is_dir()]
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+                  if line.split()[1].startswith(str(self.data_dir))]
+        sandbox_dirs = self.data_dir / "sandboxes"
+        return {
+            "runsc": self.runsc_ids(),
+            "netns": [n for n in netns if n.startswith(f"kiln-{self.prefix}-")],
+            "veth": [i for i in os.listdir("/sys/class/net") if i.startswith(f"k{self.prefix}h")],
+            "cgroups": cgroups,
+            "mounts": mounts,
+            "dirs": [p.name for p in sandbox_dirs.iterdir()] if sandbox_dirs.exists() else [],
+        }
+
+    def scrub(self) -> None:
+        """Remove whatever this daemon left on the host (used after failures and at teardown)."""
+        self.stop()
+        root = self.data_dir / "runsc"
+        for cid in self.runsc_ids():
+            subprocess.run(["runsc", f"--root={root}", "delete", "-force", cid], capture_output=True)
+        left = self.leftovers()
+        for m in sorted(left["mounts"], reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        for ns in left["netns"]:
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        for i in left["veth"]:
+            subprocess.run(["ip", "link", "delete", i], capture_output=True)
+        for cg in sorted(left["cgroups"], key=len, reverse=True):
+            for sub in sorted(Path(cg).rglob("*"), key=lambda p: len(str(p)), reverse=True):
+                if sub.is_dir():
+                    sub.rmdir()
+            Path(cg).rmdir()
+        for controller in os.listdir(CGROUP_ROOT):
+            parent = CGROUP_ROOT / controller / f"kiln-{self.prefix}"
+            if parent.is_dir():
+                try:
+                    parent.rmdir()
+                except OSError:
+                    pass
+        subprocess.run(["nft", "delete", "table", "inet", f"kiln_{self.prefix}"], capture_output=True)
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def destroy_all(self, tokens: list[str]) -> None:
+        for token in tokens:
+            with self.client(token) as c:
+                for sb in c.get("/sandboxes").json():
+                    c.delete(f"/sandboxes/{sb['id']}")

@@ -1,0 +1,85 @@
+"""Sandbox lifecycle through the real API, against real gVisor sandboxes."""
+import httpx
+
+from tests.conftest import make_sandbox
+
+
+def test_create_exec_destroy_leaves_nothing_behind(daemon, api):
+    sb = make_sandbox(api, name="roundtrip")
+    assert sb["status"] == "running"
+    assert sb["cpus"] == 1 and sb["memory_mb"] == 512
+    assert sb["ip"].startswith(daemon.subnet.rsplit(".", 1)[0])
+
+    r = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": ["echo", "hello"]})
+    assert r.status_code == 200
+    assert r.json() == {"exit_code": 0, "stdout": "hello\n", "stderr": ""}
+
+    left = daemon.leftovers()
+    assert left["runsc"] == [sb["id"]] and len(left["netns"]) == 1 and len(left["veth"]) == 1
+    assert left["mounts"] and left["cgroups"]
+
+    r = api.delete(f"/sandboxes/{sb['id']}")
+    assert r.status_code == 200 and r.json() == {"status": "destroyed"}
+    assert daemon.leftovers() == {"runsc": [], "netns": [], "veth": [], "cgroups": [], "mounts": [], "dirs": []}
+    assert api.get(f"/sandboxes/{sb['id']}").status_code == 404
+
+
+def test_get_by_id_and_name_list_and_health(daemon, api):
+    sb = make_sandbox(api, name="lookup", cpus=0.5, memory_mb=256)
+    try:
+        assert api.get(f"/sandboxes/{sb['id']}").json()["name"] == "lookup"
+        got = api.get("/sandboxes/lookup").json()
+        assert got["id"] == sb["id"] and got["cpus"] == 0.5 and got["memory_mb"] == 256
+        assert sb["id"] in [s["id"] for s in api.get("/sandboxes").json()]
+        health = httpx.get(daemon.url + "/health").json()
+        assert health["status"] == "ok" and health["sandboxes"] >= 1 and health["uptime"].endswith("s")
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_default_name_is_generated(api):
+    sb = make_sandbox(api)
+    try:
+        assert sb["name"].startswith("sandbox-") and len(sb["name"]) == len("sandbox-") + 6
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_create_with_existing_name_returns_the_existing_sandbox(api):
+    sb = make_sandbox(api, name="same")
+    try:
+        r = api.post("/sandboxes", json={"name": "same", "cpus": 2})
+        assert r.status_code == 200
+        assert r.headers["X-Bhatti-Existing"] == "true"
+        assert r.json()["id"] == sb["id"] and r.json()["cpus"] == 1
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_hostname_is_the_sandbox_name(api):
+    sb = make_sandbox(api, name="my-host")
+    try:
+        r = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": ["hostname"]})
+        assert r.json()["stdout"] == "my-host\n"
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_init_runs_once_as_session_init(api):
+    script = "id -u > /tmp/init-uid; pwd > /tmp/init-cwd; echo init-output-marker"
+    sb = make_sandbox(api, name="with-init", init=script)
+    try:
+        for _ in range(100):
+            sessions = api.get(f"/sandboxes/{sb['id']}/sessions").json()
+            init = [s for s in sessions if s["session_id"] == "init"]
+            if init and not init[0]["running"]:
+                break
+            import time
+            time.sleep(0.1)
+        assert init, sessions
+        assert init[0]["tty"] is True and init[0]["exit_code"] == 0
+        assert init[0]["argv"].endswith(script)
+        out = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": ["cat", "/tmp/init-uid", "/tmp/init-cwd"]})
+        assert out.json()["stdout"] == "1000\n/workspace\n"
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
