@@ -29,9 +29,10 @@ class ExecEvent:
 class AgentConnection:
     """One authenticated connection carrying one request."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: "AgentClient"):
         self.reader = reader
         self.writer = writer
+        self.client = client
 
     async def read_frame(self) -> tuple[int, bytes]:
         try:
@@ -51,6 +52,7 @@ class AgentConnection:
         await self.writer.drain()
 
     async def close(self) -> None:
+        self.client.open.discard(self)
         self.writer.close()
         try:
             await self.writer.wait_closed()
@@ -63,6 +65,13 @@ class AgentClient:
         self.host = host
         self.port = port
         self.token = token.encode()
+        self.open: set[AgentConnection] = set()
+
+    def abort(self) -> None:
+        """Cut every open connection: a dead sandbox sends no RST, so readers would wait forever."""
+        for conn in list(self.open):
+            conn.writer.transport.abort()
+        self.open.clear()
 
     async def connect(self, ftype: int, payload: bytes = b"", timeout: float = 5.0) -> AgentConnection:
         """Open a connection and send AUTH + the request in one write."""
@@ -75,7 +84,9 @@ class AgentClient:
             # Replies are several small frames: without NODELAY they wait for delayed ACKs.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         writer.write(P.encode(P.AUTH, self.token) + P.encode(ftype, payload))
-        return AgentConnection(reader, writer)
+        conn = AgentConnection(reader, writer, self)
+        self.open.add(conn)
+        return conn
 
     async def request_json(self, ftype: int, expect: int, payload: bytes = b"", timeout: float = 5.0):
         conn = await self.connect(ftype, payload, timeout)

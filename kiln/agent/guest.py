@@ -2,7 +2,7 @@
 
     python3 guest.py CONFIG_JSON
 
-CONFIG_JSON holds {"token", "port", "env", "init"}. PID 1 only reaps orphans; it forks the server,
+CONFIG_JSON holds {"token", "env", "init"} and optionally "port" and "bind" (tests run it on the host). PID 1 only reaps orphans; it forks the server,
 which listens on the sandbox's address and serves one authenticated request per connection
 (see protocol.py): one-shot exec (buffered or streamed by the host), PTY sessions with scrollback
 (the `init` session among them), the activity clock. The server is re-forked if it ever dies.
@@ -116,6 +116,7 @@ class Agent:
     def __init__(self, config: dict):
         self.token = config["token"].encode()
         self.port = int(config.get("port", P.AGENT_PORT))
+        self.bind = config.get("bind", "0.0.0.0")
         self.sandbox_env = {str(k): str(v) for k, v in (config.get("env") or {}).items()}
         self.init_script = config.get("init") or ""
         self.last_activity = time.time()
@@ -231,7 +232,7 @@ class Agent:
     def serve(self) -> None:
         lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind(("0.0.0.0", self.port))
+        lsock.bind((self.bind, self.port))
         lsock.listen(128)
         threading.Thread(target=self.start_init, daemon=True).start()
         while True:

@@ -169,10 +169,23 @@ class SandboxService:
 
     # ------------------------------------------------------------ engine events
 
+    async def settled_status(self, sandbox_id: str, wait: float = 3.0):
+        """The engine's status once a sandbox that just failed us has settled.
+
+        runsc reports a sandbox whose process has just died as running for a moment.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            status = await self.engine.status(sandbox_id)
+            if status.state != State.RUNNING or loop.time() > deadline:
+                return status
+            await asyncio.sleep(0.1)
+
     async def on_engine_exit(self, sandbox_id: str) -> None:
         """The sandbox's runsc process exited without us asking: record why."""
+        status = await self.settled_status(sandbox_id)
         async with self.lock(sandbox_id):
-            status = await self.engine.status(sandbox_id)
             if status.state != State.DEAD:
                 return
             self.store.update_sandbox(sandbox_id, status=STOPPED, reason=status.reason, stopped_at=now())
@@ -265,7 +278,7 @@ class SandboxService:
 
     async def raise_for_dead(self, row: SandboxRow, err: Exception):
         """An agent failure: if the sandbox died (e.g. OOM), say so; otherwise it is internal."""
-        status = await self.engine.status(row.id)
+        status = await self.settled_status(row.id)
         if status.state == State.DEAD:
             await self.on_engine_exit(row.id)
             why = REASON_TEXT.get(status.reason, "it stopped")

@@ -56,6 +56,7 @@ class GVisorEngine:
         self.runsc = Runsc(data_dir / "runsc", runsc_binary)
         self.cgroup_parent = f"kiln-{self.prefix}"
         self.records: dict[str, Record] = {}
+        self.agents: dict[str, AgentClient] = {}
         self.watchers: dict[str, int] = {}  # sandbox id -> pidfd of its runsc sandbox process
         self.slot_lock = asyncio.Lock()
         self.on_exit: Callable[[str], Awaitable[None]] | None = None
@@ -123,7 +124,10 @@ class GVisorEngine:
         if rec is None:
             return None
         link = self.link(rec)
-        return SandboxHandle(id=rec.id, ip=link.sandbox_ip, agent=AgentClient(link.sandbox_ip, AGENT_PORT, rec.token))
+        agent = self.agents.get(sandbox_id)
+        if agent is None:
+            agent = self.agents[sandbox_id] = AgentClient(link.sandbox_ip, AGENT_PORT, rec.token)
+        return SandboxHandle(id=rec.id, ip=link.sandbox_ip, agent=agent)
 
     async def list_ids(self) -> list[str]:
         return list(self.records)
@@ -200,6 +204,9 @@ class GVisorEngine:
 
     async def remove_leftovers(self, sandbox_id: str, rec: Record | None) -> None:
         self.unwatch(sandbox_id)
+        agent = self.agents.pop(sandbox_id, None)
+        if agent:
+            agent.abort()
         await self.runsc.delete(sandbox_id)
         sandbox_dir = self.dir(sandbox_id)
         await bundle.unmount_rootfs(sandbox_dir)
@@ -274,5 +281,7 @@ class GVisorEngine:
 
     def _exited(self, sandbox_id: str) -> None:
         self.unwatch(sandbox_id)
+        if sandbox_id in self.agents:
+            self.agents[sandbox_id].abort()
         if self.on_exit is not None:
             asyncio.get_running_loop().create_task(self.on_exit(sandbox_id))

@@ -1,0 +1,134 @@
+"""The agent protocol without a sandbox: the guest agent runs as a host process on loopback."""
+import asyncio
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kiln.agent import protocol as P
+from kiln.agent.client import AgentClient, AgentError, AgentRequestError
+from kiln.engine.gvisor.bundle import AGENT_DIR
+from tests.daemon import free_port
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory):
+    port = free_port()
+    cfg = tmp_path_factory.mktemp("agent") / "config.json"
+    cfg.write_text(json.dumps({"token": TOKEN, "port": port, "bind": "127.0.0.1", "env": {"SANDBOX_VAR": "yes"}}))
+    proc = subprocess.Popen([sys.executable, str(AGENT_DIR / "guest.py"), str(cfg)])
+    client = AgentClient("127.0.0.1", port, TOKEN)
+    asyncio.run(_ready(client))
+    yield client
+    proc.kill()
+    proc.wait()
+
+
+async def _ready(client):
+    await client.wait_ready(asyncio.get_running_loop().time() + 10)
+
+
+async def collect(client, req, stdin=None):
+    out, err, exit_ev = b"", b"", None
+    async for ev in client.exec(req, stdin):
+        if ev.kind == "stdout":
+            out += ev.data
+        elif ev.kind == "stderr":
+            err += ev.data
+        else:
+            exit_ev = ev
+    return out, err, exit_ev
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_frame_roundtrip_and_limits():
+    frame = P.encode(P.STDOUT, b"abc")
+    assert P.parse_header(frame[:5]) == (P.STDOUT, 3) and frame[5:] == b"abc"
+    with pytest.raises(ValueError):
+        P.encode(P.STDOUT, b"x" * (P.MAX_FRAME + 1))
+    with pytest.raises(ValueError):
+        P.parse_header(P.HEADER.pack(0, P.STDOUT))
+
+
+def test_exec_output_exit_and_env(agent):
+    out, err, ex = run(collect(agent, {"argv": ["sh", "-c", "echo $SANDBOX_VAR $REQ; echo e >&2; exit 3"],
+                                       "env": {"REQ": "r"}, "user": "root"}))
+    assert (out, err, ex.exit_code) == (b"yes r\n", b"e\n", 3)
+
+
+def test_exec_stdin_larger_than_pipe_buffers(agent):
+    data = b"z" * (4 * 1024 * 1024)
+    out, _, ex = run(collect(agent, {"argv": ["cat"], "user": "root"}, stdin=data))
+    assert out == data and ex.exit_code == 0
+
+
+def test_exec_missing_binary_and_signal(agent):
+    _, err, ex = run(collect(agent, {"argv": ["definitely-missing"], "user": "root"}))
+    assert ex.exit_code == 127 and b"not found" in err
+    _, _, ex = run(collect(agent, {"argv": ["sh", "-c", "kill -KILL $$"], "user": "root"}))
+    assert ex.exit_code == 137
+
+
+def test_exec_timeout_kills_group(agent, tmp_path):
+    start = time.monotonic()
+    _, _, ex = run(collect(agent, {"argv": ["sh", "-c", f"sleep 30 & echo $! > {tmp_path}/pid; wait"],
+                                   "user": "root", "timeout_sec": 1}))
+    assert ex.exit_code == 124 and ex.timed_out and time.monotonic() - start < 5
+    pid = int((tmp_path / "pid").read_text())
+    time.sleep(0.2)
+    assert not alive(pid)
+
+
+def alive(pid: int) -> bool:
+    """Running, not merely an unreaped zombie (the host agent is not PID 1, so it reaps nobody)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_invalid_requests_are_refused_as_invalid(agent):
+    with pytest.raises(AgentRequestError, match="cmd required"):
+        run(collect(agent, {"argv": []}))
+    with pytest.raises(AgentRequestError, match="unknown user"):
+        run(collect(agent, {"argv": ["true"], "user": "no-such-user-x"}))
+    with pytest.raises(AgentRequestError, match="no such directory"):
+        run(collect(agent, {"argv": ["true"], "user": "root", "cwd": "/no/such"}))
+
+
+def test_wrong_token_is_refused(agent):
+    bad = AgentClient(agent.host, agent.port, "f" * 32)
+    with pytest.raises(AgentError, match="auth required"):
+        run(bad.activity())
+
+
+def test_activity_and_tty_session(agent):
+    before = run(agent.activity())
+    assert before["attached_sessions"] == 0
+
+    async def session():
+        conn = await agent.connect(P.EXEC_REQ, json.dumps({"argv": ["sh"], "tty": True, "user": "root",
+                                                           "rows": 30, "cols": 77}).encode())
+        ftype, info = await conn.read_frame()
+        assert ftype == P.SESSION_INFO and json.loads(info)["tty"] is True
+        await conn.send(P.STDIN, b"stty size; exit 5\n")
+        out = b""
+        while True:
+            ftype, data = await asyncio.wait_for(conn.read_frame(), 10)
+            if ftype == P.STDOUT:
+                out += data
+            elif ftype == P.EXIT:
+                await conn.close()
+                return out, json.loads(data)["exit_code"]
+
+    out, code = run(session())
+    assert b"30 77" in out and code == 5
+    assert run(agent.activity())["last_activity_unix"] >= before["last_activity_unix"]
