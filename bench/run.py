@@ -1,0 +1,160 @@
+"""kiln benchmark harness: `make bench`.
+
+Measures, in one run on this machine, the API operations against the same operations done with
+raw runsc commands on the same bundle, and writes bench/REPORT.md:
+
+- create:  POST /sandboxes until it returns (the agent has answered)   vs  `runsc run -detach` of
+           the same bundle until the agent answers
+- exec:    POST /sandboxes/:id/exec {"cmd":["true"]}                   vs  `runsc exec ID /bin/true`
+- destroy: DELETE /sandboxes/:id                                       vs  `runsc delete -force ID`
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kiln.engine.base import SandboxSpec  # noqa: E402
+from kiln.engine.gvisor import bundle  # noqa: E402
+from kiln.engine.gvisor.engine import GVisorEngine  # noqa: E402
+from tests.daemon import IMAGES, Daemon  # noqa: E402
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000
+
+
+def bench_api(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
+    d = Daemon()
+    results: dict[str, list[float]] = {"create": [], "exec": [], "destroy": []}
+    try:
+        d.start()
+        with d.client() as api:
+            ids = []
+            for i in range(n_sandboxes):
+                t = time.perf_counter()
+                r = api.post("/sandboxes", json={"name": f"bench-{i}"})
+                results["create"].append(time.perf_counter() - t)
+                assert r.status_code == 201, r.text
+                ids.append(r.json()["id"])
+            body = {"cmd": ["true"]}
+            for _ in range(10):  # warm up connections
+                api.post(f"/sandboxes/{ids[0]}/exec", json=body)
+            for _ in range(n_exec):
+                t = time.perf_counter()
+                r = api.post(f"/sandboxes/{ids[0]}/exec", json=body)
+                results["exec"].append(time.perf_counter() - t)
+                assert r.json()["exit_code"] == 0
+            for sid in ids:
+                t = time.perf_counter()
+                assert api.delete(f"/sandboxes/{sid}").status_code == 200
+                results["destroy"].append(time.perf_counter() - t)
+    finally:
+        d.scrub()
+    return results
+
+
+async def bench_raw(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
+    """The same bundles, driven by runsc directly (the engine only prepares netns, overlay, spec)."""
+    d = Daemon()  # only for a private data dir, prefix and subnet; not started
+    engine = GVisorEngine(d.data_dir, IMAGES, d.subnet)
+    results: dict[str, list[float]] = {"create": [], "exec": [], "destroy": []}
+    await engine.start_engine()
+    runsc = engine.runsc
+    try:
+        for i in range(n_sandboxes):
+            sid = f"raw{i:013d}"
+            handle = await engine.create(SandboxSpec(id=sid, hostname=f"raw-{i}"))
+            # stop what the engine booted; keep its bundle, overlay and netns, then boot it raw
+            engine.unwatch(sid)
+            await runsc.delete(sid)
+            rec = engine.records[sid]
+            await engine.network.prepare_for_boot(engine.link(rec))
+            sandbox_dir = engine.dir(sid)
+            t = time.perf_counter()
+            await runsc.run_detached(sid, sandbox_dir, sandbox_dir / "console.log")
+            await handle.agent.wait_ready(asyncio.get_running_loop().time() + 30)
+            results["create"].append(time.perf_counter() - t)
+        first = "raw" + "0" * 13
+        argv = runsc.argv("exec", first, "/bin/true")
+        for _ in range(3):
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        for _ in range(max(10, n_exec // 5)):
+            t = time.perf_counter()
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+            results["exec"].append(time.perf_counter() - t)
+        for i in range(n_sandboxes):
+            sid = f"raw{i:013d}"
+            t = time.perf_counter()
+            await runsc.delete(sid)
+            results["destroy"].append(time.perf_counter() - t)
+            await engine.destroy(sid)
+    finally:
+        for sid in list(engine.records):
+            await engine.destroy(sid)
+        await engine.close_engine()
+        d.scrub()
+    return results
+
+
+def report(api: dict, raw: dict, args) -> str:
+    rows = []
+    for op in ("create", "exec", "destroy"):
+        a50, a99 = ms(pct(api[op], 50)), ms(pct(api[op], 99))
+        r50, r99 = ms(pct(raw[op], 50)), ms(pct(raw[op], 99))
+        rows.append(f"| {op} | {len(api[op])} | {a50:.1f} | {a99:.1f} | {r50:.1f} | {r99:.1f} | {a50 / r50:.2f} |")
+    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+                         capture_output=True, text=True).stdout.strip()
+    runsc_v = subprocess.run(["runsc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    return "\n".join([
+        "# kiln benchmark report",
+        "",
+        f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `make bench` "
+        f"({args.sandboxes} sandboxes, {args.execs} execs); {platform.node()}, {cpu}, "
+        f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
+        f"kernel {platform.release()}, {runsc_v} (systrap).",
+        "",
+        "kiln = through the HTTP API (client on loopback). raw = runsc commands on the same bundle:",
+        "`runsc run -detach` until the agent answers; `runsc exec ID /bin/true`; `runsc delete -force`.",
+        "",
+        "| operation | n (kiln) | kiln p50 ms | kiln p99 ms | raw p50 ms | raw p99 ms | kiln/raw (p50) |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sandboxes", type=int, default=10)
+    parser.add_argument("--execs", type=int, default=200)
+    parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
+    args = parser.parse_args()
+    print(f"kiln API: {args.sandboxes} creates, {args.execs} execs, {args.sandboxes} destroys ...", flush=True)
+    api = bench_api(args.sandboxes, args.execs)
+    print("raw runsc: the same operations ...", flush=True)
+    raw = asyncio.run(bench_raw(args.sandboxes, args.execs))
+    text = report(api, raw, args)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
