@@ -97,7 +97,7 @@ async def bench_raw(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
             sid = f"raw{i:013d}"
             handle = await engine.create(SandboxSpec(id=sid, hostname=f"raw-{i}"))
             # stop what the engine booted; keep its bundle, overlay and netns, then boot it raw
-            engine.unwatch(sid)
+            engine.expect_exit(sid)
             await runsc.delete(sid)
             rec = engine.records[sid]
             await engine.network.prepare_for_boot(engine.link(rec))

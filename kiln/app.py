@@ -14,6 +14,7 @@ from .config import Config
 from .core.sandboxes import SandboxService
 from .core.users import ensure_admin
 from .engine.gvisor.engine import GVisorEngine
+from .engine.gvisor.reaper import become_subreaper
 from .images.default import ensure_default_image
 from .store.db import Store
 
@@ -24,6 +25,7 @@ def build_app(config: Config) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        become_subreaper()
         ensure_default_image(config.image_root, log=log.info)
         store = Store(config.data_dir / "state.db")
         key = ensure_admin(store, config)

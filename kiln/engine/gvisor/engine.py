@@ -18,6 +18,7 @@ from ..base import EngineError, SandboxHandle, SandboxSpec, State, Status
 from . import bundle
 from .network import Link, Network
 from .proc import run
+from .reaper import ProcessWatcher
 from .runsc import Runsc, tail
 
 log = logging.getLogger("kiln.engine.gvisor")
@@ -57,7 +58,8 @@ class GVisorEngine:
         self.cgroup_parent = f"kiln-{self.prefix}"
         self.records: dict[str, Record] = {}
         self.agents: dict[str, AgentClient] = {}
-        self.watchers: dict[str, int] = {}  # sandbox id -> pidfd of its runsc sandbox process
+        self.processes = ProcessWatcher()
+        self.sandbox_pids: dict[str, int] = {}  # sandbox id -> pid whose exit means it died
         self.slot_lock = asyncio.Lock()
         self.on_exit: Callable[[str], Awaitable[None]] | None = None
 
@@ -91,8 +93,7 @@ class GVisorEngine:
 
     async def close_engine(self) -> None:
         """Stop watching; remove host-wide objects if no sandbox of ours is left."""
-        for sandbox_id in list(self.watchers):
-            self.unwatch(sandbox_id)
+        self.processes.close()
         if not self.records:
             await self.network.remove_firewall()
             for controller in self.cgroup_controllers():
@@ -186,7 +187,7 @@ class GVisorEngine:
         rec = self.records.get(sandbox_id)
         if rec is None:
             raise EngineError(f"unknown sandbox {sandbox_id}")
-        self.unwatch(sandbox_id)
+        self.expect_exit(sandbox_id)
         await self.runsc.delete(sandbox_id)
         self.remove_cgroups(sandbox_id)
         link = self.link(rec)
@@ -203,7 +204,7 @@ class GVisorEngine:
         self.records.pop(sandbox_id, None)
 
     async def remove_leftovers(self, sandbox_id: str, rec: Record | None) -> None:
-        self.unwatch(sandbox_id)
+        self.expect_exit(sandbox_id)
         agent = self.agents.pop(sandbox_id, None)
         if agent:
             agent.abort()
@@ -260,28 +261,26 @@ class GVisorEngine:
     # ------------------------------------------------------------ exit watching
 
     async def watch(self, sandbox_id: str) -> None:
-        """Get told at once when the sandbox's runsc process exits (an OOM kills the whole sandbox)."""
-        self.unwatch(sandbox_id)
+        """Reap the sandbox's processes as they exit, and hear at once when it dies on its own
+        (an OOM kills the whole sandbox, agent included)."""
         st = await self.runsc.state(sandbox_id)
         pid = (st or {}).get("pid")
-        if not pid:
-            return
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            return
-        self.watchers[sandbox_id] = fd
-        asyncio.get_running_loop().add_reader(fd, self._exited, sandbox_id)
+        if pid:
+            self.processes.track(pid, lambda: self._exited(sandbox_id, pid))
+        gofer = self.runsc.gofer_pid(sandbox_id)
+        if gofer:
+            self.processes.track(gofer)
+        self.sandbox_pids[sandbox_id] = pid or 0
 
-    def unwatch(self, sandbox_id: str) -> None:
-        fd = self.watchers.pop(sandbox_id, None)
-        if fd is not None:
-            asyncio.get_running_loop().remove_reader(fd)
-            os.close(fd)
-
-    def _exited(self, sandbox_id: str) -> None:
-        self.unwatch(sandbox_id)
+    def _exited(self, sandbox_id: str, pid: int) -> None:
+        if self.sandbox_pids.get(sandbox_id) != pid:
+            return  # an exit we caused (stop, destroy): nothing to report
+        del self.sandbox_pids[sandbox_id]
         if sandbox_id in self.agents:
             self.agents[sandbox_id].abort()
         if self.on_exit is not None:
             asyncio.get_running_loop().create_task(self.on_exit(sandbox_id))
+
+    def expect_exit(self, sandbox_id: str) -> None:
+        """We are about to end this sandbox's processes: their exit is not a death to report."""
+        self.sandbox_pids.pop(sandbox_id, None)

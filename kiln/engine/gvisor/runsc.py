@@ -52,6 +52,15 @@ class Runsc:
         except ValueError:
             return None
 
+    def gofer_pid(self, container_id: str) -> int | None:
+        """The gofer's pid, from runsc's state file (`runsc state` does not report it)."""
+        for f in self.root.glob(f"{container_id}_sandbox:*.state"):
+            try:
+                return int(json.loads(f.read_text()).get("goferPid") or 0) or None
+            except (OSError, ValueError):
+                return None
+        return None
+
     async def delete(self, container_id: str) -> None:
         await run(self.argv("delete", "-force", container_id), check=False)
 
