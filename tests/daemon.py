@@ -6,7 +6,6 @@ clean state and `scrub()` can remove what a failed test left, without touching a
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import shutil
 import signal
@@ -105,14 +104,12 @@ class Daemon:
     # ------------------------------------------------------------ host state
 
     def runsc_ids(self) -> list[str]:
+        """Containers under this daemon's runsc root (from state files: `runsc list` hangs on frozen ones)."""
         root = self.data_dir / "runsc"
-        if not root.exists():
-            return []
-        out = subprocess.run(["runsc", f"--root={root}", "list", "-format=json"], capture_output=True, text=True)
-        try:
-            return [c["id"] for c in json.loads(out.stdout) or []]
-        except ValueError:
-            return []
+        return sorted({f.name.split("_sandbox:")[0] for f in root.glob("*_sandbox:*.state")}) if root.exists() else []
+
+    def freezer(self, sandbox_id: str) -> Path:
+        return CGROUP_ROOT / "freezer" / f"kiln-{self.prefix}" / sandbox_id / "freezer.state"
 
     def leftovers(self) -> dict[str, list[str]]:
         """Every host object carrying this daemon's prefix or living under its data dir."""
@@ -132,6 +129,7 @@ class Daemon:
             "cgroups": cgroups,
             "mounts": mounts,
             "dirs": [p.name for p in sandbox_dirs.iterdir()] if sandbox_dirs.exists() else [],
+            "scratch": [str(p) for p in Path("/dev/shm").glob(f"kiln-{self.prefix}/*")],
         }
 
     def scrub(self) -> None:
@@ -139,7 +137,9 @@ class Daemon:
         self.stop()
         root = self.data_dir / "runsc"
         for cid in self.runsc_ids():
-            subprocess.run(["runsc", f"--root={root}", "delete", "-force", cid], capture_output=True)
+            if self.freezer(cid).exists():
+                self.freezer(cid).write_text("THAWED")
+            subprocess.run(["runsc", f"--root={root}", "delete", "-force", cid], capture_output=True, timeout=60)
         left = self.leftovers()
         for m in sorted(left["mounts"], reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True)
@@ -160,6 +160,7 @@ class Daemon:
                 except OSError:
                     pass
         subprocess.run(["nft", "delete", "table", "inet", f"kiln_{self.prefix}"], capture_output=True)
+        shutil.rmtree(f"/dev/shm/kiln-{self.prefix}", ignore_errors=True)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def destroy_all(self, tokens: list[str]) -> None:

@@ -29,22 +29,33 @@ class Runsc:
         return [self.binary, *self.global_flags, *args]
 
     async def run_detached(self, container_id: str, bundle: Path, log: Path) -> None:
-        """`runsc run -detach` through the /proc/sys/net workaround.
+        await self._start_detached("run", container_id, bundle, log)
 
-        run -detach hands its stdio to the sandbox: an append-mode log, never a pipe we wait on.
+    async def restore_detached(self, container_id: str, bundle: Path, log: Path, image_dir: Path) -> None:
+        await self._start_detached("restore", container_id, bundle, log, f"--image-path={image_dir}")
+
+    async def _start_detached(self, command: str, container_id: str, bundle: Path, log: Path, *extra: str) -> None:
+        """`runsc run|restore -detach` through the /proc/sys/net workaround.
+
+        -detach hands its stdio to the sandbox: an append-mode log, never a pipe we wait on.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", HIDE_PROC_SYS_NET,
-                *self.argv("run", "-detach", f"-bundle={bundle}", container_id)]
+                *self.argv(command, "-detach", f"-bundle={bundle}", *extra, container_id)]
         with open(log, "ab") as out:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                     start_new_session=True)
         rc = await _wait(proc)
         if rc != 0:
-            raise EngineError(f"runsc run {container_id}: exit {rc}: {tail(log)}")
+            raise EngineError(f"runsc {command} {container_id}: exit {rc}: {tail(log)}")
+
+    async def checkpoint(self, container_id: str, image_dir: Path) -> None:
+        """Uncompressed, so pages.img is raw memory that chunks well; the sandbox exits after."""
+        await run(self.argv("checkpoint", f"--image-path={image_dir}", "--compression=none", container_id),
+                  timeout=600)
 
     async def state(self, container_id: str) -> dict | None:
-        if not (self.root / container_id).exists() and not any(self.root.glob(f"{container_id}*")):
+        if not any(self.root.glob(f"{container_id}_sandbox:*.state")):
             return None
         out = await run(self.argv("state", container_id), check=False)
         try:
@@ -67,14 +78,11 @@ class Runsc:
     async def kill(self, container_id: str, signal: str = "KILL") -> None:
         await run(self.argv("kill", "-all", container_id, signal), check=False)
 
-    async def list_ids(self) -> list[str]:
+    def list_ids(self) -> list[str]:
+        """Containers under our root, from their state files (`runsc list` hangs on a frozen one)."""
         if not self.root.exists():
             return []
-        out = await run(self.argv("list", "-format=json"), check=False)
-        try:
-            return [c["id"] for c in json.loads(out) or []]
-        except (ValueError, TypeError, KeyError):
-            return []
+        return sorted({f.name.split("_sandbox:")[0] for f in self.root.glob("*_sandbox:*.state")})
 
 
 async def _wait(proc: subprocess.Popen) -> int:

@@ -1,0 +1,229 @@
+"""Memory snapshots that write only what changed: a content-addressed page store per sandbox.
+
+runsc checkpoints uncompressed, so `pages.img` is raw 4 KiB pages. Pages are named by their
+SHA-256 (first 16 bytes) and live in append-only pack files; a snapshot is an index (one record
+per page: digest, pack, slot) plus the small image files runsc writes beside the pages.
+
+- First stop (full): runsc writes into the sandbox directory on disk and `pages.img` itself is
+  renamed into pack 0 — nothing is copied, only hashed.
+- Later stops (diff): runsc writes into tmpfs; only pages whose digest the store lacks are
+  appended to a new pack on disk. 4 KiB granularity matters: gVisor's memory file shifts by
+  whole pages between checkpoints (a process allocating a few pages moves everything after it),
+  which defeats larger fixed chunks but not page-sized ones.
+- A manifest written last (temp + fsync + rename) makes a snapshot current, so a failed stop
+  never harms the previous good one. Packs the current index no longer references are deleted.
+- Restore reassembles the image files into tmpfs for `runsc restore`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+PAGE = 4096
+PAGES_FILE = "pages.img"
+RECORD = struct.Struct("<16sII")  # digest, pack number, slot in pack
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class SnapshotInfo:
+    kind: str            # "full" | "diff"
+    bytes_written: int   # bytes this stop wrote to disk (new pages + small image files)
+    bytes_total: int     # size of the snapshot's image
+    taken_at: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+class PageStore:
+    """`<sandbox_dir>/snapshot/`: manifest.json, packs/<n>.pack, <n>.idx, <n>.<image file>."""
+
+    def __init__(self, sandbox_dir: Path):
+        self.dir = sandbox_dir / "snapshot"
+        self.packs = self.dir / "packs"
+
+    # ------------------------------------------------------------ reading
+
+    def manifest(self) -> dict | None:
+        try:
+            return json.loads((self.dir / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def restorable(self) -> bool:
+        m = self.manifest()
+        return bool(m and m.get("restorable"))
+
+    def info(self) -> SnapshotInfo | None:
+        m = self.manifest()
+        return SnapshotInfo(**m["info"]) if m else None
+
+    def records(self, manifest: dict) -> list[tuple[bytes, int, int]]:
+        data = (self.dir / manifest["index"]).read_bytes()
+        return list(RECORD.iter_unpack(data))
+
+    def pack_path(self, n: int) -> Path:
+        return self.packs / f"{n}.pack"
+
+    # ------------------------------------------------------------ writing
+
+    def save(self, image_dir: Path) -> SnapshotInfo:
+        """Make the checkpoint in image_dir the current snapshot. image_dir is consumed."""
+        old = self.manifest()
+        gen = old["generation"] + 1 if old else 0
+        self.packs.mkdir(parents=True, exist_ok=True)
+        pages = image_dir / PAGES_FILE
+        pages_size = pages.stat().st_size
+        total = sum(p.stat().st_size for p in image_dir.iterdir() if p.is_file())
+        if old is None:
+            records, written = self._adopt_as_pack(pages, gen)
+        else:
+            records, written = self._append_new_pages(pages, gen, self.records(old))
+        others = {}
+        for p in sorted(image_dir.iterdir()):
+            if p.is_file() and p.name != PAGES_FILE:
+                target = self.dir / f"{gen}.{p.name}"
+                shutil.copyfile(p, target)
+                fsync_file(target)
+                others[p.name] = target.name
+                written += p.stat().st_size
+        index = f"{gen}.idx"
+        write_durably(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
+        info = SnapshotInfo(kind="diff" if old else "full", bytes_written=written, bytes_total=total,
+                            taken_at=now_rfc3339())
+        manifest = {"generation": gen, "restorable": True, "info": info.to_dict(), "index": index,
+                    "pages_size": pages_size, "files": others}
+        fsync_dir(self.packs)
+        write_durably(self.dir / MANIFEST, json.dumps(manifest).encode())
+        fsync_dir(self.dir)
+        self.collect_garbage(manifest, records)
+        return info
+
+    def _adopt_as_pack(self, pages: Path, gen: int) -> tuple[list, int]:
+        """Full snapshot: pages.img (already on this disk) becomes pack `gen` as it is."""
+        records = []
+        with open(pages, "rb") as f:
+            slot = 0
+            while block := f.read(PAGE):
+                records.append((hashlib.sha256(block).digest()[:16], gen, slot))
+                slot += 1
+            os.fsync(f.fileno())
+        os.replace(pages, self.pack_path(gen))
+        return records, self.pack_path(gen).stat().st_size
+
+    def _append_new_pages(self, pages: Path, gen: int, old_records) -> tuple[list, int]:
+        """Diff snapshot: only pages the store does not hold yet go into a new pack."""
+        known = {d: (p, s) for d, p, s in old_records}
+        records, written, slot = [], 0, 0
+        pack = self.pack_path(gen)
+        with open(pages, "rb") as f, open(pack, "wb") as out:
+            while block := f.read(PAGE):
+                digest = hashlib.sha256(block).digest()[:16]
+                where = known.get(digest)
+                if where is None:
+                    out.write(block.ljust(PAGE, b"\0"))
+                    where = known[digest] = (gen, slot)
+                    slot += 1
+                    written += len(block)
+                records.append((digest, *where))
+            out.flush()
+            os.fsync(out.fileno())
+        if slot == 0:
+            pack.unlink()
+        return records, written
+
+    def collect_garbage(self, manifest: dict, records) -> None:
+        """Delete packs and files the current snapshot does not use."""
+        live_packs = {p for _, p, _ in records}
+        for pack in self.packs.iterdir():
+            if pack.suffix == ".pack" and int(pack.stem) not in live_packs:
+                pack.unlink(missing_ok=True)
+        keep = {MANIFEST, manifest["index"], "packs", *manifest["files"].values()}
+        for f in self.dir.iterdir():
+            if f.name not in keep:
+                f.unlink(missing_ok=True) if f.is_file() else shutil.rmtree(f, ignore_errors=True)
+
+    def mark_consumed(self) -> None:
+        """After a restore the sandbox diverges from its snapshot: keep the pages as the next
+        diff's base, but never restore this memory image again."""
+        m = self.manifest()
+        if m and m.get("restorable"):
+            m["restorable"] = False
+            write_durably(self.dir / MANIFEST, json.dumps(m).encode())
+
+    # ------------------------------------------------------------ restoring
+
+    def assemble(self, target_dir: Path) -> None:
+        """Write the snapshot's image files into target_dir (tmpfs) for runsc restore."""
+        m = self.manifest()
+        if not m:
+            raise FileNotFoundError(f"no snapshot in {self.dir}")
+        target_dir.mkdir(parents=True, exist_ok=True)
+        for name, stored in m["files"].items():
+            shutil.copyfile(self.dir / stored, target_dir / name)
+        packs: dict[int, object] = {}
+        try:
+            with open(target_dir / PAGES_FILE, "wb") as out:
+                run_pack, run_start, run_len = None, 0, 0
+
+                def flush():
+                    if run_len:
+                        f = packs[run_pack]
+                        f.seek(run_start * PAGE)
+                        out.write(f.read(run_len * PAGE))
+
+                for _, pack, slot in self.records(m):
+                    if pack not in packs:
+                        packs[pack] = open(self.pack_path(pack), "rb")
+                    if pack == run_pack and slot == run_start + run_len:
+                        run_len += 1  # consecutive pages: read them in one go
+                        continue
+                    flush()
+                    run_pack, run_start, run_len = pack, slot, 1
+                flush()
+                out.truncate(m["pages_size"])
+        finally:
+            for f in packs.values():
+                f.close()
+
+
+def scratch_dir(prefix: str, sandbox_id: str) -> Path:
+    """Where diff checkpoints are written and restores read from: tmpfs, never the disk."""
+    return Path("/dev/shm") / f"kiln-{prefix}" / sandbox_id
+
+
+def remove_scratch(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
