@@ -37,11 +37,15 @@ def build_app(config: Config) -> FastAPI:
         await sandboxes.reconcile()
         app.state.store, app.state.engine, app.state.sandboxes = store, engine, sandboxes
         app.state.started = time.monotonic()
+        sandboxes.thermal.start(sandboxes)
         log.info("kiln %s listening on http://%s (admin token: %s)", __version__, config.listen,
                  config.data_dir / "admin.token")
         try:
             yield
         finally:
+            await sandboxes.thermal.stop()
+            if config.thermal.snapshot_on_shutdown:
+                await sandboxes.shutdown()
             await engine.close_engine()
             store.close()
 

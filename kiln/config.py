@@ -32,6 +32,7 @@ class ThermalConfig(Section):
     warm_after: float = Field(30.0, gt=0, description="seconds idle before a sandbox is paused")
     cold_after: float = Field(1800.0, gt=0, description="seconds warm before it is snapshotted to disk")
     tick: float = Field(10.0, gt=0)
+    snapshot_on_shutdown: bool = Field(True, description="stop running sandboxes to disk when the daemon exits")
 
 
 class PublishConfig(Section):

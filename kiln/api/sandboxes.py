@@ -27,6 +27,14 @@ class StartBody(BaseModel):
     force: StrictBool = False
 
 
+class PatchBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr | None = None
+    keep_hot: StrictBool | None = None
+    labels_add: dict[StrictStr, StrictStr] | None = None
+    labels_remove: list[StrictStr] | None = None
+
+
 def sandbox_json(row: SandboxRow, engine: str) -> dict:
     d = {"id": row.id, "name": row.name, "template_id": "", "engine": engine, "status": row.status,
          "ip": row.ip, "created_by": row.owner_id, "created_at": row.created_at, "keep_hot": row.keep_hot,
@@ -37,6 +45,8 @@ def sandbox_json(row: SandboxRow, engine: str) -> dict:
         d["stopped_at"] = row.stopped_at
     if row.labels:
         d["labels"] = row.labels
+    if row.snapshot:
+        d["snapshot"] = row.snapshot
     return d
 
 
@@ -57,7 +67,15 @@ async def create_sandbox(body: CreateBody, request: Request, response: Response,
 @router.get("/sandboxes")
 async def list_sandboxes(request: Request, user: User = Depends(require_user)):
     engine = request.app.state.engine.name
-    return [sandbox_json(r, engine) for r in service(request).list(user)]
+    sandboxes = service(request)
+    out = []
+    for row in sandboxes.list(user):
+        d = sandbox_json(row, engine)
+        thermal = sandboxes.thermal_state(row)
+        if thermal:
+            d["thermal"] = thermal
+        out.append(d)
+    return out
 
 
 @router.api_route("/sandboxes/", methods=["GET", "POST", "PATCH", "DELETE"], include_in_schema=False)
@@ -76,8 +94,21 @@ async def delete_sandbox(sandbox_id: str, request: Request, user: User = Depends
     return {"status": "destroyed"}
 
 
+@router.patch("/sandboxes/{sandbox_id}")
+async def patch_sandbox(sandbox_id: str, body: PatchBody, request: Request, user: User = Depends(require_user)):
+    row = await service(request).update(user, sandbox_id, body.name, body.labels_add, body.labels_remove,
+                                        body.keep_hot)
+    return sandbox_json(row, request.app.state.engine.name)
+
+
 @router.post("/sandboxes/{sandbox_id}/start")
 async def start_sandbox(sandbox_id: str, request: Request, body: StartBody | None = None,
                         user: User = Depends(require_user)):
-    row = await service(request).start(user, sandbox_id)
+    row = await service(request).start(user, sandbox_id, force=bool(body and body.force))
+    return sandbox_json(row, request.app.state.engine.name)
+
+
+@router.post("/sandboxes/{sandbox_id}/stop")
+async def stop_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
+    row = await service(request).stop(user, sandbox_id)
     return sandbox_json(row, request.app.state.engine.name)

@@ -11,9 +11,10 @@ from typing import AsyncIterator
 
 from ..agent.client import AgentError, AgentRequestError, ExecEvent
 from ..config import Config
-from ..engine.base import Engine, EngineError, SandboxHandle, SandboxSpec, State
+from ..engine.base import Engine, EngineError, SandboxHandle, SandboxSpec, State, ThermalEngine
 from ..store.db import NameTaken, SandboxRow, Store, User, now
-from .errors import BadRequest, Conflict, Internal, NotFound, TooManyRequests
+from .errors import BadRequest, Conflict, Internal, KilnError, NotFound, TooManyRequests
+from .thermal import ThermalManager
 
 log = logging.getLogger("kiln.sandboxes")
 
@@ -24,9 +25,29 @@ DEFAULT_TIMEOUT = 300
 MAX_TIMEOUT = 86400
 
 # status values in the store
-CREATING, RUNNING, STOPPED = "creating", "running", "stopped"
+CREATING, RUNNING, STOPPED, UNKNOWN = "creating", "running", "stopped", "unknown"
+# reasons a stopped sandbox has no memory snapshot: it died and must be started explicitly
+DEATH_REASONS = {"oom", "exited"}
+RESTORE_FAILED = "restore_failed"
+LABEL_PART_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9._-]{0,61}[a-zA-Z0-9])?$")
+LABEL_VALUE_RE = re.compile(r"^[a-zA-Z0-9._-]*$")
 REASON_TEXT = {"oom": "it ran out of memory (the whole sandbox is killed when it exceeds memory_mb)",
                "exited": "its init process exited"}
+
+
+def validate_labels(labels: dict) -> None:
+    if len(labels) > 16:
+        raise BadRequest("at most 16 labels")
+    for key, value in labels.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise BadRequest("labels must map strings to strings")
+        prefix, _, name = key.rpartition("/")
+        if prefix.startswith("bhatti.sh") or prefix.startswith("kiln.dev"):
+            raise BadRequest(f"label prefix {prefix!r} is reserved")
+        if not LABEL_PART_RE.match(name) or (prefix and not LABEL_PART_RE.match(prefix)):
+            raise BadRequest(f"invalid label key: {key!r}")
+        if len(value) > 256 or not LABEL_VALUE_RE.match(value):
+            raise BadRequest(f"invalid label value for {key!r}")
 
 
 @dataclass
@@ -63,6 +84,7 @@ class SandboxService:
         self.engine = engine
         self.config = config
         self.locks: dict[str, asyncio.Lock] = {}
+        self.thermal = ThermalManager(config.thermal)
         engine.on_exit = self.on_engine_exit
 
     def lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -150,21 +172,60 @@ class SandboxService:
                 log.error("destroy sandbox %s: %s", row.id, e)
             self.store.delete_sandbox(row.id)
         self.locks.pop(row.id, None)
+        self.thermal.forget(row.id)
         log.info("destroyed sandbox %s (%s)", row.id, row.name)
 
-    async def start(self, user: User, id_or_name: str) -> SandboxRow:
-        """Start a stopped sandbox again with its disk; a no-op on a running one."""
+    async def start(self, user: User, id_or_name: str, force: bool = False) -> SandboxRow:
+        """Bring a stopped sandbox back: from its snapshot, or booted on its disk if it died.
+
+        A no-op on a running one. After a failed restore only `force` tries again, and if the
+        snapshot still cannot be restored, boots the sandbox fresh on its disk.
+        """
         row = self.get(user, id_or_name)
         async with self.lock(row.id):
             row = self.get(user, row.id)
             if row.status == RUNNING:
+                if self.is_warm(row.id):
+                    await self.engine.resume(row.id)
                 return row
+            if row.reason == RESTORE_FAILED and not force:
+                raise self.restore_failed_error(row)
+            await self.wake_locked(row, force=force)
+        log.info("started sandbox %s", row.id)
+        return self.get(user, row.id)
+
+    async def stop(self, user: User, id_or_name: str) -> SandboxRow:
+        """Snapshot a sandbox to disk and free its memory; a no-op on a stopped one."""
+        row = self.get(user, id_or_name)
+        if row.status != STOPPED:
             try:
-                handle = await self.engine.boot(row.id)
+                await self.snapshot(row, reason="stop")
             except EngineError as e:
-                raise Internal(f"start sandbox {row.id}: {e}") from e
-            self.store.update_sandbox(row.id, status=RUNNING, reason="", ip=handle.ip)
-        log.info("started sandbox %s again", row.id)
+                log.error("stop of %s failed: %s", row.id, e)
+                raise KilnError("stop sandbox: taking the snapshot failed; the sandbox is still running") from e
+        return self.get(user, row.id)
+
+    async def update(self, user: User, id_or_name: str, name: str | None, labels_add: dict | None,
+                     labels_remove: list | None, keep_hot: bool | None) -> SandboxRow:
+        """PATCH: rename, then labels, then keep_hot (which wakes the sandbox when set)."""
+        row = self.get(user, id_or_name)
+        if name is not None and name != row.name:
+            if not NAME_RE.match(name):
+                raise BadRequest("invalid sandbox name: must match [a-zA-Z0-9][a-zA-Z0-9._-]{0,62}")
+            try:
+                self.store.update_sandbox(row.id, name=name)
+            except NameTaken:
+                raise Conflict(f'name "{name}" is already in use')
+        if labels_add or labels_remove:
+            validate_labels(labels_add or {})
+            labels = {**row.labels, **(labels_add or {})}
+            for key in labels_remove or []:
+                labels.pop(key, None)
+            self.store.update_sandbox(row.id, labels=labels)
+        if keep_hot is not None:
+            self.store.update_sandbox(row.id, keep_hot=keep_hot)
+            if keep_hot:
+                await self.ensure_hot(self.store.sandbox_by_id(row.id))
         return self.get(user, row.id)
 
     # ------------------------------------------------------------ engine events
@@ -206,22 +267,127 @@ class SandboxService:
                 self.store.update_sandbox(row.id, status="unknown", reason="lost")
             elif status.state == State.DEAD and row.status == RUNNING:
                 self.store.update_sandbox(row.id, status=STOPPED, reason=status.reason, stopped_at=now())
+            elif status.state == State.STOPPED and row.status == RUNNING:
+                self.store.update_sandbox(row.id, status=STOPPED, reason="", stopped_at=now())
+            elif status.state in (State.RUNNING, State.PAUSED) and row.status == STOPPED:
+                self.store.update_sandbox(row.id, status=RUNNING, reason="")
         for sandbox_id in await self.engine.list_ids():
             if sandbox_id not in rows:
                 log.warning("removing engine sandbox %s that the store does not know", sandbox_id)
                 await self.engine.destroy(sandbox_id)
 
+    # ------------------------------------------------------------ thermal
+
+    def running_rows(self) -> list[SandboxRow]:
+        return [r for r in self.store.list_sandboxes() if r.status == RUNNING]
+
+    def is_warm(self, sandbox_id: str) -> bool:
+        return isinstance(self.engine, ThermalEngine) and self.engine.is_paused(sandbox_id)
+
+    def thermal_state(self, row: SandboxRow) -> str | None:
+        if row.status == RUNNING:
+            return "warm" if self.is_warm(row.id) else "hot"
+        if row.status == STOPPED and row.reason not in DEATH_REASONS | {RESTORE_FAILED}:
+            return "cold"
+        return None
+
+    async def agent_activity(self, row: SandboxRow) -> dict:
+        handle = self.engine.handle(row.id)
+        if handle is None:
+            raise AgentError("no engine handle")
+        return await handle.agent.activity(timeout=5.0)
+
+    async def pause(self, row: SandboxRow) -> None:
+        async with self.lock(row.id):
+            fresh = self.store.sandbox_by_id(row.id)
+            if fresh and fresh.status == RUNNING and not fresh.keep_hot and not self.thermal.pins.get(row.id):
+                await self.engine.pause(row.id)
+
+    async def snapshot(self, row: SandboxRow, reason: str) -> None:
+        """Stop to disk (explicit stop or thermal cold). EngineError leaves the sandbox running."""
+        async with self.lock(row.id):
+            fresh = self.store.sandbox_by_id(row.id)
+            if fresh is None or fresh.status == STOPPED:
+                return
+            if reason == "thermal" and (fresh.keep_hot or self.thermal.pins.get(row.id)):
+                return
+            info = await self.engine.stop(row.id)
+            self.store.update_sandbox(row.id, status=STOPPED, reason="", stopped_at=now(),
+                                      snapshot=info.to_dict())
+        log.info("sandbox %s stopped to disk (%s): %s snapshot, %d of %d bytes written",
+                 row.id, reason, info.kind, info.bytes_written, info.bytes_total)
+
+    def mark_unknown(self, sandbox_id: str) -> None:
+        self.store.update_sandbox(sandbox_id, status=UNKNOWN, reason="snapshot failed")
+
+    async def ensure_hot(self, row: SandboxRow) -> SandboxHandle:
+        """Every request that touches a sandbox's insides comes through here: wake it if needed.
+
+        Concurrent wakes of one sandbox queue on its lock, so they share one resume or restore.
+        """
+        self.thermal.touch(row.id)
+        if row.status == RUNNING and not self.is_warm(row.id):
+            handle = self.engine.handle(row.id)
+            if handle is not None:
+                return handle
+        async with self.lock(row.id):
+            fresh = self.store.sandbox_by_id(row.id)
+            if fresh is None:
+                raise NotFound(f'sandbox "{row.name}" not found')
+            return await self.wake_locked(fresh)
+
+    async def wake_locked(self, row: SandboxRow, force: bool = False) -> SandboxHandle:
+        if row.status == RUNNING and self.is_warm(row.id):
+            await self.engine.resume(row.id)
+            return self.engine.handle(row.id)
+        status = await self.engine.status(row.id)
+        if status.state == State.PAUSED:
+            await self.engine.resume(row.id)
+        elif status.state == State.STOPPED:
+            try:
+                await self.engine.restore(row.id)
+            except EngineError as e:
+                if not force:
+                    self.store.update_sandbox(row.id, status=STOPPED, reason=RESTORE_FAILED)
+                    log.error("restore of %s failed: %s", row.id, e)
+                    raise self.restore_failed_error(row) from e
+                log.error("forced start of %s: restore failed (%s); booting it on its disk", row.id, e)
+                await self.engine.boot(row.id)
+        elif status.state == State.DEAD:
+            await self.engine.boot(row.id)
+        elif status.state == State.MISSING:
+            raise Internal(f"sandbox {row.id} is unknown to the engine")
+        handle = self.engine.handle(row.id)
+        self.store.update_sandbox(row.id, status=RUNNING, reason="", ip=handle.ip)
+        self.thermal.touch(row.id)
+        return handle
+
+    @staticmethod
+    def restore_failed_error(row: SandboxRow) -> KilnError:
+        return KilnError(f"wake sandbox: restoring its snapshot failed; "
+                         f'start it with POST /sandboxes/{row.id}/start {{"force": true}}')
+
+    async def shutdown(self) -> None:
+        """On daemon exit: stop running sandboxes to disk; leave any that cannot be snapshotted running."""
+        for row in self.running_rows():
+            try:
+                await self.snapshot(row, reason="shutdown")
+            except Exception as e:  # never kill a sandbox we could not snapshot
+                log.error("could not snapshot %s at shutdown, leaving it running: %s", row.id, e)
+
     # ------------------------------------------------------------ exec
 
     async def ready_handle(self, row: SandboxRow) -> SandboxHandle:
-        """The handle of a sandbox that can take requests now."""
-        if row.status != RUNNING:
-            why = REASON_TEXT.get(row.reason, "it is stopped")
+        """The handle of a sandbox that can take requests now: wakes it, unless it died."""
+        if row.status == STOPPED and row.reason in DEATH_REASONS:
+            why = REASON_TEXT[row.reason]
             raise Conflict(f'sandbox "{row.name}" is stopped: {why}; start it with POST /sandboxes/{row.id}/start')
-        handle = self.engine.handle(row.id)
-        if handle is None:
-            raise Internal(f"sandbox {row.id} is running in the store but unknown to the engine")
-        return handle
+        if row.reason == RESTORE_FAILED:
+            raise self.restore_failed_error(row)
+        try:
+            return await self.ensure_hot(row)
+        except EngineError as e:
+            raise Internal(f"wake sandbox {row.id}: {e}") from e
 
     async def sessions(self, user: User, id_or_name: str) -> list[dict]:
         row = self.get(user, id_or_name)
@@ -249,22 +415,32 @@ class SandboxService:
         return agent_req
 
     async def exec_events(self, user: User, id_or_name: str, req: ExecRequest) -> AsyncIterator[ExecEvent]:
-        """Validate, then return the event stream of the command (stdout/stderr chunks, then exit)."""
+        """Validate, then return the event stream of the command (stdout/stderr chunks, then exit).
+
+        The sandbox stays pinned hot from the request until the stream is closed.
+        """
         agent_req = self.validate_exec(req)
         row = self.get(user, id_or_name)
-        handle = await self.ready_handle(row)
-        stdin = req.stdin.encode() if req.stdin is not None else None
-        events = handle.agent.exec(agent_req, stdin)
-        # Fail before the first byte for what can be known early (bad user or cwd, agent down).
+        pin = contextlib.ExitStack()
+        pin.enter_context(self.thermal.pin(row.id))
         try:
-            first = await events.__anext__()
-        except AgentRequestError as e:
-            raise BadRequest(str(e)) from e
-        except (AgentError, StopAsyncIteration) as e:
-            await self.raise_for_dead(row, e)
-        return self._chain(row, first, events)
+            handle = await self.ready_handle(row)
+            stdin = req.stdin.encode() if req.stdin is not None else None
+            events = handle.agent.exec(agent_req, stdin)
+            # Fail before the first byte for what can be known early (bad user or cwd, agent down).
+            try:
+                first = await events.__anext__()
+            except AgentRequestError as e:
+                raise BadRequest(str(e)) from e
+            except (AgentError, StopAsyncIteration) as e:
+                await self.raise_for_dead(row, e)
+        except BaseException:
+            pin.close()
+            raise
+        return self._chain(row, first, events, pin)
 
-    async def _chain(self, row: SandboxRow, first: ExecEvent, rest: AsyncIterator[ExecEvent]):
+    async def _chain(self, row: SandboxRow, first: ExecEvent, rest: AsyncIterator[ExecEvent],
+                     pin: contextlib.ExitStack):
         try:
             yield first
             if first.kind == "exit":
@@ -274,6 +450,7 @@ class SandboxService:
         except AgentError as e:
             await self.raise_for_dead(row, e)
         finally:
+            pin.close()
             await rest.aclose()
 
     async def raise_for_dead(self, row: SandboxRow, err: Exception):

@@ -48,6 +48,10 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX sandboxes_owner_name ON sandboxes(owner_id, name);
     """,
+    # 2: the last snapshot's summary {kind, bytes_written, bytes_total, taken_at}
+    """
+    ALTER TABLE sandboxes ADD COLUMN snapshot TEXT;
+    """,
 ]
 
 
@@ -87,6 +91,7 @@ class SandboxRow:
     keep_hot: bool = False
     labels: dict = field(default_factory=dict)
     stopped_at: str | None = None
+    snapshot: dict | None = None
 
 
 class NameTaken(Exception):
@@ -171,6 +176,7 @@ class Store:
         d["env"] = json.loads(d["env"])
         d["labels"] = json.loads(d["labels"])
         d["keep_hot"] = bool(d["keep_hot"])
+        d["snapshot"] = json.loads(d["snapshot"]) if d["snapshot"] else None
         return SandboxRow(**d)
 
     def insert_sandbox(self, s: SandboxRow) -> None:
@@ -184,13 +190,20 @@ class Store:
             raise NameTaken(s.name) from e
 
     def update_sandbox(self, sandbox_id: str, **fields) -> None:
-        for k in ("env", "labels"):
+        for k in ("env", "labels", "snapshot"):
             if k in fields:
                 fields[k] = json.dumps(fields[k])
         if "keep_hot" in fields:
             fields["keep_hot"] = int(fields["keep_hot"])
         cols = ", ".join(f"{k}=?" for k in fields)
-        self._exec(f"UPDATE sandboxes SET {cols} WHERE id=?", (*fields.values(), sandbox_id))
+        try:
+            self._exec(f"UPDATE sandboxes SET {cols} WHERE id=?", (*fields.values(), sandbox_id))
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(fields.get("name", "")) from e
+
+    def sandbox_by_id(self, sandbox_id: str) -> SandboxRow | None:
+        row = self._exec("SELECT * FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+        return self._sandbox(row) if row else None
 
     def delete_sandbox(self, sandbox_id: str) -> None:
         self._exec("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
