@@ -20,7 +20,7 @@ class AgentRequestError(AgentError):
 
 @dataclass
 class ExecEvent:
-    kind: str            # "stdout" | "stderr" | "exit"
+    kind: str            # "started" | "stdout" | "stderr" | "exit"
     data: bytes = b""
     exit_code: int = 0
     timed_out: bool = False
@@ -122,7 +122,8 @@ class AgentClient:
         raise AgentError(f"agent did not answer in time: {last}")
 
     async def exec(self, request: dict, stdin: bytes | None = None) -> AsyncIterator[ExecEvent]:
-        """Run a one-shot command; yields stdout/stderr chunks then one exit event.
+        """Run a one-shot command; yields "started" (unless it could not be spawned), stdout/stderr
+        chunks, then one exit event.
 
         Closing the iterator early (client gone) closes the connection, which makes the agent
         kill the command's process group.
@@ -136,7 +137,9 @@ class AgentClient:
                 await conn.send(P.STDIN, b"")
             while True:
                 ftype, payload = await conn.read_frame()
-                if ftype == P.STDOUT:
+                if ftype == P.STARTED:
+                    yield ExecEvent("started")
+                elif ftype == P.STDOUT:
                     yield ExecEvent("stdout", payload)
                 elif ftype == P.STDERR:
                     yield ExecEvent("stderr", payload)

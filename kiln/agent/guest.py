@@ -404,6 +404,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         except ProcessLookupError:
             pass
 
+    conn.send_json(P.STARTED, {"pid": proc.pid})
     stdin = StdinFeeder(in_w) if in_w >= 0 else None
     sel = selectors.DefaultSelector()
     streams = {out_r: P.STDOUT, err_r: P.STDERR}

@@ -22,6 +22,7 @@ RESIZE = 0x04         # JSON {"rows","cols"}
 EXIT = 0x05           # JSON {"exit_code", "timed_out"?}
 ERROR = 0x06          # JSON {"error": message, "kind": "invalid" | "failed"}
 KILL = 0x07           # host asks the guest to kill the process group
+STARTED = 0x08        # JSON {"pid"}: the command was spawned (sent before any output)
 # Requests / responses
 EXEC_REQ = 0x10       # JSON, see guest.handle_exec
 AUTH = 0x11           # token bytes

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -344,8 +345,11 @@ class SandboxService:
         if status.state == State.PAUSED:
             await self.engine.resume(row.id)
         elif status.state == State.STOPPED:
+            started = time.monotonic()
             try:
                 await self.engine.restore(row.id)
+                log.info("sandbox %s restored from its snapshot in %.0f ms", row.id,
+                         (time.monotonic() - started) * 1000)
             except EngineError as e:
                 if not force:
                     self.store.update_sandbox(row.id, status=STOPPED, reason=RESTORE_FAILED)
@@ -427,7 +431,8 @@ class SandboxService:
             handle = await self.ready_handle(row)
             stdin = req.stdin.encode() if req.stdin is not None else None
             events = handle.agent.exec(agent_req, stdin)
-            # Fail before the first byte for what can be known early (bad user or cwd, agent down).
+            # Fail before the first byte for what can be known early (bad user or cwd, agent down):
+            # the agent answers "started" as soon as the command runs.
             try:
                 first = await events.__anext__()
             except AgentRequestError as e:
@@ -442,9 +447,10 @@ class SandboxService:
     async def _chain(self, row: SandboxRow, first: ExecEvent, rest: AsyncIterator[ExecEvent],
                      pin: contextlib.ExitStack):
         try:
-            yield first
-            if first.kind == "exit":
-                return
+            if first.kind != "started":
+                yield first
+                if first.kind == "exit":
+                    return
             async for ev in rest:
                 yield ev
         except AgentError as e:

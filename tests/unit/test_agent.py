@@ -39,7 +39,7 @@ async def collect(client, req, stdin=None):
             out += ev.data
         elif ev.kind == "stderr":
             err += ev.data
-        else:
+        elif ev.kind == "exit":
             exit_ev = ev
     return out, err, exit_ev
 

@@ -1,0 +1,207 @@
+"""hot -> warm -> cold with short timers, waking, pinning, stop/start and diff snapshots."""
+import concurrent.futures
+import json
+import threading
+import time
+
+import pytest
+
+from tests.conftest import make_sandbox
+from tests.daemon import Daemon
+
+THERMAL = {"warm_after": 1.0, "cold_after": 3.0, "tick": 0.3}
+
+
+@pytest.fixture(scope="module")
+def daemon(default_image):
+    d = Daemon({"thermal": THERMAL})
+    try:
+        d.start()
+        yield d
+        d.destroy_all([d.admin_token])
+    finally:
+        d.scrub()
+
+
+def listed(api, sb) -> dict:
+    return {s["id"]: s for s in api.get("/sandboxes").json()}[sb["id"]]
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def run(api, sb, cmd, **kw):
+    r = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": cmd, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_idle_sandbox_goes_warm_then_cold_and_requests_wake_it(daemon, api):
+    sb = make_sandbox(api, name="idle")
+    try:
+        assert listed(api, sb)["thermal"] == "hot"
+        wait_for(lambda: listed(api, sb)["thermal"] == "warm", what="warm")
+        assert daemon.freezer(sb["id"]).read_text().strip() == "FROZEN"
+        assert listed(api, sb)["status"] == "running"
+        assert run(api, sb, ["echo", "warm-wake"])["stdout"] == "warm-wake\n"
+        assert listed(api, sb)["thermal"] == "hot"
+
+        wait_for(lambda: listed(api, sb)["thermal"] == "cold", what="cold")
+        got = api.get(f"/sandboxes/{sb['id']}").json()
+        assert got["status"] == "stopped" and "stopped_at" in got
+        assert got["snapshot"]["kind"] in ("full", "diff") and got["snapshot"]["bytes_total"] > 0
+        # its memory is freed: no runsc container, no processes
+        assert sb["id"] not in daemon.runsc_ids()
+        assert not daemon.freezer(sb["id"]).exists()
+
+        assert run(api, sb, ["echo", "cold-wake"])["stdout"] == "cold-wake\n"
+        got = listed(api, sb)
+        assert got["status"] == "running" and got["thermal"] == "hot"
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_an_open_streaming_exec_keeps_the_sandbox_hot(daemon, api):
+    sb = make_sandbox(api, name="pinned")
+    seen = []
+    done = threading.Event()
+    try:
+        def watch():
+            with daemon.client() as own:  # one client per thread
+                while not done.is_set():
+                    state = listed(own, sb)["thermal"]
+                    if not done.is_set():
+                        seen.append(state)
+                    time.sleep(0.2)
+
+        t = threading.Thread(target=watch)
+        with api.stream("POST", f"/sandboxes/{sb['id']}/exec", json={"cmd": ["sleep", "6"]},
+                        headers={"Accept": "application/x-ndjson"}) as r:
+            t.start()
+            lines = [json.loads(x) for x in r.iter_lines()]
+        done.set()
+        t.join()
+        assert lines[-1] == {"type": "exit", "exit_code": 0}
+        assert seen and set(seen) == {"hot"}, seen
+        wait_for(lambda: listed(api, sb)["thermal"] == "warm", what="warm after the exec ended")
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_keep_hot_stays_hot_and_patch_toggles_it(api):
+    sb = make_sandbox(api, name="always", keep_hot=True)
+    try:
+        for _ in range(3 * 4):  # several cold_after periods
+            time.sleep(THERMAL["cold_after"] / 4)
+            assert listed(api, sb)["thermal"] == "hot"
+        r = api.patch(f"/sandboxes/{sb['id']}", json={"keep_hot": False})
+        assert r.status_code == 200 and r.json()["keep_hot"] is False
+        wait_for(lambda: listed(api, sb)["thermal"] in ("warm", "cold"), what="warm")
+        r = api.patch(f"/sandboxes/{sb['id']}", json={"keep_hot": True})
+        assert r.json()["keep_hot"] is True and r.json()["status"] == "running"
+        assert listed(api, sb)["thermal"] == "hot"
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+COUNTER = """
+import os, time
+n = 0
+while True:
+    n += 1
+    with open('/tmp/count.tmp', 'w') as f:
+        f.write(f'{os.getpid()} {n}')
+    os.replace('/tmp/count.tmp', '/tmp/count')
+    time.sleep(0.05)
+"""
+
+
+def counter(api, sb):
+    pid, n = run(api, sb, ["cat", "/tmp/count"])["stdout"].split()
+    return int(pid), int(n)
+
+
+def test_memory_processes_and_disk_survive_three_stop_start_cycles(api):
+    sb = make_sandbox(api, name="cycles", keep_hot=True)
+    try:
+        run(api, sb, ["sh", "-c", f"nohup python3 -c \"{COUNTER}\" >/dev/null 2>&1 &"])
+        run(api, sb, ["sh", "-c", "echo ram > /dev/shm/marker; echo disk > /home/kiln/marker"])
+        wait_for(lambda: run(api, sb, ["test", "-f", "/tmp/count"])["exit_code"] == 0, what="counter")
+        pid, n = counter(api, sb)
+        kinds = []
+        for cycle in range(3):
+            r = api.post(f"/sandboxes/{sb['id']}/stop")
+            assert r.status_code == 200, r.text
+            assert r.json()["status"] == "stopped"
+            kinds.append(r.json()["snapshot"]["kind"])
+            r = api.post(f"/sandboxes/{sb['id']}/start")
+            assert r.status_code == 200 and r.json()["status"] == "running", r.text
+            new_pid, new_n = counter(api, sb)
+            assert new_pid == pid and new_n >= n, (cycle, pid, n, new_pid, new_n)  # continued, not rebooted
+            n = new_n
+            out = run(api, sb, ["cat", "/dev/shm/marker", "/home/kiln/marker"])["stdout"]
+            assert out == "ram\ndisk\n"
+        assert kinds == ["full", "diff", "diff"]
+        time.sleep(0.3)
+        assert counter(api, sb)[1] > n  # still counting after the last restore
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_start_on_running_and_stop_on_stopped_are_no_ops(api):
+    sb = make_sandbox(api, name="idem", keep_hot=True)
+    try:
+        r = api.post(f"/sandboxes/{sb['id']}/start")
+        assert r.status_code == 200 and r.json()["status"] == "running"
+        first = api.post(f"/sandboxes/{sb['id']}/stop").json()
+        again = api.post(f"/sandboxes/{sb['id']}/stop")
+        assert again.status_code == 200 and again.json() == first
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_wake_storm_restores_once_and_serves_everyone(daemon, api):
+    sb = make_sandbox(api, name="storm", keep_hot=True)
+    try:
+        run(api, sb, ["sh", "-c", "echo before > /dev/shm/m"])
+        assert api.post(f"/sandboxes/{sb['id']}/stop").json()["status"] == "stopped"
+        restores_before = daemon.log().count(f"sandbox {sb['id']} restored")
+
+        def one(i):
+            with daemon.client() as c:
+                r = c.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": ["sh", "-c", f"cat /dev/shm/m; echo {i}"]})
+                return r.status_code, r.json()
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(one, range(12)))
+        for i, (status, body) in enumerate(results):
+            assert status == 200 and body["stdout"] == f"before\n{i}\n", body
+        assert daemon.log().count(f"sandbox {sb['id']} restored") - restores_before == 1
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_second_stop_writes_only_what_changed(daemon, api):
+    sb = make_sandbox(api, name="diff", keep_hot=True, memory_mb=512)
+    try:
+        run(api, sb, ["sh", "-c", "head -c 200000000 /dev/urandom > /dev/shm/big; sha256sum /dev/shm/big > /home/kiln/sum"])
+        first = api.post(f"/sandboxes/{sb['id']}/stop").json()["snapshot"]
+        assert first["kind"] == "full" and first["bytes_written"] >= 200_000_000
+        assert run(api, sb, ["sha256sum", "-c", "/home/kiln/sum"])["exit_code"] == 0
+        second = api.post(f"/sandboxes/{sb['id']}/stop").json()["snapshot"]
+        assert second["kind"] == "diff"
+        assert second["bytes_written"] <= first["bytes_written"] * 0.10, (first, second)
+        assert second["bytes_total"] >= 200_000_000
+        assert run(api, sb, ["sha256sum", "-c", "/home/kiln/sum"])["exit_code"] == 0
+        snapshot_dir = daemon.data_dir / "sandboxes" / sb["id"] / "snapshot"
+        assert any(snapshot_dir.rglob("*.pack"))
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+    assert not snapshot_dir.exists()  # deleting the sandbox frees its pages
