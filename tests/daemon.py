@@ -33,8 +33,8 @@ def free_port() -> int:
 
 
 class Daemon:
-    def __init__(self, extra_config: dict | None = None):
-        self.data_dir = Path(tempfile.mkdtemp(prefix="kiln-test-"))
+    def __init__(self, extra_config: dict | None = None, parent_dir: Path | None = None):
+        self.data_dir = Path(tempfile.mkdtemp(prefix="kiln-test-", dir=parent_dir))
         self.port = free_port()
         self.prefix = host_prefix(self.data_dir)
         self.subnet = f"10.{200 + next(_subnets) % 50}.{os.getpid() % 250}.0/24"

@@ -28,12 +28,13 @@ MAX_TIMEOUT = 86400
 # status values in the store
 CREATING, RUNNING, STOPPED, UNKNOWN = "creating", "running", "stopped", "unknown"
 # reasons a stopped sandbox has no memory snapshot: it died and must be started explicitly
-DEATH_REASONS = {"oom", "exited"}
+DEATH_REASONS = {"oom", "exited", "snapshot_failed"}
 RESTORE_FAILED = "restore_failed"
 LABEL_PART_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9._-]{0,61}[a-zA-Z0-9])?$")
 LABEL_VALUE_RE = re.compile(r"^[a-zA-Z0-9._-]*$")
 REASON_TEXT = {"oom": "it ran out of memory (the whole sandbox is killed when it exceeds memory_mb)",
-               "exited": "its init process exited"}
+               "exited": "its init process exited",
+               "snapshot_failed": "taking its snapshot failed and it could not be resumed"}
 
 
 def validate_labels(labels: dict) -> None:
@@ -203,7 +204,10 @@ class SandboxService:
                 await self.snapshot(row, reason="stop")
             except EngineError as e:
                 log.error("stop of %s failed: %s", row.id, e)
-                raise KilnError("stop sandbox: taking the snapshot failed; the sandbox is still running") from e
+                if self.get(user, row.id).status == RUNNING:
+                    raise KilnError("stop sandbox: taking the snapshot failed; the sandbox is still running") from e
+                raise KilnError("stop sandbox: taking the snapshot failed and the sandbox could not be resumed; "
+                                f"start it again (on its disk) with POST /sandboxes/{row.id}/start") from e
         return self.get(user, row.id)
 
     async def update(self, user: User, id_or_name: str, name: str | None, labels_add: dict | None,
@@ -312,7 +316,13 @@ class SandboxService:
                 return
             if reason == "thermal" and (fresh.keep_hot or self.thermal.pins.get(row.id)):
                 return
-            info = await self.engine.stop(row.id)
+            try:
+                info = await self.engine.stop(row.id)
+            except EngineError:
+                status = await self.settled_status(row.id)
+                if status.state not in (State.RUNNING, State.PAUSED):
+                    self.store.update_sandbox(row.id, status=STOPPED, reason="snapshot_failed", stopped_at=now())
+                raise
             self.store.update_sandbox(row.id, status=STOPPED, reason="", stopped_at=now(),
                                       snapshot=info.to_dict())
         log.info("sandbox %s stopped to disk (%s): %s snapshot, %d of %d bytes written",

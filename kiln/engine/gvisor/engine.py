@@ -26,6 +26,7 @@ log = logging.getLogger("kiln.engine.gvisor")
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 BOOT_TIMEOUT = 30.0
+SNAPSHOT_MARGIN = 32 << 20
 
 
 def host_prefix(data_dir: Path) -> str:
@@ -89,7 +90,7 @@ class GVisorEngine:
             if sandbox_id not in self.records:
                 await self.delete_container(sandbox_id)
         for rec in self.records.values():
-            if (await self.status(rec.id)).state == State.RUNNING:
+            if (await self.status(rec.id)).state in (State.RUNNING, State.PAUSED):
                 await self.watch(rec.id)
 
     async def close_engine(self) -> None:
@@ -260,6 +261,7 @@ class GVisorEngine:
         # The first (full) image is written straight to disk and kept as it is; later ones go to
         # tmpfs, and only their new pages reach the disk.
         image_dir = scratch_dir(self.prefix, sandbox_id) if store.manifest() else self.dir(sandbox_id) / "checkpoint.tmp"
+        self.check_room_for_snapshot(sandbox_id)
         remove_scratch(image_dir)
         image_dir.mkdir(parents=True)
         if self.is_paused(sandbox_id):
@@ -279,13 +281,30 @@ class GVisorEngine:
                 return await asyncio.to_thread(store.save, image_dir)
             except OSError as e:
                 log.error("writing the snapshot of %s failed (%s); restoring it from the image", sandbox_id, e)
-                await self.prepare_relaunch(sandbox_id)
-                await self.runsc.restore_detached(sandbox_id, self.dir(sandbox_id),
-                                                  self.dir(sandbox_id) / "console.log", image_dir)
-                await self.until_ready(rec)
+                try:
+                    await self.prepare_relaunch(sandbox_id)
+                    await self.runsc.restore_detached(sandbox_id, self.dir(sandbox_id),
+                                                      self.dir(sandbox_id) / "console.log", image_dir)
+                    await self.until_ready(rec)
+                except EngineError as lost:
+                    raise EngineError(f"writing the snapshot failed ({e.strerror or e}) and the sandbox "
+                                      f"could not be resumed: {lost}") from e
                 raise EngineError(f"writing the snapshot failed: {e.strerror or e}") from e
         finally:
             remove_scratch(image_dir)
+
+    def check_room_for_snapshot(self, sandbox_id: str) -> None:
+        """Refuse a stop up front when the disk cannot hold the sandbox's memory: better than a
+        checkpoint that dies half-written."""
+        try:
+            usage = int((CGROUP_ROOT / "memory" / self.cgroup_parent / sandbox_id / "memory.usage_in_bytes").read_text())
+        except (OSError, ValueError):
+            return
+        st = os.statvfs(self.sandboxes_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < usage + SNAPSHOT_MARGIN:
+            raise EngineError(f"not enough disk space for a snapshot: {free >> 20} MB free under "
+                              f"{self.sandboxes_dir}, the sandbox uses {usage >> 20} MB of memory")
 
     async def restore(self, sandbox_id: str) -> SandboxHandle:
         """Bring a stopped sandbox back from its snapshot: same processes, memory and address."""
@@ -384,11 +403,9 @@ class GVisorEngine:
     async def watch(self, sandbox_id: str) -> None:
         """Reap the sandbox's processes as they exit, and hear at once when it dies on its own
         (an OOM kills the whole sandbox, agent included)."""
-        st = await self.runsc.state(sandbox_id)
-        pid = (st or {}).get("pid")
+        pid, gofer = self.runsc.pids(sandbox_id)
         if pid:
             self.processes.track(pid, lambda: self._exited(sandbox_id, pid))
-        gofer = self.runsc.gofer_pid(sandbox_id)
         if gofer:
             self.processes.track(gofer)
         self.sandbox_pids[sandbox_id] = pid or 0

@@ -63,14 +63,16 @@ class Runsc:
         except ValueError:
             return None
 
-    def gofer_pid(self, container_id: str) -> int | None:
-        """The gofer's pid, from runsc's state file (`runsc state` does not report it)."""
+    def pids(self, container_id: str) -> tuple[int | None, int | None]:
+        """(sandbox pid, gofer pid) from runsc's state file: no call to a possibly frozen sandbox."""
         for f in self.root.glob(f"{container_id}_sandbox:*.state"):
             try:
-                return int(json.loads(f.read_text()).get("goferPid") or 0) or None
-            except (OSError, ValueError):
-                return None
-        return None
+                st = json.loads(f.read_text())
+                return (int((st.get("sandbox") or {}).get("pid") or 0) or None,
+                        int(st.get("goferPid") or 0) or None)
+            except (OSError, ValueError, TypeError):
+                break
+        return None, None
 
     async def delete(self, container_id: str) -> None:
         await run(self.argv("delete", "-force", container_id), check=False)

@@ -101,9 +101,25 @@ class PageStore:
     # ------------------------------------------------------------ writing
 
     def save(self, image_dir: Path) -> SnapshotInfo:
-        """Make the checkpoint in image_dir the current snapshot. image_dir is consumed."""
+        """Make the checkpoint in image_dir the current snapshot.
+
+        On failure (e.g. a full disk) everything this attempt wrote is removed again, the previous
+        snapshot is untouched, and a full snapshot's pages.img is back in image_dir.
+        """
         old = self.manifest()
         gen = old["generation"] + 1 if old else 0
+        try:
+            return self._save(image_dir, old, gen)
+        except BaseException:
+            pack = self.pack_path(gen)
+            if old is None and pack.exists() and not (image_dir / PAGES_FILE).exists():
+                os.replace(pack, image_dir / PAGES_FILE)
+            pack.unlink(missing_ok=True)
+            for f in self.dir.glob(f"{gen}.*"):
+                f.unlink(missing_ok=True)
+            raise
+
+    def _save(self, image_dir: Path, old: dict | None, gen: int) -> SnapshotInfo:
         self.packs.mkdir(parents=True, exist_ok=True)
         pages = image_dir / PAGES_FILE
         pages_size = pages.stat().st_size
