@@ -159,17 +159,54 @@ def report(api: dict, raw: dict, args) -> str:
     ])
 
 
+def thermal_report(api: dict, raw: dict) -> list[str]:
+    hot50 = pct(api["hot_exec"], 50)
+    warm_added = [w - hot50 for w in api["warm_exec"]]
+
+    def row(name, kiln, rawv=None, note=""):
+        k50, k99 = ms(pct(kiln, 50)), ms(pct(kiln, 99))
+        if rawv:
+            r50, r99 = ms(pct(rawv, 50)), ms(pct(rawv, 99))
+            return f"| {name} | {len(kiln)} | {k50:.1f} | {k99:.1f} | {r50:.1f} | {r99:.1f} | {k50 / r50:.2f} | {note} |"
+        return f"| {name} | {len(kiln)} | {k50:.1f} | {k99:.1f} | | | | {note} |"
+
+    mb = lambda v: sum(v) / len(v) / 1e6  # noqa: E731
+    return [
+        "## Thermal",
+        "",
+        "| measure | n (kiln) | kiln p50 ms | kiln p99 ms | raw p50 ms | raw p99 ms | kiln/raw (p50) | note |",
+        "|---|---|---|---|---|---|---|---|",
+        row("warm wake: added to exec `true`", warm_added, raw["resume"],
+            f"hot exec p50 {ms(hot50):.1f} ms; raw = `runsc resume` alone"),
+        row("(raw) `runsc pause`", raw["pause"], None, "kiln freezes through the freezer cgroup instead"),
+        row("cold wake, idle 512 MB sandbox: exec `true` after stop", api["cold_wake"], raw["restore"],
+            "raw = `runsc restore` until the agent answers"),
+        row("cold wake, 256 MB written", api["cold_wake_256"], raw["restore_256"], ""),
+        row("stop, full (256 MB written)", api["stop_full"], raw["checkpoint_256"],
+            f"{mb(api['full_bytes']):.1f} MB written on average; raw = `runsc checkpoint` to disk"),
+        row("stop, diff (same sandbox again)", api["stop_diff"], raw["checkpoint_256"],
+            f"{mb(api['diff_bytes']):.2f} MB written on average"),
+        "",
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sandboxes", type=int, default=10)
     parser.add_argument("--execs", type=int, default=200)
+    parser.add_argument("--thermal", type=int, default=8, help="samples per thermal measure")
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
     print(f"kiln API: {args.sandboxes} creates, {args.execs} execs, {args.sandboxes} destroys ...", flush=True)
     api = bench_api(args.sandboxes, args.execs)
     print("raw runsc: the same operations ...", flush=True)
     raw = asyncio.run(bench_raw(args.sandboxes, args.execs))
-    text = report(api, raw, args)
+    from bench.thermal import bench_thermal_api, bench_thermal_raw
+    print(f"thermal: {args.thermal} samples each of warm/cold wakes and stops ...", flush=True)
+    thermal_api = bench_thermal_api(args.thermal)
+    print("raw runsc: pause/resume, checkpoint/restore ...", flush=True)
+    thermal_raw = asyncio.run(bench_thermal_raw(args.thermal))
+    text = report(api, raw, args) + "\n".join(thermal_report(thermal_api, thermal_raw))
     Path(args.out).write_text(text)
     print(text)
     return 0

@@ -129,7 +129,6 @@ class Daemon:
             "cgroups": cgroups,
             "mounts": mounts,
             "dirs": [p.name for p in sandbox_dirs.iterdir()] if sandbox_dirs.exists() else [],
-            "scratch": [str(p) for p in Path("/dev/shm").glob(f"kiln-{self.prefix}/*")],
         }
 
     def scrub(self) -> None:
@@ -160,7 +159,6 @@ class Daemon:
                 except OSError:
                     pass
         subprocess.run(["nft", "delete", "table", "inet", f"kiln_{self.prefix}"], capture_output=True)
-        shutil.rmtree(f"/dev/shm/kiln-{self.prefix}", ignore_errors=True)
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def destroy_all(self, tokens: list[str]) -> None:

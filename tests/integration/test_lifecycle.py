@@ -20,7 +20,7 @@ def test_create_exec_destroy_leaves_nothing_behind(daemon, api):
 
     r = api.delete(f"/sandboxes/{sb['id']}")
     assert r.status_code == 200 and r.json() == {"status": "destroyed"}
-    assert daemon.leftovers() == {"runsc": [], "netns": [], "veth": [], "cgroups": [], "mounts": [], "dirs": [], "scratch": []}
+    assert daemon.leftovers() == {"runsc": [], "netns": [], "veth": [], "cgroups": [], "mounts": [], "dirs": []}
     assert api.get(f"/sandboxes/{sb['id']}").status_code == 404
 
 

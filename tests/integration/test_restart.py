@@ -31,7 +31,7 @@ def test_kill_9_with_three_sandboxes_then_restart(default_image):
             assert sorted(after["mounts"]) == sorted(before["mounts"])
             for sb in made:
                 assert api.delete(f"/sandboxes/{sb['id']}").status_code == 200
-        assert d.leftovers() == {"runsc": [], "netns": [], "veth": [], "cgroups": [], "mounts": [], "dirs": [], "scratch": []}
+        assert d.leftovers() == {"runsc": [], "netns": [], "veth": [], "cgroups": [], "mounts": [], "dirs": []}
     finally:
         d.scrub()
 

@@ -19,7 +19,7 @@ from . import bundle
 from .network import Link, Network
 from .proc import run
 from .reaper import ProcessWatcher
-from .snapshots import PageStore, SnapshotInfo, remove_scratch, scratch_dir
+from .snapshots import PageStore, SnapshotInfo, remove_scratch
 from .runsc import Runsc, tail
 
 log = logging.getLogger("kiln.engine.gvisor")
@@ -62,6 +62,7 @@ class GVisorEngine:
         self.agents: dict[str, AgentClient] = {}
         self.processes = ProcessWatcher()
         self.sandbox_pids: dict[str, int] = {}  # sandbox id -> pid whose exit means it died
+        self.pending_deletes: dict[str, asyncio.Task] = {}  # container deletes still running
         self.slot_lock = asyncio.Lock()
         self.on_exit: Callable[[str], Awaitable[None]] | None = None
 
@@ -98,10 +99,6 @@ class GVisorEngine:
         self.processes.close()
         if not self.records:
             await self.network.remove_firewall()
-            try:
-                scratch_dir(self.prefix, "x").parent.rmdir()
-            except OSError:
-                pass
             for controller in self.cgroup_controllers():
                 try:
                     (CGROUP_ROOT / controller / self.cgroup_parent).rmdir()
@@ -258,9 +255,10 @@ class GVisorEngine:
         if rec is None:
             raise EngineError(f"unknown sandbox {sandbox_id}")
         store = PageStore(self.dir(sandbox_id))
-        # The first (full) image is written straight to disk and kept as it is; later ones go to
-        # tmpfs, and only their new pages reach the disk.
-        image_dir = scratch_dir(self.prefix, sandbox_id) if store.manifest() else self.dir(sandbox_id) / "checkpoint.tmp"
+        # runsc writes the image beside the snapshot: the first (full) one is adopted as it is;
+        # of later ones only new pages are kept, and the file is deleted unsynced. (Not tmpfs: the
+        # sandbox's writes to tmpfs count against its memory limit and would OOM-kill it.)
+        image_dir = self.dir(sandbox_id) / "checkpoint.tmp"
         self.check_room_for_snapshot(sandbox_id)
         remove_scratch(image_dir)
         image_dir.mkdir(parents=True)
@@ -276,7 +274,9 @@ class GVisorEngine:
                 if (await self.status(sandbox_id)).state == State.RUNNING:
                     await self.watch(sandbox_id)
                 raise
-            await self.delete_container(sandbox_id)
+            # runsc delete takes ~150 ms: let it run while the pages are stored
+            self.pending_deletes[sandbox_id] = asyncio.get_running_loop().create_task(
+                self._delete_container_now(sandbox_id))
             try:
                 return await asyncio.to_thread(store.save, image_dir)
             except OSError as e:
@@ -311,7 +311,7 @@ class GVisorEngine:
         store = PageStore(self.dir(sandbox_id))
         if not store.restorable():
             raise EngineError(f"sandbox {sandbox_id} has no snapshot to restore")
-        scratch = scratch_dir(self.prefix, sandbox_id)
+        scratch = self.dir(sandbox_id) / "restore.tmp"
         remove_scratch(scratch)
         try:
             rec = await self.prepare_relaunch(sandbox_id)
@@ -345,10 +345,15 @@ class GVisorEngine:
         else:
             await self.network.destroy(Link(f"kiln-{self.prefix}-{sandbox_id}", "", "", ""))
         self.remove_cgroups(sandbox_id)
-        remove_scratch(scratch_dir(self.prefix, sandbox_id))
         shutil.rmtree(sandbox_dir, ignore_errors=True)
 
     async def delete_container(self, sandbox_id: str) -> None:
+        pending = self.pending_deletes.pop(sandbox_id, None)
+        if pending is not None:
+            await pending
+        await self._delete_container_now(sandbox_id)
+
+    async def _delete_container_now(self, sandbox_id: str) -> None:
         if self.is_paused(sandbox_id):
             await self.resume(sandbox_id)  # runsc delete talks to the sandbox: it must not be frozen
         await self.runsc.delete(sandbox_id)
