@@ -182,10 +182,10 @@ def thermal_report(api: dict, raw: dict) -> list[str]:
         row("cold wake, idle 512 MB sandbox: exec `true` after stop", api["cold_wake"], raw["restore"],
             "raw = `runsc restore` until the agent answers"),
         row("cold wake, 256 MB written", api["cold_wake_256"], raw["restore_256"], ""),
-        row("stop, full (256 MB written)", api["stop_full"], raw["checkpoint_256"],
-            f"{mb(api['full_bytes']):.1f} MB written on average; raw = `runsc checkpoint` to disk"),
-        row("stop, diff (same sandbox again)", api["stop_diff"], raw["checkpoint_256"],
-            f"{mb(api['diff_bytes']):.2f} MB written on average"),
+        row("stop, full (first stop, 256 MB written)", api["stop_full"], raw["checkpoint_first"],
+            f"{mb(api['full_bytes']):.1f} MB written on average; raw = first `runsc checkpoint` to disk"),
+        row("stop, diff (same sandbox again)", api["stop_diff"], raw["checkpoint_again"],
+            f"{mb(api['diff_bytes']):.2f} MB written on average; raw = `runsc checkpoint` after a restore"),
         "",
     ]
 

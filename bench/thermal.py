@@ -91,38 +91,60 @@ def bench_thermal_api(n: int) -> dict[str, list]:
 async def bench_thermal_raw(n: int) -> dict[str, list]:
     d = Daemon()  # a private data dir, prefix and subnet; not started
     engine = GVisorEngine(d.data_dir, IMAGES, d.subnet)
-    res: dict[str, list] = {"pause": [], "resume": [], "checkpoint_256": [], "restore": [], "restore_256": []}
+    res: dict[str, list] = {"pause": [], "resume": [], "checkpoint_first": [], "checkpoint_again": [],
+                            "restore": [], "restore_256": []}
     await engine.start_engine()
     runsc = engine.runsc
+
+    async def make(sid: str, fill: str | None):
+        handle = await engine.create(SandboxSpec(id=sid, hostname=sid))
+        if fill:
+            [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
+        return handle
+
+    async def checkpoint(sid: str) -> tuple[float, object]:
+        image = engine.dir(sid) / "raw-image"
+        shutil.rmtree(image, ignore_errors=True)
+        image.mkdir()
+        engine.expect_exit(sid)
+        t = time.perf_counter()
+        await runsc.checkpoint(sid, image)
+        took = time.perf_counter() - t
+        await runsc.delete(sid)
+        return took, image
+
+    async def restore(sid: str, handle, image) -> float:
+        await engine.network.prepare_for_boot(engine.link(engine.records[sid]))
+        t = time.perf_counter()
+        await runsc.restore_detached(sid, engine.dir(sid), engine.dir(sid) / "console.log", image)
+        await handle.agent.wait_ready(asyncio.get_running_loop().time() + 30)
+        return time.perf_counter() - t
+
     try:
-        for name, fill in (("idle", None), ("big", FILL_256MB)):
-            sid = f"rawthermal{name}"
-            handle = await engine.create(SandboxSpec(id=sid, hostname=name))
-            if fill:
-                [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
-            if name == "idle":
-                for _ in range(n):
-                    t = time.perf_counter()
-                    await run(runsc.argv("pause", sid))
-                    res["pause"].append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    await run(runsc.argv("resume", sid))
-                    res["resume"].append(time.perf_counter() - t)
-            image = engine.dir(sid) / "raw-image"
-            for _ in range(n):
-                shutil.rmtree(image, ignore_errors=True)
-                image.mkdir()
-                engine.expect_exit(sid)
-                t = time.perf_counter()
-                await runsc.checkpoint(sid, image)
-                if fill:
-                    res["checkpoint_256"].append(time.perf_counter() - t)
-                await runsc.delete(sid)
-                await engine.network.prepare_for_boot(engine.link(engine.records[sid]))
-                t = time.perf_counter()
-                await runsc.restore_detached(sid, engine.dir(sid), engine.dir(sid) / "console.log", image)
-                await handle.agent.wait_ready(asyncio.get_running_loop().time() + 30)
-                res["restore_256" if fill else "restore"].append(time.perf_counter() - t)
+        idle = await make("rawidle", None)
+        for _ in range(n):
+            t = time.perf_counter()
+            await run(runsc.argv("pause", "rawidle"))
+            res["pause"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            await run(runsc.argv("resume", "rawidle"))
+            res["resume"].append(time.perf_counter() - t)
+        for _ in range(n + 1):
+            _, image = await checkpoint("rawidle")
+            res["restore"].append(await restore("rawidle", idle, image))
+        res["restore"] = res["restore"][1:]
+        await engine.destroy("rawidle")
+        for i in range(n):  # the first checkpoint of a fresh sandbox holding 256 MB: what a full stop does
+            sid = f"rawfull{i}"
+            handle = await make(sid, FILL_256MB)
+            took, image = await checkpoint(sid)
+            res["checkpoint_first"].append(took)
+            if i == 0:  # then the same sandbox again and again: what a diff stop does
+                for _ in range(n + 1):
+                    res["restore_256"].append(await restore(sid, handle, image))
+                    took, image = await checkpoint(sid)
+                    res["checkpoint_again"].append(took)
+                res["restore_256"] = res["restore_256"][1:]
             await engine.destroy(sid)
     finally:
         for sid in list(engine.records):
