@@ -108,6 +108,19 @@ class Daemon:
         root = self.data_dir / "runsc"
         return sorted({f.name.split("_sandbox:")[0] for f in root.glob("*_sandbox:*.state")}) if root.exists() else []
 
+    def sandbox_processes(self, sandbox_id: str) -> list[int]:
+        """Host processes (runsc sandbox, gofer) serving this sandbox's bundle."""
+        bundle = f"{self.data_dir}/sandboxes/{sandbox_id}".encode()
+        pids = []
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    if bundle in (d / "cmdline").read_bytes():
+                        pids.append(int(d.name))
+                except OSError:
+                    pass
+        return pids
+
     def freezer(self, sandbox_id: str) -> Path:
         return CGROUP_ROOT / "freezer" / f"kiln-{self.prefix}" / sandbox_id / "freezer.state"
 

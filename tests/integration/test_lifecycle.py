@@ -83,3 +83,24 @@ def test_init_runs_once_as_session_init(api):
         assert out.json()["stdout"] == "1000\n/workspace\n"
     finally:
         api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_patch_renames_and_labels(api):
+    a = make_sandbox(api, name="patch-a")
+    b = make_sandbox(api, name="patch-b")
+    try:
+        r = api.patch(f"/sandboxes/{a['id']}", json={"name": "patch-b"})
+        assert r.status_code == 409 and r.json() == {"error": 'name "patch-b" is already in use'}
+        assert api.patch(f"/sandboxes/{a['id']}", json={"name": "bad name"}).status_code == 400
+        r = api.patch(f"/sandboxes/{a['id']}", json={"name": "patch-c", "labels_add": {"team": "x", "tier": "1"}})
+        assert r.status_code == 200 and r.json()["name"] == "patch-c"
+        assert r.json()["labels"] == {"team": "x", "tier": "1"}
+        r = api.patch("/sandboxes/patch-c", json={"labels_remove": ["tier"]})
+        assert r.json()["labels"] == {"team": "x"}
+        assert api.patch(f"/sandboxes/{a['id']}", json={"labels_add": {"bad key!": "v"}}).status_code == 400
+        assert api.get("/sandboxes/patch-a").status_code == 404
+        # the renamed sandbox keeps working
+        assert api.post("/sandboxes/patch-c/exec", json={"cmd": ["true"]}).json()["exit_code"] == 0
+    finally:
+        api.delete(f"/sandboxes/{a['id']}")
+        api.delete(f"/sandboxes/{b['id']}")

@@ -47,6 +47,7 @@ def test_idle_sandbox_goes_warm_then_cold_and_requests_wake_it(daemon, api):
     sb = make_sandbox(api, name="idle")
     try:
         assert listed(api, sb)["thermal"] == "hot"
+        assert daemon.sandbox_processes(sb["id"])  # the check below is not vacuous
         wait_for(lambda: listed(api, sb)["thermal"] == "warm", what="warm")
         assert daemon.freezer(sb["id"]).read_text().strip() == "FROZEN"
         assert listed(api, sb)["status"] == "running"
@@ -57,8 +58,9 @@ def test_idle_sandbox_goes_warm_then_cold_and_requests_wake_it(daemon, api):
         got = api.get(f"/sandboxes/{sb['id']}").json()
         assert got["status"] == "stopped" and "stopped_at" in got
         assert got["snapshot"]["kind"] in ("full", "diff") and got["snapshot"]["bytes_total"] > 0
-        # its memory is freed: no runsc container, no processes
-        assert sb["id"] not in daemon.runsc_ids()
+        # its memory is freed: no runsc processes, and (once the background delete is done) no container
+        assert daemon.sandbox_processes(sb["id"]) == []
+        wait_for(lambda: sb["id"] not in daemon.runsc_ids(), timeout=5, what="container deleted")
         assert not daemon.freezer(sb["id"]).exists()
 
         assert run(api, sb, ["echo", "cold-wake"])["stdout"] == "cold-wake\n"

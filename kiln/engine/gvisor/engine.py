@@ -95,7 +95,10 @@ class GVisorEngine:
                 await self.watch(rec.id)
 
     async def close_engine(self) -> None:
-        """Stop watching; remove host-wide objects if no sandbox of ours is left."""
+        """Finish container deletes, stop watching; remove host-wide objects if no sandbox is left."""
+        for task in list(self.pending_deletes.values()):
+            await task
+        self.pending_deletes.clear()
         self.processes.close()
         if not self.records:
             await self.network.remove_firewall()
@@ -381,15 +384,17 @@ class GVisorEngine:
         if self.is_paused(sandbox_id):
             return Status(State.PAUSED)  # runsc state would hang: it asks the frozen sandbox
         st = await self.runsc.state(sandbox_id)
-        if st is None:
-            if PageStore(self.dir(sandbox_id)).restorable():
-                return Status(State.STOPPED)
-            return Status(State.DEAD, "exited")
-        s = st.get("status")
+        s = (st or {}).get("status")
         if s == "running":
             return Status(State.PAUSED if self.is_paused(sandbox_id) else State.RUNNING)
         if s == "paused":
             return Status(State.PAUSED)
+        # No live container (or a checkpointed one whose delete was cut short): a snapshot not yet
+        # restored means stopped on purpose; otherwise it died.
+        if PageStore(self.dir(sandbox_id)).restorable():
+            return Status(State.STOPPED)
+        if st is None:
+            return Status(State.DEAD, "exited")
         return Status(State.DEAD, "oom" if self.oom_killed(sandbox_id) else "exited")
 
     def oom_killed(self, sandbox_id: str) -> bool:

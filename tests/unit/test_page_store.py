@@ -1,0 +1,88 @@
+"""The snapshot page store on plain files: round trips, diffs, garbage collection, failures."""
+import errno
+import os
+
+import pytest
+
+from kiln.engine.gvisor import snapshots
+from kiln.engine.gvisor.snapshots import PAGE, PageStore
+
+
+def image(tmp_path, name, pages: bytes, meta=b"checkpoint-state"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "pages.img").write_bytes(pages)
+    (d / "checkpoint.img").write_bytes(meta)
+    return d
+
+
+def assembled(store, tmp_path, name="out"):
+    target = tmp_path / name
+    store.assemble(target)
+    return (target / "pages.img").read_bytes(), (target / "checkpoint.img").read_bytes()
+
+
+def test_full_then_diff_round_trip_and_write_only_new_pages(tmp_path):
+    base = os.urandom(PAGE * 300) + b"tail-not-page-aligned"
+    store = PageStore(tmp_path / "sb")
+    first = store.save(image(tmp_path, "i0", base))
+    assert first.kind == "full" and first.bytes_written >= len(base)
+    assert assembled(store, tmp_path, "a0") == (base, b"checkpoint-state")
+
+    # shift everything by one page (a new page at the front) and change one page
+    changed = bytearray(os.urandom(PAGE) + base)
+    changed[PAGE * 50:PAGE * 51] = os.urandom(PAGE)
+    second = store.save(image(tmp_path, "i1", bytes(changed), b"state-2"))
+    assert second.kind == "diff"
+    assert second.bytes_written <= 2 * PAGE + len(b"state-2") + PAGE
+    assert assembled(store, tmp_path, "a1") == (bytes(changed), b"state-2")
+    assert store.restorable()
+
+
+def test_unreferenced_packs_are_deleted(tmp_path):
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", os.urandom(PAGE * 10)))
+    store.save(image(tmp_path, "i1", os.urandom(PAGE * 10)))  # nothing shared with pack 0
+    packs = sorted(p.name for p in store.packs.iterdir())
+    assert packs == ["1.pack"]
+    assert sorted(p.name for p in store.dir.iterdir()) == ["1.checkpoint.img", "1.idx", "manifest.json", "packs"]
+
+
+def test_consumed_snapshot_is_not_restorable_but_stays_a_diff_base(tmp_path):
+    data = os.urandom(PAGE * 20)
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", data))
+    store.mark_consumed()
+    assert not store.restorable()
+    again = store.save(image(tmp_path, "i1", data))
+    assert again.kind == "diff" and again.bytes_written < PAGE and store.restorable()
+
+
+def test_a_failed_save_leaves_the_previous_snapshot_whole(tmp_path, monkeypatch):
+    data = os.urandom(PAGE * 40)
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", data))
+    before = {p.relative_to(store.dir): p.read_bytes() for p in store.dir.rglob("*") if p.is_file()}
+
+    def disk_full(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(snapshots, "fsync_file", disk_full)
+    second = image(tmp_path, "i1", os.urandom(PAGE * 40))
+    with pytest.raises(OSError):
+        store.save(second)
+    after = {p.relative_to(store.dir): p.read_bytes() for p in store.dir.rglob("*") if p.is_file()}
+    assert after == before
+    assert (second / "pages.img").exists()  # the image is still there to resume from
+    assert assembled(store, tmp_path)[0] == data
+
+
+def test_a_failed_full_save_gives_the_image_back(tmp_path, monkeypatch):
+    data = os.urandom(PAGE * 8)
+    store = PageStore(tmp_path / "sb")
+    monkeypatch.setattr(snapshots, "fsync_file", lambda p: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    img = image(tmp_path, "i0", data)
+    with pytest.raises(OSError):
+        store.save(img)
+    assert (img / "pages.img").read_bytes() == data
+    assert store.manifest() is None and not any(store.packs.iterdir())
