@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from tests.daemon import IMAGES, Daemon
+from tests.daemon import IMAGES, running_daemon
 
 
 @pytest.fixture(scope="session")
@@ -18,13 +18,8 @@ def default_image():
 @pytest.fixture(scope="module")
 def daemon(default_image):
     """A real daemon shared by a test module; everything it made is removed afterwards."""
-    d = Daemon()
-    try:
-        d.start()
+    with running_daemon() as d:
         yield d
-        d.destroy_all([d.admin_token])
-    finally:
-        d.scrub()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ clean state and `scrub()` can remove what a failed test left, without touching a
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
@@ -30,6 +31,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_daemon(extra_config: dict | None = None):
+    """A started daemon; on exit its sandboxes are destroyed and everything it made is removed."""
+    d = Daemon(extra_config)
+    try:
+        d.start()
+        yield d
+        d.destroy_all([d.admin_token])
+    finally:
+        d.scrub()
 
 
 class Daemon:

@@ -7,20 +7,15 @@ import time
 import pytest
 
 from tests.conftest import make_sandbox
-from tests.daemon import Daemon
+from tests.daemon import running_daemon
 
 THERMAL = {"warm_after": 1.0, "cold_after": 3.0, "tick": 0.3}
 
 
 @pytest.fixture(scope="module")
 def daemon(default_image):
-    d = Daemon({"thermal": THERMAL})
-    try:
-        d.start()
+    with running_daemon({"thermal": THERMAL}) as d:
         yield d
-        d.destroy_all([d.admin_token])
-    finally:
-        d.scrub()
 
 
 def listed(api, sb) -> dict:
@@ -207,3 +202,26 @@ def test_second_stop_writes_only_what_changed(daemon, api):
     finally:
         api.delete(f"/sandboxes/{sb['id']}")
     assert not snapshot_dir.exists()  # deleting the sandbox frees its pages
+
+
+def test_a_failed_restore_needs_start_force_which_boots_on_the_disk(daemon, api):
+    sb = make_sandbox(api, name="broken", keep_hot=True)
+    try:
+        run(api, sb, ["sh", "-c", "echo disk > /home/kiln/d; echo ram > /dev/shm/r"])
+        assert api.post(f"/sandboxes/{sb['id']}/stop").json()["status"] == "stopped"
+        for pack in (daemon.data_dir / "sandboxes" / sb["id"] / "snapshot" / "packs").iterdir():
+            pack.unlink()  # the snapshot is lost
+
+        for _ in range(2):  # the first wake tries and fails; later ones do not retry
+            r = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": ["true"]})
+            assert r.status_code == 500 and '"force": true' in r.json()["error"], r.text
+        r = api.post(f"/sandboxes/{sb['id']}/start")
+        assert r.status_code == 500 and "force" in r.json()["error"]
+        assert api.get(f"/sandboxes/{sb['id']}").json()["reason"] == "restore_failed"
+
+        r = api.post(f"/sandboxes/{sb['id']}/start", json={"force": True})
+        assert r.status_code == 200 and r.json()["status"] == "running", r.text
+        out = run(api, sb, ["sh", "-c", "cat /home/kiln/d; cat /dev/shm/r 2>/dev/null || echo no-ram"])
+        assert out["stdout"] == "disk\nno-ram\n"  # booted fresh on its disk: files kept, memory not
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")

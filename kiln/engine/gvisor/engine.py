@@ -208,8 +208,11 @@ class GVisorEngine:
         return rec
 
     async def boot(self, sandbox_id: str) -> SandboxHandle:
-        """Boot a sandbox that exited (crash, OOM) again, on the disk it had."""
-        return await self.launch(await self.prepare_relaunch(sandbox_id))
+        """Boot a sandbox again, fresh, on the disk it had (after a crash, an OOM, a lost snapshot)."""
+        handle = await self.launch(await self.prepare_relaunch(sandbox_id))
+        # an older memory snapshot no longer matches this sandbox: never restore it
+        await asyncio.to_thread(PageStore(self.dir(sandbox_id)).mark_consumed)
+        return handle
 
     # ------------------------------------------------------------ thermal: pause / resume
 
@@ -318,7 +321,10 @@ class GVisorEngine:
         remove_scratch(scratch)
         try:
             rec = await self.prepare_relaunch(sandbox_id)
-            await asyncio.to_thread(store.assemble, scratch)
+            try:
+                await asyncio.to_thread(store.assemble, scratch)
+            except OSError as e:
+                raise EngineError(f"snapshot of {sandbox_id} is unreadable: {e}") from e
             await self.runsc.restore_detached(sandbox_id, self.dir(sandbox_id),
                                               self.dir(sandbox_id) / "console.log", scratch)
             handle = await self.until_ready(rec)
