@@ -1,6 +1,7 @@
 """The runsc command line, with the flags and workarounds this host needs (gvisor-notes.md)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -43,9 +44,9 @@ class Runsc:
         argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", HIDE_PROC_SYS_NET,
                 *self.argv(command, "-detach", f"-bundle={bundle}", *extra, container_id)]
         with open(log, "ab") as out:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                    start_new_session=True)
-        rc = await _wait(proc)
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                                        start_new_session=True)
+        rc = await proc.wait()
         if rc != 0:
             raise EngineError(f"runsc {command} {container_id}: exit {rc}: {tail(log)}")
 
@@ -77,21 +78,11 @@ class Runsc:
     async def delete(self, container_id: str) -> None:
         await run(self.argv("delete", "-force", container_id), check=False)
 
-    async def kill(self, container_id: str, signal: str = "KILL") -> None:
-        await run(self.argv("kill", "-all", container_id, signal), check=False)
-
     def list_ids(self) -> list[str]:
         """Containers under our root, from their state files (`runsc list` hangs on a frozen one)."""
         if not self.root.exists():
             return []
         return sorted({f.name.split("_sandbox:")[0] for f in self.root.glob("*_sandbox:*.state")})
-
-
-async def _wait(proc: subprocess.Popen) -> int:
-    import asyncio
-    while proc.poll() is None:
-        await asyncio.sleep(0.01)
-    return proc.returncode
 
 
 def tail(path: Path, n: int = 600) -> str:
