@@ -8,9 +8,10 @@ import time
 from fastapi import FastAPI
 
 from . import __version__
-from .api import errors, exec as exec_api, health, sandboxes as sandboxes_api, sessions as sessions_api
+from .api import errors, exec as exec_api, files as files_api, health, sandboxes as sandboxes_api, sessions as sessions_api
 from .api.auth import CommonHeaders
 from .config import Config
+from .core.files import FileService
 from .core.sandboxes import SandboxService
 from .core.users import ensure_admin
 from .engine.gvisor.engine import GVisorEngine
@@ -36,6 +37,7 @@ def build_app(config: Config) -> FastAPI:
         await engine.start_engine()
         await sandboxes.reconcile()
         app.state.store, app.state.engine, app.state.sandboxes = store, engine, sandboxes
+        app.state.files = FileService(sandboxes)
         app.state.started = time.monotonic()
         sandboxes.thermal.start(sandboxes)
         log.info("kiln %s listening on http://%s (admin token: %s)", __version__, config.listen,
@@ -52,6 +54,6 @@ def build_app(config: Config) -> FastAPI:
     app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
     app.add_middleware(CommonHeaders)
     errors.install(app)
-    for module in (health, sandboxes_api, exec_api, sessions_api):
+    for module in (health, sandboxes_api, exec_api, sessions_api, files_api):
         app.include_router(module.router)
     return app

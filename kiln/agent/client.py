@@ -18,6 +18,10 @@ class AgentRequestError(AgentError):
     """The agent refused a request as invalid (the caller's fault)."""
 
 
+class AgentNotFound(AgentRequestError):
+    """The path (or session) the request names does not exist in the sandbox."""
+
+
 @dataclass
 class ExecEvent:
     kind: str            # "started" | "stdout" | "stderr" | "exit"
@@ -43,7 +47,7 @@ class AgentConnection:
             raise AgentError("agent closed the connection") from e
         if ftype == P.ERROR:
             err = json.loads(payload)
-            cls = AgentRequestError if err.get("kind") == P.INVALID else AgentError
+            cls = {P.INVALID: AgentRequestError, P.NOT_FOUND: AgentNotFound}.get(err.get("kind"), AgentError)
             raise cls(err.get("error", "agent error"))
         return ftype, payload
 
@@ -146,6 +150,56 @@ class AgentClient:
                 elif ftype == P.EXIT:
                     info = json.loads(payload)
                     yield ExecEvent("exit", exit_code=info["exit_code"], timed_out=bool(info.get("timed_out")))
+                    return
+        finally:
+            await conn.close()
+
+    # ------------------------------------------------------------ files
+
+    async def stat(self, path: str) -> dict:
+        return await self.request_json(P.FILE_STAT, P.FILE_INFO, json.dumps({"path": path}).encode())
+
+    async def ls(self, path: str) -> list[dict]:
+        return await self.request_json(P.FILE_LS, P.FILE_LS_RESP, json.dumps({"path": path}).encode(), timeout=60)
+
+    async def read(self, path: str, offset: int = 0, limit: int = 0, max_bytes: int = 0):
+        """Open a file for reading: returns (its stat info, an async iterator of content chunks)."""
+        req = {"path": path, "offset": offset, "limit": limit, "max_bytes": max_bytes}
+        conn = await self.connect(P.FILE_READ, json.dumps(req).encode())
+        try:
+            ftype, payload = await conn.read_frame()
+            while ftype != P.FILE_INFO:
+                ftype, payload = await conn.read_frame()
+        except BaseException:
+            await conn.close()
+            raise
+
+        async def chunks():
+            try:
+                while True:
+                    ftype, data = await conn.read_frame()
+                    if ftype == P.STDOUT:
+                        yield data
+                    elif ftype == P.EXIT:
+                        return
+            finally:
+                await conn.close()
+
+        return json.loads(payload), chunks()
+
+    async def write(self, path: str, size: int, mode: int, chunks) -> None:
+        """Stream `size` bytes from an async iterator of chunks into path (atomically, in the agent)."""
+        conn = await self.connect(P.FILE_WRITE, json.dumps({"path": path, "size": size, "mode": mode}).encode())
+        try:
+            try:
+                async for chunk in chunks:
+                    for i in range(0, len(chunk), P.MAX_FRAME):
+                        await conn.send(P.STDIN, chunk[i:i + P.MAX_FRAME])  # drain: memory stays bounded
+            except (ConnectionError, OSError):
+                pass  # the agent refused and hung up: its ERROR frame says why
+            while True:
+                ftype, _ = await conn.read_frame()
+                if ftype == P.EXIT:
                     return
         finally:
             await conn.close()

@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass
 
 try:  # imported as kiln.agent.guest on the host (tests), run as a plain script in the sandbox
-    from . import protocol as P
+    from . import files, protocol as P
 except ImportError:  # pragma: no cover
+    import files  # type: ignore[no-redef]
     import protocol as P  # type: ignore[no-redef]
 
 DEFAULT_UID = 1000
@@ -359,11 +360,44 @@ class Agent:
                 session.attach(conn, force=True)
             else:
                 run_exec(self, conn, req)
+        elif ftype in (P.FILE_READ, P.FILE_WRITE, P.FILE_STAT, P.FILE_LS):
+            self.file_request(conn, ftype, json.loads(payload))
         elif ftype == P.EXEC_KILL:
             self.get_session(json.loads(payload)["session_id"]).kill(signal.SIGKILL)
             conn.send_json(P.EXIT, {"exit_code": 0})
         else:
             raise RequestError(f"unknown request type 0x{ftype:02x}")
+
+    def file_request(self, conn: Conn, ftype: int, req: dict) -> None:
+        def send(t: int, obj) -> None:
+            if isinstance(obj, (bytes, bytearray)):
+                conn.send(t, obj)
+            else:
+                conn.send_json(t, obj)
+
+        def receive() -> bytes | None:
+            while True:
+                frame = recv_frame(conn.sock)
+                if frame is None:
+                    return None
+                if frame[0] == P.STDIN:
+                    return frame[1]
+
+        try:
+            if ftype == P.FILE_STAT:
+                send(P.FILE_INFO, files.stat_path(req))
+            elif ftype == P.FILE_LS:
+                send(P.FILE_LS_RESP, files.list_dir(req))
+            elif ftype == P.FILE_READ:
+                self.touch()
+                files.read_file(req, send)
+            else:
+                self.touch()
+                send(P.EXIT, files.write_file(req, receive))
+        except files.FileError as e:
+            raise RequestError(str(e), e.kind)
+
+
 
 
 # ---------------------------------------------------------------- one-shot exec

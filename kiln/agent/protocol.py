@@ -32,15 +32,18 @@ EXEC_KILL = 0x32
 SESSION_INFO = 0x33
 ACTIVITY_REQ = 0x40
 ACTIVITY_RESP = 0x41
-FILE_READ = 0x50
-FILE_WRITE = 0x52
-FILE_STAT = 0x54
-FILE_LS = 0x56
+FILE_READ = 0x50       # JSON {"path","offset","limit","max_bytes"} -> FILE_INFO, STDOUT chunks, EXIT
+FILE_INFO = 0x51       # JSON {"size","mode","is_dir","mtime"}
+FILE_WRITE = 0x52      # JSON {"path","size","mode"}, then STDIN chunks -> EXIT
+FILE_STAT = 0x54       # JSON {"path"} -> FILE_INFO
+FILE_LS = 0x56         # JSON {"path"} -> FILE_LS_RESP
+FILE_LS_RESP = 0x57
 PORTS_REQ = 0x60
 PORTS_RESP = 0x61
 
-# ERROR kinds: "invalid" is the caller's fault (maps to HTTP 400), "failed" is not.
+# ERROR kinds: "invalid" is the caller's fault (maps to HTTP 400), "not_found" to 404, "failed" is not.
 INVALID = "invalid"
+NOT_FOUND = "not_found"
 FAILED = "failed"
 
 

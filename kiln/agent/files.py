@@ -1,0 +1,186 @@
+"""File operations of the guest agent (standard library only): run inside the sandbox, as root.
+
+Paths are resolved by the sandbox's own kernel (gVisor): `..` and symlinks can only lead to other
+places inside the sandbox. Reads and writes stream in chunks; writes are atomic (temp file in the
+same directory, fsync, rename) and owned by uid 1000.
+"""
+from __future__ import annotations
+
+import os
+import stat
+
+try:
+    from . import protocol as P
+except ImportError:  # pragma: no cover - run as a script inside the sandbox
+    import protocol as P  # type: ignore[no-redef]
+
+CHUNK = 256 * 1024
+MAX_LINE = 256 * 1024
+LS_CAP = 10_000
+OWNER = 1000
+
+
+class FileError(Exception):
+    def __init__(self, message: str, kind: str = P.INVALID):
+        super().__init__(message)
+        self.kind = kind
+
+
+def info(st: os.stat_result) -> dict:
+    return {"size": st.st_size, "mode": f"{stat.S_IMODE(st.st_mode):04o}", "is_dir": stat.S_ISDIR(st.st_mode),
+            "mtime": int(st.st_mtime)}
+
+
+def checked_path(req: dict) -> str:
+    path = req.get("path")
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise FileError("path must be absolute")
+    return path
+
+
+def stat_path(req: dict) -> dict:
+    path = checked_path(req)
+    try:
+        return info(os.stat(path))
+    except FileNotFoundError:
+        raise FileError(f"no such file: {path}", P.NOT_FOUND)
+    except OSError as e:
+        raise FileError(f"{path}: {e.strerror}")
+
+
+def read_file(req: dict, send) -> None:
+    """FILE_INFO, then the content (whole, or truncated by lines/bytes), then EXIT."""
+    path = checked_path(req)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise FileError(f"no such file: {path}", P.NOT_FOUND)
+    except IsADirectoryError:
+        raise FileError(f"{path} is a directory (use ls=true)")
+    except OSError as e:
+        raise FileError(f"{path}: {e.strerror}")
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FileError(f"{path} is a directory (use ls=true)")
+        raise FileError(f"{path} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        send(P.FILE_INFO, info(st))
+        offset, limit, max_bytes = (int(req.get(k) or 0) for k in ("offset", "limit", "max_bytes"))
+        if offset <= 0 and limit <= 0 and max_bytes <= 0:
+            while chunk := f.read(CHUNK):
+                send(P.STDOUT, chunk)
+        else:
+            read_lines(f, offset, limit, max_bytes, send)
+    send(P.EXIT, {"exit_code": 0})
+
+
+def read_lines(f, offset: int, limit: int, max_bytes: int, send) -> None:
+    """Lines from `offset` (1-based), at most `limit` lines and `max_bytes` bytes (cut mid-line)."""
+    line_no, lines, sent = 0, 0, 0
+    out = bytearray()
+    while True:
+        line = f.readline(MAX_LINE)
+        if not line:
+            break
+        line_no += 1
+        if offset > 1 and line_no < offset:
+            continue
+        if not line.endswith(b"\n"):
+            line += b"\n"
+        if max_bytes > 0 and sent + len(out) + len(line) > max_bytes:
+            out += line[:max_bytes - sent - len(out)]
+            break
+        out += line
+        lines += 1
+        if len(out) >= CHUNK:
+            send(P.STDOUT, bytes(out))
+            sent += len(out)
+            out.clear()
+        if limit > 0 and lines >= limit:
+            break
+    if out:
+        send(P.STDOUT, bytes(out))
+
+
+def write_file(req: dict, receive) -> dict:
+    """Receive `size` bytes into a temp file beside the target, then rename it into place."""
+    path = checked_path(req)
+    size = req.get("size")
+    if not isinstance(size, int) or size < 0:
+        raise FileError("size must be a non-negative integer")
+    mode = req.get("mode", 0o644)
+    parent = os.path.dirname(path) or "/"
+    try:
+        make_dirs(parent)
+    except OSError as e:
+        raise FileError(f"{parent}: {e.strerror}")
+    if os.path.isdir(path):
+        raise FileError(f"{path} is a directory")
+    tmp = f"{path}.kiln-tmp-{os.getpid()}-{id(req)}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise FileError(f"{path}: {e.strerror}")
+    try:
+        left = size
+        with os.fdopen(fd, "wb") as f:
+            while left > 0:
+                data = receive()
+                if data is None:
+                    raise FileError("upload ended early", P.FAILED)
+                f.write(data[:left])
+                left -= len(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.chown(tmp, OWNER, OWNER)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return {"exit_code": 0}
+
+
+def make_dirs(path: str) -> None:
+    """mkdir -p, new directories owned by uid 1000 (the user who writes there)."""
+    if os.path.isdir(path):
+        return
+    make_dirs(os.path.dirname(path))
+    try:
+        os.mkdir(path, 0o755)
+        os.chown(path, OWNER, OWNER)
+    except FileExistsError:
+        pass
+
+
+def list_dir(req: dict) -> list[dict]:
+    """lstat entries (symlinks not followed), at most 10,000, then a sentinel with the true total."""
+    path = checked_path(req)
+    try:
+        it = os.scandir(path)
+    except FileNotFoundError:
+        raise FileError(f"no such file: {path}", P.NOT_FOUND)
+    except NotADirectoryError:
+        raise FileError(f"{path} is not a directory")
+    except OSError as e:
+        raise FileError(f"{path}: {e.strerror}")
+    entries, total = [], 0
+    with it:
+        for entry in it:
+            total += 1
+            if total > LS_CAP:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            entries.append({"name": entry.name, **info(st)})
+    if total > LS_CAP:
+        entries.append({"name": f"... truncated at {LS_CAP} entries ({total} total)", "size": 0, "mode": "",
+                        "is_dir": False, "mtime": 0})
+    return entries

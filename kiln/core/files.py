@@ -1,0 +1,45 @@
+"""Files inside a sandbox: read (whole or truncated), write (atomic), stat and list, all streamed."""
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from ..agent.client import AgentError, AgentNotFound, AgentRequestError
+from ..store.db import User
+from .errors import BadRequest, NotFound
+from .sandboxes import SandboxService
+
+
+class FileService:
+    def __init__(self, sandboxes: SandboxService):
+        self.sandboxes = sandboxes
+
+    async def _call(self, user: User, id_or_name: str, path: str, op):
+        if not path:
+            raise BadRequest("path query parameter required")
+        if not path.startswith("/"):
+            raise BadRequest("path must be absolute")
+        row = self.sandboxes.get(user, id_or_name)
+        handle = await self.sandboxes.ready_handle(row)
+        try:
+            return await op(handle.agent)
+        except AgentNotFound as e:
+            raise NotFound(str(e)) from e
+        except AgentRequestError as e:
+            raise BadRequest(str(e)) from e
+        except AgentError as e:
+            await self.sandboxes.raise_for_dead(row, e)
+
+    async def stat(self, user: User, id_or_name: str, path: str) -> dict:
+        return await self._call(user, id_or_name, path, lambda agent: agent.stat(path))
+
+    async def ls(self, user: User, id_or_name: str, path: str) -> list[dict]:
+        return await self._call(user, id_or_name, path, lambda agent: agent.ls(path))
+
+    async def read(self, user: User, id_or_name: str, path: str, offset: int, limit: int,
+                   max_bytes: int) -> tuple[dict, AsyncIterator[bytes]]:
+        return await self._call(user, id_or_name, path,
+                                lambda agent: agent.read(path, offset, limit, max_bytes))
+
+    async def write(self, user: User, id_or_name: str, path: str, size: int, mode: int,
+                    chunks: AsyncIterator[bytes]) -> None:
+        await self._call(user, id_or_name, path, lambda agent: agent.write(path, size, mode, chunks))
