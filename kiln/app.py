@@ -8,11 +8,12 @@ import time
 from fastapi import FastAPI
 
 from . import __version__
-from .api import errors, exec as exec_api, files as files_api, health, sandboxes as sandboxes_api, sessions as sessions_api
+from .api import errors, exec as exec_api, files as files_api, health, sandboxes as sandboxes_api, sessions as sessions_api, terminal as terminal_api
 from .api.auth import CommonHeaders
 from .config import Config
 from .core.files import FileService
 from .core.sandboxes import SandboxService
+from .core.terminal import TerminalService
 from .core.users import ensure_admin
 from .engine.gvisor.engine import GVisorEngine
 from .engine.gvisor.reaper import become_subreaper
@@ -38,6 +39,7 @@ def build_app(config: Config) -> FastAPI:
         await sandboxes.reconcile()
         app.state.store, app.state.engine, app.state.sandboxes = store, engine, sandboxes
         app.state.files = FileService(sandboxes)
+        app.state.terminals = TerminalService(sandboxes)
         app.state.started = time.monotonic()
         sandboxes.thermal.start(sandboxes)
         log.info("kiln %s listening on http://%s (admin token: %s)", __version__, config.listen,
@@ -54,6 +56,6 @@ def build_app(config: Config) -> FastAPI:
     app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
     app.add_middleware(CommonHeaders)
     errors.install(app)
-    for module in (health, sandboxes_api, exec_api, sessions_api, files_api):
+    for module in (health, sandboxes_api, exec_api, sessions_api, files_api, terminal_api):
         app.include_router(module.router)
     return app

@@ -203,3 +203,18 @@ class AgentClient:
                     return
         finally:
             await conn.close()
+
+    # ------------------------------------------------------------ PTY sessions
+
+    async def attach(self, request: dict) -> tuple[dict, AgentConnection]:
+        """Start (`tty`) or attach to (`session`) a PTY session; returns its info and the live
+        connection, on which scrollback then live output arrive as STDOUT frames."""
+        conn = await self.connect(P.EXEC_REQ, json.dumps(request).encode())
+        try:
+            while True:
+                ftype, payload = await asyncio.wait_for(conn.read_frame(), 10)
+                if ftype == P.SESSION_INFO:
+                    return json.loads(payload), conn
+        except BaseException:
+            await conn.close()
+            raise

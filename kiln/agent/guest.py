@@ -275,7 +275,7 @@ class Agent:
             self.reap_sessions_locked()
             s = self.sessions.get(sid)
         if s is None:
-            raise RequestError(f"no such session: {sid}")
+            raise RequestError(f"no such session: {sid}", P.NOT_FOUND)
         return s
 
     def session_list(self) -> list[dict]:
@@ -356,6 +356,8 @@ class Agent:
             if req.get("session"):
                 self.get_session(req["session"]).attach(conn, force=not req.get("if_detached"))
             elif req.get("tty"):
+                if req.get("cwd") == "/workspace":
+                    files.make_dirs("/workspace")
                 session = Session.start(self, self.new_session_id(req.get("session_id")), req)
                 session.attach(conn, force=True)
             else:
@@ -581,7 +583,8 @@ class Session:
 
     @classmethod
     def start(cls, agent: Agent, sid: str, req: dict) -> "Session":
-        argv = req.get("argv") or ["/bin/sh"]
+        # a new shell: bash as a login shell where the image has it
+        argv = req.get("argv") or (["/bin/bash", "-li"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"])
         kw = agent.popen_identity(req)
         master, slave = os.openpty()
         set_winsize(slave, int(req.get("rows") or 24), int(req.get("cols") or 80))
