@@ -190,11 +190,25 @@ def thermal_report(api: dict, raw: dict) -> list[str]:
     ]
 
 
+def files_report(res: dict) -> list[str]:
+    from bench.files import BHATTI
+    rows = []
+    for (op, label), samples in res.items():
+        ref = BHATTI.get((op, label))
+        k50, k99 = ms(pct(samples, 50)), ms(pct(samples, 99))
+        rows.append(f"| {op} {label} | {len(samples)} | {k50:.1f} | {k99:.1f} | "
+                    f"{f'{ref:.1f}' if ref else ''} | {f'{k50 / ref:.2f}' if ref else ''} |")
+    return ["## Files", "",
+            "| operation | n | kiln p50 ms | kiln p99 ms | bhatti ms (published) | kiln/bhatti |",
+            "|---|---|---|---|---|---|", *rows, ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sandboxes", type=int, default=10)
     parser.add_argument("--execs", type=int, default=200)
     parser.add_argument("--thermal", type=int, default=8, help="samples per thermal measure")
+    parser.add_argument("--files", type=int, default=30, help="samples per file operation")
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
     print(f"kiln API: {args.sandboxes} creates, {args.execs} execs, {args.sandboxes} destroys ...", flush=True)
@@ -206,7 +220,11 @@ def main() -> int:
     thermal_api = bench_thermal_api(args.thermal)
     print("raw runsc: pause/resume, checkpoint/restore ...", flush=True)
     thermal_raw = asyncio.run(bench_thermal_raw(args.thermal))
-    text = report(api, raw, args) + "\n".join(thermal_report(thermal_api, thermal_raw))
+    from bench.files import bench_files
+    print(f"files: {args.files} reads and writes per size ...", flush=True)
+    files = bench_files(args.files)
+    text = (report(api, raw, args) + "\n".join(thermal_report(thermal_api, thermal_raw)) + "\n"
+            + "\n".join(files_report(files)))
     Path(args.out).write_text(text)
     print(text)
     return 0
