@@ -7,7 +7,13 @@ cd "$(dirname "$0")/.."
 say() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
 
 need_apt=()
-runsc_ok() { command -v runsc >/dev/null && runsc --version 2>/dev/null | grep -Eq 'runsc version (0\.0~)?(release-)?20(2[4-9]|[3-9][0-9])'; }
+# (no `| grep -q` here: with pipefail, grep quitting early makes runsc die of SIGPIPE and fail the test)
+runsc_ok() {
+  command -v runsc >/dev/null || return 1
+  local v
+  v=$(runsc --version 2>/dev/null || true)
+  [[ $v =~ runsc\ version\ (0\.0~)?(release-)?20(2[4-9]|[3-9][0-9]) ]]
+}
 runsc_ok || need_apt+=(runsc)
 command -v mmdebstrap >/dev/null || need_apt+=(mmdebstrap)
 command -v ip >/dev/null || need_apt+=(iproute2)
