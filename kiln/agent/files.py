@@ -31,6 +31,12 @@ def info(st: os.stat_result) -> dict:
             "mtime": int(st.st_mtime)}
 
 
+def path_error(path: str, e: OSError) -> FileError:
+    if isinstance(e, FileNotFoundError):
+        return FileError(f"no such file: {path}", P.NOT_FOUND)
+    return FileError(f"{path}: {e.strerror}")
+
+
 def checked_path(req: dict) -> str:
     path = req.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
@@ -42,10 +48,8 @@ def stat_path(req: dict) -> dict:
     path = checked_path(req)
     try:
         return info(os.stat(path))
-    except FileNotFoundError:
-        raise FileError(f"no such file: {path}", P.NOT_FOUND)
     except OSError as e:
-        raise FileError(f"{path}: {e.strerror}")
+        raise path_error(path, e)
 
 
 def read_file(req: dict, send) -> None:
@@ -53,12 +57,8 @@ def read_file(req: dict, send) -> None:
     path = checked_path(req)
     try:
         fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise FileError(f"no such file: {path}", P.NOT_FOUND)
-    except IsADirectoryError:
-        raise FileError(f"{path} is a directory (use ls=true)")
     except OSError as e:
-        raise FileError(f"{path}: {e.strerror}")
+        raise path_error(path, e)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
@@ -163,12 +163,10 @@ def list_dir(req: dict) -> list[dict]:
     path = checked_path(req)
     try:
         it = os.scandir(path)
-    except FileNotFoundError:
-        raise FileError(f"no such file: {path}", P.NOT_FOUND)
     except NotADirectoryError:
         raise FileError(f"{path} is not a directory")
     except OSError as e:
-        raise FileError(f"{path}: {e.strerror}")
+        raise path_error(path, e)
     entries, total = [], 0
     with it:
         for entry in it:

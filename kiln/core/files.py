@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from ..agent.client import AgentError, AgentNotFound, AgentRequestError
 from ..store.db import User
-from .errors import BadRequest, NotFound
+from .errors import BadRequest
 from .sandboxes import SandboxService
 
 
@@ -18,16 +17,7 @@ class FileService:
             raise BadRequest("path query parameter required")
         if not path.startswith("/"):
             raise BadRequest("path must be absolute")
-        row = self.sandboxes.get(user, id_or_name)
-        handle = await self.sandboxes.ready_handle(row)
-        try:
-            return await op(handle.agent)
-        except AgentNotFound as e:
-            raise NotFound(str(e)) from e
-        except AgentRequestError as e:
-            raise BadRequest(str(e)) from e
-        except AgentError as e:
-            await self.sandboxes.raise_for_dead(row, e)
+        return await self.sandboxes.with_agent(user, id_or_name, op)
 
     async def stat(self, user: User, id_or_name: str, path: str) -> dict:
         return await self._call(user, id_or_name, path, lambda agent: agent.stat(path))

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from ..agent.client import AgentError, AgentRequestError, ExecEvent
+from ..agent.client import AgentError, AgentNotFound, AgentRequestError, ExecEvent
 from ..config import Config
 from ..engine.base import Engine, EngineError, SandboxHandle, SandboxSpec, State, ThermalEngine
 from ..store.db import NameTaken, SandboxRow, Store, User, now
@@ -403,13 +403,22 @@ class SandboxService:
         except EngineError as e:
             raise Internal(f"wake sandbox {row.id}: {e}") from e
 
-    async def sessions(self, user: User, id_or_name: str) -> list[dict]:
+    async def with_agent(self, user: User, id_or_name: str, op):
+        """Wake the sandbox and run op(agent), mapping agent failures to API errors: a missing
+        path or session is 404, a refused request 400, a sandbox that died says so."""
         row = self.get(user, id_or_name)
         handle = await self.ready_handle(row)
         try:
-            return await handle.agent.sessions()
+            return await op(handle.agent)
+        except AgentNotFound as e:
+            raise NotFound(str(e)) from e
+        except AgentRequestError as e:
+            raise BadRequest(str(e)) from e
         except AgentError as e:
             await self.raise_for_dead(row, e)
+
+    async def sessions(self, user: User, id_or_name: str) -> list[dict]:
+        return await self.with_agent(user, id_or_name, lambda agent: agent.sessions())
 
     @staticmethod
     def validate_exec(req: ExecRequest) -> dict:

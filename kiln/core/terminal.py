@@ -2,9 +2,8 @@
 one (reattach), else a new login shell."""
 from __future__ import annotations
 
-from ..agent.client import AgentConnection, AgentError, AgentNotFound, AgentRequestError
+from ..agent.client import AgentConnection, AgentRequestError
 from ..store.db import User
-from .errors import BadRequest, NotFound
 from .sandboxes import SandboxService
 
 SHELL_IDLE_SEC = 3600
@@ -16,10 +15,7 @@ class TerminalService:
 
     async def open(self, user: User, id_or_name: str, session: str | None, new: bool,
                    rows: int = 24, cols: int = 80) -> tuple[dict, AgentConnection]:
-        row = self.sandboxes.get(user, id_or_name)
-        handle = await self.sandboxes.ready_handle(row)
-        agent = handle.agent
-        try:
+        async def choose(agent):
             if session:
                 return await agent.attach({"session": session})
             if not new:
@@ -33,9 +29,5 @@ class TerminalService:
             return await agent.attach({"tty": True, "cwd": "/workspace",  # the agent picks bash or sh
                                        "env": {"TERM": "xterm-256color"}, "rows": rows, "cols": cols,
                                        "max_idle_sec": SHELL_IDLE_SEC})
-        except AgentNotFound as e:
-            raise NotFound(str(e)) from e
-        except AgentRequestError as e:
-            raise BadRequest(str(e)) from e
-        except AgentError as e:
-            await self.sandboxes.raise_for_dead(row, e)
+
+        return await self.sandboxes.with_agent(user, id_or_name, choose)

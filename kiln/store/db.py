@@ -158,16 +158,6 @@ class Store:
     def list_users(self) -> list[User]:
         return [User(**dict(r)) for r in self._exec("SELECT * FROM users ORDER BY created_at")]
 
-    def delete_user(self, user_id: str) -> None:
-        self._exec("DELETE FROM users WHERE id=?", (user_id,))
-
-    def replace_keys(self, user_id: str, key: str) -> None:
-        with self.lock:
-            self.db.execute("BEGIN")
-            self.db.execute("DELETE FROM api_keys WHERE user_id=?", (user_id,))
-            self.db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user_id, now()))
-            self.db.execute("COMMIT")
-
     # ------------------------------------------------------------ sandboxes
 
     @staticmethod

@@ -333,9 +333,6 @@ class GVisorEngine:
         await asyncio.to_thread(store.mark_consumed)
         return handle
 
-    def snapshot_info(self, sandbox_id: str) -> SnapshotInfo | None:
-        return PageStore(self.dir(sandbox_id)).info()
-
     async def destroy(self, sandbox_id: str) -> None:
         rec = self.records.get(sandbox_id)
         await self.remove_leftovers(sandbox_id, rec)

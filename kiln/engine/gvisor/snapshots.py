@@ -90,10 +90,6 @@ class PageStore:
         m = self.manifest()
         return bool(m and m.get("restorable"))
 
-    def info(self) -> SnapshotInfo | None:
-        m = self.manifest()
-        return SnapshotInfo(**m["info"]) if m else None
-
     def records(self, manifest: dict) -> list[tuple[bytes, int, int]]:
         data = (self.dir / manifest["index"]).read_bytes()
         return list(RECORD.iter_unpack(data))
