@@ -115,3 +115,26 @@ def test_a_failed_snapshot_keeps_the_sandbox_and_the_previous_snapshot(default_i
                 api.delete(f"/sandboxes/{sb['id']}")
         finally:
             d.scrub()
+
+
+def test_three_failed_thermal_snapshots_make_it_unknown_and_a_wake_recovers_it(default_image):
+    with small_filesystem(300) as fs:
+        d = Daemon({"thermal": {"warm_after": 0.5, "cold_after": 1.0, "tick": 0.2}}, parent_dir=fs)
+        try:
+            d.start()
+            with d.client() as api:
+                sb = make_sandbox(api, name="no-room", memory_mb=512)
+                run(api, sb, ["sh", "-c", "echo kept > /dev/shm/m"])
+                free = subprocess.run(["df", "--output=avail", "-B1", str(fs)], capture_output=True,
+                                      text=True).stdout.split()[-1]
+                subprocess.run(["fallocate", "-l", str(int(free) - 4_000_000), str(fs / "filler")], check=True)
+                wait_for(lambda: api.get(f"/sandboxes/{sb['id']}").json()["status"] == "unknown",
+                         timeout=30, what="unknown after three failed snapshots")
+                assert d.log().count(f"snapshot of {sb['id']} failed") >= 3
+                # it was never killed: a wake brings it back with its memory
+                assert run(api, sb, ["cat", "/dev/shm/m"])["stdout"] == "kept\n"
+                assert api.get(f"/sandboxes/{sb['id']}").json()["status"] == "running"
+                (fs / "filler").unlink()
+                api.delete(f"/sandboxes/{sb['id']}")
+        finally:
+            d.scrub()
