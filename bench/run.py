@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kiln.engine.base import SandboxSpec  # noqa: E402
-from kiln.engine.gvisor import bundle  # noqa: E402
 from kiln.engine.gvisor.engine import GVisorEngine  # noqa: E402
 from tests.daemon import IMAGES, Daemon  # noqa: E402
 
@@ -153,7 +151,7 @@ def report(api: dict, raw: dict, args) -> str:
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        f"Floor: one `posix_spawn` + `waitpid` of /usr/bin/true *inside* a sandbox (no agent, no network, no HTTP)",
+        "Floor: one `posix_spawn` + `waitpid` of /usr/bin/true *inside* a sandbox (no agent, no network, no HTTP)",
         f"takes p50 {spawn50:.1f} ms, p99 {spawn99:.1f} ms here; every exec pays it, whatever carries the request.",
         "",
     ])

@@ -5,7 +5,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import make_sandbox
 from tests.daemon import Daemon
