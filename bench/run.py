@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kiln.engine.base import SandboxSpec  # noqa: E402
-from kiln.engine.gvisor.engine import GVisorEngine  # noqa: E402
-from tests.daemon import IMAGES, Daemon  # noqa: E402
+from bench.raw import raw_engine  # noqa: E402
+from tests.daemon import Daemon  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -85,12 +85,9 @@ def bench_api(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
 
 async def bench_raw(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
     """The same bundles, driven by runsc directly (the engine only prepares netns, overlay, spec)."""
-    d = Daemon()  # only for a private data dir, prefix and subnet; not started
-    engine = GVisorEngine(d.data_dir, IMAGES, d.subnet)
     results: dict[str, list[float]] = {"create": [], "exec": [], "destroy": []}
-    await engine.start_engine()
-    runsc = engine.runsc
-    try:
+    async with raw_engine() as engine:
+        runsc = engine.runsc
         for i in range(n_sandboxes):
             sid = f"raw{i:013d}"
             handle = await engine.create(SandboxSpec(id=sid, hostname=f"raw-{i}"))
@@ -118,11 +115,6 @@ async def bench_raw(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
             await runsc.delete(sid)
             results["destroy"].append(time.perf_counter() - t)
             await engine.destroy(sid)
-    finally:
-        for sid in list(engine.records):
-            await engine.destroy(sid)
-        await engine.close_engine()
-        d.scrub()
     return results
 
 

@@ -14,9 +14,9 @@ import shutil
 import time
 
 from kiln.engine.base import SandboxSpec
-from kiln.engine.gvisor.engine import GVisorEngine
 from kiln.engine.gvisor.proc import run
-from tests.daemon import IMAGES, Daemon
+from bench.raw import raw_engine
+from tests.daemon import Daemon
 
 FILL_256MB = "head -c 268435456 /dev/urandom > /dev/shm/fill"
 
@@ -89,38 +89,35 @@ def bench_thermal_api(n: int) -> dict[str, list]:
 
 
 async def bench_thermal_raw(n: int) -> dict[str, list]:
-    d = Daemon()  # a private data dir, prefix and subnet; not started
-    engine = GVisorEngine(d.data_dir, IMAGES, d.subnet)
     res: dict[str, list] = {"pause": [], "resume": [], "checkpoint_first": [], "checkpoint_again": [],
                             "restore": [], "restore_256": []}
-    await engine.start_engine()
-    runsc = engine.runsc
+    async with raw_engine() as engine:
+        runsc = engine.runsc
 
-    async def make(sid: str, fill: str | None):
-        handle = await engine.create(SandboxSpec(id=sid, hostname=sid))
-        if fill:
-            [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
-        return handle
+        async def make(sid: str, fill: str | None):
+            handle = await engine.create(SandboxSpec(id=sid, hostname=sid))
+            if fill:
+                [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
+            return handle
 
-    async def checkpoint(sid: str) -> tuple[float, object]:
-        image = engine.dir(sid) / "raw-image"
-        shutil.rmtree(image, ignore_errors=True)
-        image.mkdir()
-        engine.expect_exit(sid)
-        t = time.perf_counter()
-        await runsc.checkpoint(sid, image)
-        took = time.perf_counter() - t
-        await runsc.delete(sid)
-        return took, image
+        async def checkpoint(sid: str) -> tuple[float, object]:
+            image = engine.dir(sid) / "raw-image"
+            shutil.rmtree(image, ignore_errors=True)
+            image.mkdir()
+            engine.expect_exit(sid)
+            t = time.perf_counter()
+            await runsc.checkpoint(sid, image)
+            took = time.perf_counter() - t
+            await runsc.delete(sid)
+            return took, image
 
-    async def restore(sid: str, handle, image) -> float:
-        await engine.network.prepare_for_boot(engine.link(engine.records[sid]))
-        t = time.perf_counter()
-        await runsc.restore_detached(sid, engine.dir(sid), engine.dir(sid) / "console.log", image)
-        await handle.agent.wait_ready(asyncio.get_running_loop().time() + 30)
-        return time.perf_counter() - t
+        async def restore(sid: str, handle, image) -> float:
+            await engine.network.prepare_for_boot(engine.link(engine.records[sid]))
+            t = time.perf_counter()
+            await runsc.restore_detached(sid, engine.dir(sid), engine.dir(sid) / "console.log", image)
+            await handle.agent.wait_ready(asyncio.get_running_loop().time() + 30)
+            return time.perf_counter() - t
 
-    try:
         idle = await make("rawidle", None)
         for _ in range(n):
             t = time.perf_counter()
@@ -146,9 +143,4 @@ async def bench_thermal_raw(n: int) -> dict[str, list]:
                     res["checkpoint_again"].append(took)
                 res["restore_256"] = res["restore_256"][1:]
             await engine.destroy(sid)
-    finally:
-        for sid in list(engine.records):
-            await engine.destroy(sid)
-        await engine.close_engine()
-        d.scrub()
     return res

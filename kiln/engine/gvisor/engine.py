@@ -17,7 +17,6 @@ from ...agent.protocol import AGENT_PORT
 from ..base import EngineError, SandboxHandle, SandboxSpec, State, Status
 from . import bundle
 from .network import Link, Network
-from .proc import run
 from .reaper import ProcessWatcher
 from .snapshots import PageStore, SnapshotInfo, remove_scratch
 from .runsc import Runsc, tail
@@ -83,10 +82,10 @@ class GVisorEngine:
         netns, ifs = self.network.leftovers()
         for ns in netns:
             if ns not in known:
-                await self.network.destroy(Link(ns, "", "", ""))
+                await self.network.remove_netns(ns)
         for i in ifs:
             if i not in known_ifs:
-                await run(["ip", "link", "delete", i], check=False)
+                await self.network.remove_host_if(i)
         for sandbox_id in self.runsc.list_ids():
             if sandbox_id not in self.records:
                 await self.delete_container(sandbox_id)
@@ -349,7 +348,7 @@ class GVisorEngine:
         if rec is not None:
             await self.network.destroy(self.link(rec))
         else:
-            await self.network.destroy(Link(f"kiln-{self.prefix}-{sandbox_id}", "", "", ""))
+            await self.network.remove_netns(self.network.netns_name(sandbox_id))
         self.remove_cgroups(sandbox_id)
         shutil.rmtree(sandbox_dir, ignore_errors=True)
 

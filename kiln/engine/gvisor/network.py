@@ -41,11 +41,14 @@ class Network:
     def max_slots(self) -> int:
         return self.subnet.num_addresses // 4
 
+    def netns_name(self, sandbox_id: str) -> str:
+        return f"kiln-{self.prefix}-{sandbox_id}"
+
     def link(self, sandbox_id: str, slot: int) -> Link:
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} outside {self.subnet}")
         base = self.subnet.network_address + 4 * slot
-        return Link(netns=f"kiln-{self.prefix}-{sandbox_id}", host_if=f"k{self.prefix}h{slot}",
+        return Link(netns=self.netns_name(sandbox_id), host_if=f"k{self.prefix}h{slot}",
                     host_ip=str(base + 1), sandbox_ip=str(base + 2))
 
     async def install_firewall(self) -> None:
@@ -95,14 +98,20 @@ table inet {self.table} {{
 
     async def destroy(self, link: Link) -> None:
         # Deleting the namespace destroys its veth end and with it the host end.
-        if os.path.exists(link.netns_path):
-            await run(["ip", "netns", "delete", link.netns], check=False)
-        if os.path.exists(f"/sys/class/net/{link.host_if}"):
-            await run(["ip", "link", "delete", link.host_if], check=False)
+        await self.remove_netns(link.netns)
+        await self.remove_host_if(link.host_if)
+
+    async def remove_netns(self, name: str) -> None:
+        if os.path.exists(os.path.join(NETNS_DIR, name)):
+            await run(["ip", "netns", "delete", name], check=False)
+
+    async def remove_host_if(self, name: str) -> None:
+        if name and os.path.exists(f"/sys/class/net/{name}"):
+            await run(["ip", "link", "delete", name], check=False)
 
     def leftovers(self) -> tuple[list[str], list[str]]:
         """Namespaces and host interfaces carrying this daemon's prefix."""
         ns = [n for n in os.listdir(NETNS_DIR)] if os.path.isdir(NETNS_DIR) else []
-        ns = [n for n in ns if n.startswith(f"kiln-{self.prefix}-")]
+        ns = [n for n in ns if n.startswith(self.netns_name(""))]
         ifs = [i for i in os.listdir("/sys/class/net") if i.startswith(self.if_glob)]
         return ns, ifs
