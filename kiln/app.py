@@ -8,12 +8,18 @@ import time
 from fastapi import FastAPI
 
 from . import __version__
-from .api import errors, exec as exec_api, files as files_api, health, sandboxes as sandboxes_api, sessions as sessions_api, terminal as terminal_api
+from .api import (errors, exec as exec_api, files as files_api, health, ports as ports_api, proxy as proxy_api,
+                  publish as publish_api, sandboxes as sandboxes_api, sessions as sessions_api,
+                  terminal as terminal_api)
 from .api.auth import CommonHeaders
+from .api.public import PublicLimits, PublicProxy
 from .config import Config
 from .core.files import FileService
+from .core.ports import PortTracker
+from .core.publish import PublishService
 from .core.sandboxes import SandboxService
 from .core.terminal import TerminalService
+from .core.upstream import Upstreams
 from .core.users import ensure_admin
 from .engine.gvisor.engine import GVisorEngine
 from .engine.gvisor.reaper import become_subreaper
@@ -40,6 +46,12 @@ def build_app(config: Config) -> FastAPI:
         app.state.store, app.state.engine, app.state.sandboxes = store, engine, sandboxes
         app.state.files = FileService(sandboxes)
         app.state.terminals = TerminalService(sandboxes)
+        app.state.upstreams = upstreams = Upstreams(sandboxes)
+        app.state.ports = ports = PortTracker(sandboxes, upstreams, config.ports)
+        app.state.publish = publish = PublishService(store, config)
+        app.state.public_limits = PublicLimits(config.publish)
+        sandboxes.after_destroy.append(publish.forget_sandbox)
+        await ports.start()
         app.state.started = time.monotonic()
         sandboxes.thermal.start(sandboxes)
         log.info("kiln %s listening on http://%s (admin token: %s)", __version__, config.listen,
@@ -48,6 +60,7 @@ def build_app(config: Config) -> FastAPI:
             yield
         finally:
             await sandboxes.thermal.stop()
+            await ports.stop()
             if config.thermal.snapshot_on_shutdown:
                 await sandboxes.shutdown()
             await engine.close_engine()
@@ -55,7 +68,9 @@ def build_app(config: Config) -> FastAPI:
 
     app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
     app.add_middleware(CommonHeaders)
+    app.add_middleware(PublicProxy)  # added last = outermost: published hosts never reach the API
     errors.install(app)
-    for module in (health, sandboxes_api, exec_api, sessions_api, files_api, terminal_api):
+    for module in (health, sandboxes_api, exec_api, sessions_api, files_api, terminal_api, ports_api,
+                   publish_api, proxy_api):
         app.include_router(module.router)
     return app

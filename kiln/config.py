@@ -35,12 +35,30 @@ class ThermalConfig(Section):
     snapshot_on_shutdown: bool = Field(True, description="stop running sandboxes to disk when the daemon exits")
 
 
+class RateConfig(Section):
+    burst: int = Field(ge=1, description="requests allowed at once")
+    per_minute: float = Field(gt=0, description="refill rate")
+
+
 class PublishConfig(Section):
-    domain: str = "localhost"
+    domain: str = Field("localhost", description="published URLs are http://<alias>.<domain>:<listen port>/")
+    max_concurrent_wakes: int = Field(10, ge=1, description="public requests waking sandboxes at once; more get 503")
+    rate_global: RateConfig = RateConfig(burst=10_000, per_minute=10_000)
+    rate_per_ip: RateConfig = RateConfig(burst=500, per_minute=1_500)
+    rate_per_alias: RateConfig = RateConfig(burst=2_000, per_minute=5_000)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        v = v.strip(".").lower()
+        if not v or any(not part or len(part) > 63 for part in v.split(".")):
+            raise ValueError("must be a DNS name such as localhost or sandboxes.example.com")
+        return v
 
 
 class PortsConfig(Section):
-    host_bind: str = "127.0.0.1"
+    host_bind: str = Field("127.0.0.1", description="address the host_port relays listen on")
+    scan_interval: float = Field(2.0, gt=0, description="seconds between port scans of hot sandboxes")
 
 
 class LimitsConfig(Section):

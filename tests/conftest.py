@@ -1,5 +1,7 @@
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +34,40 @@ def make_sandbox(api, **body):
     r = api.post("/sandboxes", json=body)
     assert r.status_code == 201, r.text
     return r.json()
+
+
+def run(api, sb, cmd, **kw):
+    """Exec in a sandbox; the request itself must succeed."""
+    r = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": cmd, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def listed(api, sb) -> dict:
+    """The sandbox as GET /sandboxes shows it (with `thermal`)."""
+    return {s["id"]: s for s in api.get("/sandboxes").json()}[sb["id"]]
+
+
+def wait_for(predicate, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+WEB_APP = Path(__file__).parent / "integration" / "apps" / "web_app.py"
+
+
+def start_web_app(api, sb, port: int, bind: str = "0.0.0.0") -> None:
+    """Run tests/integration/apps/web_app.py in the sandbox on `port` and wait until it answers."""
+    r = api.put(f"/sandboxes/{sb['id']}/files", params={"path": "/tmp/web_app.py"}, content=WEB_APP.read_bytes())
+    assert r.status_code == 200, r.text
+    run(api, sb, ["sh", "-c", f"nohup python3 /tmp/web_app.py {port} {bind} >/tmp/web_app_{port}.log 2>&1 &"])
+    probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/ready', timeout=1)"
+    wait_for(lambda: run(api, sb, ["python3", "-c", probe])["exit_code"] == 0, what=f"web app on port {port}")
 
 
 @pytest.fixture(scope="module")

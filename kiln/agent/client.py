@@ -30,6 +30,12 @@ class ExecEvent:
     timed_out: bool = False
 
 
+def error_from(payload: bytes) -> AgentError:
+    err = json.loads(payload)
+    cls = {P.INVALID: AgentRequestError, P.NOT_FOUND: AgentNotFound}.get(err.get("kind"), AgentError)
+    return cls(err.get("error", "agent error"))
+
+
 class AgentConnection:
     """One authenticated connection carrying one request."""
 
@@ -46,9 +52,7 @@ class AgentConnection:
         except asyncio.IncompleteReadError as e:
             raise AgentError("agent closed the connection") from e
         if ftype == P.ERROR:
-            err = json.loads(payload)
-            cls = {P.INVALID: AgentRequestError, P.NOT_FOUND: AgentNotFound}.get(err.get("kind"), AgentError)
-            raise cls(err.get("error", "agent error"))
+            raise error_from(payload)
         return ftype, payload
 
     async def send(self, ftype: int, payload: bytes = b"") -> None:
@@ -109,6 +113,50 @@ class AgentClient:
 
     async def sessions(self) -> list[dict]:
         return await self.request_json(P.EXEC_LIST_REQ, P.EXEC_LIST_RESP)
+
+    async def ports(self) -> list[dict]:
+        """Listening TCP ports inside the sandbox: [{"port", "loopback_only"}]."""
+        return await self.request_json(P.PORTS_REQ, P.PORTS_RESP)
+
+    async def forward(self, port: int, timeout: float = 5.0) -> socket.socket:
+        """A socket tunnelled through the agent to 127.0.0.1:<port> inside the sandbox.
+
+        The handshake reads exactly its own frames off a bare socket, so bytes the service sends
+        first are never swallowed by a stream buffer: the caller gets them all.
+        """
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        async def recv_exactly(n: int) -> bytes:
+            buf = b""
+            while len(buf) < n:
+                chunk = await loop.sock_recv(sock, n - len(buf))
+                if not chunk:
+                    raise AgentError("agent closed the connection")
+                buf += chunk
+            return buf
+
+        async def handshake() -> None:
+            await loop.sock_connect(sock, (self.host, self.port))
+            await loop.sock_sendall(sock, P.encode(P.AUTH, self.token)
+                                    + P.encode(P.FORWARD_REQ, json.dumps({"port": port}).encode()))
+            ftype, n = P.parse_header(await recv_exactly(P.HEADER.size))
+            payload = await recv_exactly(n) if n else b""
+            if ftype == P.ERROR:
+                raise error_from(payload)
+            if ftype != P.FORWARD_OK:
+                raise AgentError(f"unexpected agent frame 0x{ftype:02x}")
+
+        try:
+            await asyncio.wait_for(handshake(), timeout)
+        except BaseException as e:
+            sock.close()
+            if isinstance(e, (OSError, asyncio.TimeoutError)):
+                raise AgentError(f"forward to port {port}: {e or 'timed out'}") from e
+            raise
+        return sock
 
     async def wait_ready(self, deadline: float, alive=None) -> None:
         """Poll until the agent answers; the first SYN can be lost while runsc takes the NIC."""

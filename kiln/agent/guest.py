@@ -28,9 +28,10 @@ import time
 from dataclasses import dataclass
 
 try:  # imported as kiln.agent.guest on the host (tests), run as a plain script in the sandbox
-    from . import files, protocol as P
+    from . import files, ports, protocol as P
 except ImportError:  # pragma: no cover
     import files  # type: ignore[no-redef]
+    import ports  # type: ignore[no-redef]
     import protocol as P  # type: ignore[no-redef]
 
 DEFAULT_UID = 1000
@@ -364,11 +365,29 @@ class Agent:
                 run_exec(self, conn, req)
         elif ftype in (P.FILE_READ, P.FILE_WRITE, P.FILE_STAT, P.FILE_LS):
             self.file_request(conn, ftype, json.loads(payload))
+        elif ftype == P.PORTS_REQ:
+            conn.send_json(P.PORTS_RESP, ports.listening_ports(exclude={self.port}))
+        elif ftype == P.FORWARD_REQ:
+            self.forward(conn, json.loads(payload))
         elif ftype == P.EXEC_KILL:
             self.get_session(json.loads(payload)["session_id"]).kill(signal.SIGKILL)
             conn.send_json(P.EXIT, {"exit_code": 0})
         else:
             raise RequestError(f"unknown request type 0x{ftype:02x}")
+
+    def forward(self, conn: Conn, req: dict) -> None:
+        """Tunnel this connection to a port inside the sandbox. Proxy traffic is not guest activity."""
+        port = req.get("port")
+        try:
+            upstream = ports.dial_local(port)
+        except ValueError as e:
+            raise RequestError(str(e))
+        except OSError as e:
+            raise RequestError(f"connect to port {port}: {e.strerror or e}", P.FAILED)
+        with upstream:
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conn.send(P.FORWARD_OK):
+                ports.relay(conn.sock, upstream)
 
     def file_request(self, conn: Conn, ftype: int, req: dict) -> None:
         def send(t: int, obj) -> None:

@@ -38,8 +38,10 @@ FILE_WRITE = 0x52      # JSON {"path","size","mode"}, then STDIN chunks -> EXIT
 FILE_STAT = 0x54       # JSON {"path"} -> FILE_INFO
 FILE_LS = 0x56         # JSON {"path"} -> FILE_LS_RESP
 FILE_LS_RESP = 0x57
-PORTS_REQ = 0x60
+PORTS_REQ = 0x60       # -> PORTS_RESP JSON [{"port", "loopback_only"}] (the agent's own port left out)
 PORTS_RESP = 0x61
+FORWARD_REQ = 0x62     # JSON {"port"} -> FORWARD_OK, then the connection is a raw byte relay to that port
+FORWARD_OK = 0x63
 
 # ERROR kinds: "invalid" is the caller's fault (maps to HTTP 400), "not_found" to 404, "failed" is not.
 INVALID = "invalid"

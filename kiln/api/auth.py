@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from email.utils import formatdate
 
 from fastapi import Request
 
@@ -10,6 +12,8 @@ from ..core.errors import Unauthorized
 from ..store.db import User
 
 MAX_JSON_BODY = 1 << 20
+# Routes whose bodies are raw bytes for the sandbox, not API JSON: file uploads and proxied requests.
+RAW_BODY_PATH = re.compile(r"^/sandboxes/[^/]+/(files|proxy)(/|$)")
 
 
 def require_user(request: Request) -> User:
@@ -42,18 +46,22 @@ class CommonHeaders:
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
-                message["headers"] = list(message.get("headers", [])) + self.headers
+                headers = list(message.get("headers", []))
+                if not any(k.lower() == b"date" for k, _ in headers):
+                    headers.append((b"date", formatdate(usegmt=True).encode()))
+                message["headers"] = headers + self.headers
             await send(message)
 
+        raw_body = RAW_BODY_PATH.match(scope["path"]) is not None
         length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > MAX_JSON_BODY and "/files" not in scope["path"]:
+        if length.isdigit() and int(length) > MAX_JSON_BODY and not raw_body:
             body = json.dumps({"error": "request body too large (max 1 MiB)"}).encode() + b"\n"
             await send_with_headers({"type": "http.response.start", "status": 413,
                                      "headers": [(b"content-type", b"application/json"),
                                                  (b"content-length", str(len(body)).encode())]})
             await send({"type": "http.response.body", "body": body})
             return
-        if "/files" not in scope["path"]:
+        if not raw_body:
             # Every API body is JSON whatever Content-Type says (`curl -d` sends a form type).
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
             scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])

@@ -20,9 +20,11 @@ from ..store.db import User
 router = APIRouter()
 
 
-def ws_user(websocket: WebSocket) -> User | None:
+def ws_user(websocket: WebSocket, allow_query_token: bool = True) -> User | None:
     header = websocket.headers.get("authorization", "")
-    key = header[7:].strip() if header.startswith("Bearer ") else websocket.query_params.get("token", "")
+    key = header[7:].strip() if header.startswith("Bearer ") else ""
+    if not key and allow_query_token:
+        key = websocket.query_params.get("token", "")
     return websocket.app.state.store.user_by_key(key) if key else None
 
 

@@ -17,7 +17,11 @@ def serve(args) -> int:
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(build_app(config), host=config.host, port=config.port, log_level=config.log_level,
-                access_log=False, timeout_graceful_shutdown=10)
+                access_log=False, timeout_graceful_shutdown=10,
+                # proxied responses carry the app's own Date and Server; the API adds Date itself
+                server_header=False, date_header=False,
+                # the client address is the socket's: a forged X-Forwarded-For must not dodge rate limits
+                proxy_headers=False)
     return 0
 
 

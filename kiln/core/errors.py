@@ -37,3 +37,12 @@ class Internal(KilnError):
     def __init__(self, cause: str = ""):
         super().__init__("internal error")
         self.cause = cause
+
+
+class BadGateway(KilnError):
+    """Nothing answers on the sandbox port a request was meant for."""
+    status = 502
+
+
+class Unavailable(KilnError):
+    status = 503

@@ -8,7 +8,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 from ..agent.client import AgentError, AgentNotFound, AgentRequestError, ExecEvent
 from ..config import Config
@@ -87,6 +87,10 @@ class SandboxService:
         self.config = config
         self.locks: dict[str, asyncio.Lock] = {}
         self.thermal = ThermalManager(config.thermal)
+        # Other services' reactions: before_stop(id) ends host connections into a sandbox before a
+        # checkpoint or destroy; after_destroy(id) releases what they hold for it.
+        self.before_stop: list[Callable[[str], None]] = []
+        self.after_destroy: list[Callable[[str], Awaitable[None]]] = []
         engine.on_exit = self.on_engine_exit
 
     def lock(self, sandbox_id: str) -> asyncio.Lock:
@@ -168,6 +172,8 @@ class SandboxService:
     async def destroy(self, user: User, id_or_name: str) -> None:
         row = self.get(user, id_or_name)
         async with self.lock(row.id):
+            for hook in self.before_stop:
+                hook(row.id)
             try:
                 await self.engine.destroy(row.id)
             except EngineError as e:
@@ -175,6 +181,8 @@ class SandboxService:
             self.store.delete_sandbox(row.id)
         self.locks.pop(row.id, None)
         self.thermal.forget(row.id)
+        for after in self.after_destroy:
+            await after(row.id)
         log.info("destroyed sandbox %s (%s)", row.id, row.name)
 
     async def start(self, user: User, id_or_name: str, force: bool = False) -> SandboxRow:
@@ -316,6 +324,8 @@ class SandboxService:
                 return
             if reason == "thermal" and (fresh.keep_hot or self.thermal.pins.get(row.id)):
                 return
+            for hook in self.before_stop:
+                hook(row.id)
             try:
                 info = await self.engine.stop(row.id)
             except EngineError:

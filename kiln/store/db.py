@@ -52,6 +52,24 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sandboxes ADD COLUMN snapshot TEXT;
     """,
+    # 3: listening ports from the last scan (with their host relay ports) and publish rules
+    """
+    CREATE TABLE sandbox_ports (
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        container_port INTEGER NOT NULL,
+        host_port INTEGER NOT NULL,
+        PRIMARY KEY (sandbox_id, container_port)
+    );
+    CREATE TABLE publish_rules (
+        id TEXT PRIMARY KEY,
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        user_id TEXT NOT NULL REFERENCES users(id),
+        port INTEGER NOT NULL,
+        alias TEXT NOT NULL UNIQUE,
+        created_at TEXT NOT NULL,
+        UNIQUE (sandbox_id, port)
+    );
+    """,
 ]
 
 
@@ -92,6 +110,16 @@ class SandboxRow:
     labels: dict = field(default_factory=dict)
     stopped_at: str | None = None
     snapshot: dict | None = None
+
+
+@dataclass
+class PublishRule:
+    id: str
+    sandbox_id: str
+    user_id: str
+    port: int
+    alias: str
+    created_at: str
 
 
 class NameTaken(Exception):
@@ -217,3 +245,48 @@ class Store:
         if owner_id is None:
             return self._exec("SELECT COUNT(*) FROM sandboxes").fetchone()[0]
         return self._exec("SELECT COUNT(*) FROM sandboxes WHERE owner_id=?", (owner_id,)).fetchone()[0]
+
+    # ------------------------------------------------------------ ports (last scan) and publish rules
+
+    def sandbox_ports(self, sandbox_id: str | None = None) -> dict[str, dict[int, int]]:
+        """{sandbox_id: {container_port: host_port}} of the last scan."""
+        sql, args = "SELECT * FROM sandbox_ports", ()
+        if sandbox_id is not None:
+            sql, args = sql + " WHERE sandbox_id=?", (sandbox_id,)
+        found: dict[str, dict[int, int]] = {}
+        for r in self._exec(sql + " ORDER BY container_port", args):
+            found.setdefault(r["sandbox_id"], {})[r["container_port"]] = r["host_port"]
+        return found
+
+    def set_sandbox_ports(self, sandbox_id: str, ports: dict[int, int]) -> None:
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.execute("DELETE FROM sandbox_ports WHERE sandbox_id=?", (sandbox_id,))
+                self.db.executemany("INSERT INTO sandbox_ports VALUES (?,?,?)",
+                                    [(sandbox_id, p, h) for p, h in ports.items()])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def insert_publish_rule(self, rule: PublishRule) -> None:
+        """Raises NameTaken if the alias, or this sandbox's port, is already published."""
+        try:
+            self._exec("INSERT INTO publish_rules VALUES (?,?,?,?,?,?)",
+                       (rule.id, rule.sandbox_id, rule.user_id, rule.port, rule.alias, rule.created_at))
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(rule.alias) from e
+
+    def publish_rules(self, sandbox_id: str) -> list[PublishRule]:
+        rows = self._exec("SELECT * FROM publish_rules WHERE sandbox_id=? ORDER BY port", (sandbox_id,))
+        return [PublishRule(**dict(r)) for r in rows]
+
+    def publish_rule_by_alias(self, alias: str) -> PublishRule | None:
+        row = self._exec("SELECT * FROM publish_rules WHERE alias=?", (alias,)).fetchone()
+        return PublishRule(**dict(row)) if row else None
+
+    def delete_publish_rule(self, sandbox_id: str, port: int) -> PublishRule | None:
+        row = self._exec("DELETE FROM publish_rules WHERE sandbox_id=? AND port=? RETURNING *",
+                         (sandbox_id, port)).fetchone()
+        return PublishRule(**dict(row)) if row else None

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from tests.conftest import make_sandbox
+from tests.conftest import make_sandbox, run
 
 PROBE = """
 import socket, sys
@@ -18,12 +18,6 @@ try:
 except OSError as e:
     print("blocked", type(e).__name__)
 """
-
-
-def run(api, sb, cmd, **kw):
-    r = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": cmd, **kw})
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def probe(api, sb, host, port) -> str:

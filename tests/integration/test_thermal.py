@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import make_sandbox
+from tests.conftest import listed, make_sandbox, run, wait_for
 from tests.daemon import running_daemon
 
 THERMAL = {"warm_after": 1.0, "cold_after": 3.0, "tick": 0.3}
@@ -16,26 +16,6 @@ THERMAL = {"warm_after": 1.0, "cold_after": 3.0, "tick": 0.3}
 def daemon(default_image):
     with running_daemon({"thermal": THERMAL}) as d:
         yield d
-
-
-def listed(api, sb) -> dict:
-    return {s["id"]: s for s in api.get("/sandboxes").json()}[sb["id"]]
-
-
-def wait_for(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def run(api, sb, cmd, **kw):
-    r = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": cmd, **kw})
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_idle_sandbox_goes_warm_then_cold_and_requests_wake_it(daemon, api):

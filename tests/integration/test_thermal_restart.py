@@ -6,9 +6,8 @@ import time
 from pathlib import Path
 
 
-from tests.conftest import make_sandbox
+from tests.conftest import listed, make_sandbox, run, wait_for
 from tests.daemon import Daemon
-from tests.integration.test_thermal import listed, run, wait_for
 
 
 def test_restart_keeps_hot_warm_and_cold_sandboxes_as_they_were(default_image):

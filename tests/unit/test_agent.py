@@ -132,3 +132,63 @@ def test_activity_and_tty_session(agent):
     out, code = run(session())
     assert b"30 77" in out and code == 5
     assert run(agent.activity())["last_activity_unix"] >= before["last_activity_unix"]
+
+
+def test_parse_proc_net_tcp_listen_lines_only():
+    from kiln.agent.ports import parse_proc_net_tcp
+    table = (" sl local_address rem_address st\n"
+             " 0: 0100007F:0FA0 00000000:0000 0A 0 0 0\n"
+             " 1: 00000000:0BB8 00000000:0000 0A 0 0 0\n"
+             " 2: 0281D80A:0400 0181D80A:E178 01 0 0 0\n")
+    assert parse_proc_net_tcp(table) == [(4000, True), (3000, False)]
+    v6 = (" sl local_address remote_address st\n"
+          " 0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 0\n")
+    assert parse_proc_net_tcp(v6) == [(8080, True)]
+
+
+def test_ports_lists_listeners_and_forward_relays_both_ways(agent):
+    """A loopback-only server that speaks first: its greeting arrives through the tunnel, then an echo."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            conn.sendall(b"hello\n")
+            while data := conn.recv(65536):
+                conn.sendall(data.upper())
+
+    threading.Thread(target=serve, daemon=True).start()
+    listed = {p["port"]: p for p in run(agent.ports())}
+    assert listed[port]["loopback_only"] is True
+    assert agent.port not in listed  # the agent's own port is left out
+
+    async def talk():
+        loop = asyncio.get_running_loop()
+        sock = await agent.forward(port)
+        with sock:
+            greeting = await loop.sock_recv(sock, 100)
+            payload = b"x" * 300_000
+            await loop.sock_sendall(sock, payload)
+            sock.shutdown(socket.SHUT_WR)
+            back = b""
+            while chunk := await loop.sock_recv(sock, 65536):
+                back += chunk
+            return greeting, back, payload
+
+    greeting, back, payload = run(talk())
+    server.close()
+    assert greeting == b"hello\n" and back == payload.upper()
+
+
+def test_forward_to_a_closed_port_fails_cleanly(agent):
+    from tests.daemon import free_port
+    with pytest.raises(AgentError, match="connect to port"):
+        run(agent.forward(free_port()))
+    with pytest.raises(AgentRequestError, match="invalid port"):
+        run(agent.forward(70000))

@@ -1,0 +1,174 @@
+"""Listening ports of sandboxes, and the host_port relay that serves each one on the daemon host.
+
+A background scan asks the agent of every hot sandbox which TCP ports listen (it never wakes a
+sandbox, and scanning is not guest activity). Each port seen gets a PortRelay: a listener on
+`ports.host_bind` that relays every connection to that sandbox port, waking the sandbox first.
+The last scan and the host ports are kept in the store, so after a daemon restart paused and cold
+sandboxes still list their ports and keep their host ports (when those are still free).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from ..agent.client import AgentError
+from ..config import PortsConfig
+from ..store.db import SandboxRow, User
+from .errors import KilnError
+from .upstream import Upstreams
+
+log = logging.getLogger("kiln.ports")
+
+SCAN_TIMEOUT = 2.0
+RELAY_IDLE_TIMEOUT = 600.0
+CHUNK = 64 * 1024
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: float) -> None:
+    """Copy one direction until EOF or `idle` seconds without data, passing the half-close on."""
+    try:
+        while data := await asyncio.wait_for(reader.read(CHUNK), idle):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+    except (asyncio.TimeoutError, ConnectionError, OSError):
+        writer.transport.abort()
+
+
+async def relay(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                b: tuple[asyncio.StreamReader, asyncio.StreamWriter], idle: float = RELAY_IDLE_TIMEOUT) -> None:
+    """Bytes both ways until both directions are done (or one breaks); closes both."""
+    try:
+        await asyncio.gather(pipe(a[0], b[1], idle), pipe(b[0], a[1], idle))
+    finally:
+        for _, writer in (a, b):
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+class PortRelay:
+    """host_bind:host_port -> sandbox:container_port, one relay per connection."""
+
+    def __init__(self, tracker: "PortTracker", sandbox_id: str, container_port: int):
+        self.tracker = tracker
+        self.sandbox_id = sandbox_id
+        self.container_port = container_port
+        self.server: asyncio.Server | None = None
+        self.host_port = 0
+
+    async def open(self, host: str, wanted_port: int = 0) -> None:
+        try:
+            self.server = await asyncio.start_server(self.serve, host, wanted_port)
+        except OSError:
+            if not wanted_port:
+                raise
+            self.server = await asyncio.start_server(self.serve, host, 0)  # the old port is taken
+        self.host_port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        row = self.tracker.sandboxes.store.sandbox_by_id(self.sandbox_id)
+        try:
+            if row is None:
+                return
+            async with self.tracker.upstreams.connection(row, self.container_port) as sock:
+                upstream = await asyncio.open_connection(sock=sock)
+                await relay((reader, writer), upstream)
+        except KilnError as e:
+            log.info("host port %d -> %s:%d: %s", self.host_port, self.sandbox_id, self.container_port, e.message)
+        finally:
+            writer.close()
+
+
+class PortTracker:
+    def __init__(self, sandboxes, upstreams: Upstreams, config: PortsConfig):
+        self.sandboxes = sandboxes
+        self.store = sandboxes.store
+        self.upstreams = upstreams
+        self.config = config
+        self.relays: dict[str, dict[int, PortRelay]] = {}
+        self.task: asyncio.Task | None = None
+        sandboxes.after_destroy.append(self.forget)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Reopen the relays of the last scan (same host ports where free), then scan periodically."""
+        for sandbox_id, ports in self.store.sandbox_ports().items():
+            await self.apply(sandbox_id, list(ports), wanted=ports)
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        for relays in self.relays.values():
+            for r in relays.values():
+                await r.close()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.scan_interval)
+            for row in self.sandboxes.running_rows():
+                try:
+                    await self.scan(row)
+                except Exception:
+                    log.exception("port scan of %s failed", row.id)
+
+    async def forget(self, sandbox_id: str) -> None:
+        for relay in self.relays.pop(sandbox_id, {}).values():
+            await relay.close()
+
+    # ------------------------------------------------------------ scanning
+
+    async def scan(self, row: SandboxRow) -> None:
+        """Ask a hot sandbox's agent for its ports; paused and cold sandboxes keep their last scan."""
+        async with self.sandboxes.lock(row.id):  # never while a pause or snapshot is under way
+            fresh = self.store.sandbox_by_id(row.id)
+            handle = self.sandboxes.engine.handle(row.id)
+            if fresh is None or fresh.status != "running" or handle is None or self.sandboxes.is_warm(row.id):
+                return
+            try:
+                found = await asyncio.wait_for(handle.agent.ports(), SCAN_TIMEOUT)
+            except (AgentError, asyncio.TimeoutError):
+                return
+        await self.apply(row.id, [p["port"] for p in found])
+
+    async def apply(self, sandbox_id: str, ports: list[int], wanted: dict[int, int] | None = None) -> None:
+        """Make the relays match the listening ports: open new ones, close those that went away."""
+        relays = self.relays.setdefault(sandbox_id, {})
+        changed = False
+        for port in ports:
+            if port not in relays:
+                relay = PortRelay(self, sandbox_id, port)
+                await relay.open(self.config.host_bind, (wanted or {}).get(port, 0))
+                relays[port] = relay
+                changed = True
+        for port in [p for p in relays if p not in ports]:
+            await relays.pop(port).close()
+            changed = True
+        if changed or wanted is not None:
+            if self.store.sandbox_by_id(sandbox_id) is None:  # destroyed meanwhile
+                await self.forget(sandbox_id)
+                return
+            self.store.set_sandbox_ports(sandbox_id, {p: r.host_port for p, r in relays.items()})
+
+    # ------------------------------------------------------------ API
+
+    def listing(self, sandbox_id: str) -> list[tuple[int, int]]:
+        """[(container_port, host_port)] from the last scan."""
+        return sorted((p, r.host_port) for p, r in self.relays.get(sandbox_id, {}).items())
+
+    async def refresh(self, user: User, id_or_name: str) -> SandboxRow:
+        """GET /sandboxes/:id/ports: wake the sandbox and scan it now."""
+        row = self.sandboxes.get(user, id_or_name)
+        found = await self.sandboxes.with_agent(user, row.id, lambda agent: agent.ports())
+        await self.apply(row.id, [p["port"] for p in found])
+        return row

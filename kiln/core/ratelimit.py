@@ -1,0 +1,42 @@
+"""Token buckets: `burst` requests at once, refilled at `per_minute`; keyed limiters forget the
+least recently used keys beyond a bound so memory stays flat whoever calls."""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+MAX_KEYS = 10_000
+
+
+class TokenBucket:
+    def __init__(self, burst: int, per_minute: float, clock=time.monotonic):
+        self.capacity = float(burst)
+        self.rate = per_minute / 60.0
+        self.tokens = float(burst)
+        self.clock = clock
+        self.updated = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class KeyedLimiter:
+    def __init__(self, burst: int, per_minute: float, max_keys: int = MAX_KEYS, clock=time.monotonic):
+        self.burst, self.per_minute, self.max_keys, self.clock = burst, per_minute, max_keys, clock
+        self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+
+    def take(self, key: str) -> bool:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            bucket = self.buckets[key] = TokenBucket(self.burst, self.per_minute, self.clock)
+            if len(self.buckets) > self.max_keys:
+                self.buckets.popitem(last=False)
+        else:
+            self.buckets.move_to_end(key)
+        return bucket.take()

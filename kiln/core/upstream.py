@@ -1,0 +1,78 @@
+"""Connections from the daemon to TCP ports inside sandboxes.
+
+The authenticated proxy, host_port relays and published URLs all connect through here. A service
+listening on the sandbox's address is reached directly (<sandbox ip>:<port>, ~0.6 ms); one that
+listens on loopback only refuses that, and is reached through the agent, which dials 127.0.0.1
+inside the sandbox. Every open connection keeps its sandbox hot (pinned) and is tracked, so a stop
+or a destroy can cut them before the checkpoint instead of leaving them to be reset inside it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import AsyncIterator
+
+from ..agent.client import AgentError
+from ..store.db import SandboxRow
+from .errors import BadGateway, BadRequest
+
+CONNECT_TIMEOUT = 5.0
+
+
+def parse_port(text: str | int) -> int:
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        raise BadRequest("invalid port") from None
+    if not 1 <= port <= 65535:
+        raise BadRequest("invalid port")
+    return port
+
+
+class Upstreams:
+    def __init__(self, sandboxes):
+        self.sandboxes = sandboxes
+        self.open: dict[str, set[socket.socket]] = {}
+        sandboxes.before_stop.append(self.cut)
+
+    async def dial(self, row: SandboxRow, port: int) -> socket.socket:
+        """Wake the sandbox and connect to its port; BadGateway when nothing listens there."""
+        handle = await self.sandboxes.ready_handle(row)
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.wait_for(loop.sock_connect(sock, (handle.ip, port)), CONNECT_TIMEOUT)
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+        except (OSError, asyncio.TimeoutError) as e:
+            sock.close()
+            raise BadGateway(f"bad gateway: connect to port {port}: {e or 'timed out'}") from e
+        try:
+            return await handle.agent.forward(port, timeout=CONNECT_TIMEOUT)
+        except AgentError as e:
+            raise BadGateway(f"bad gateway: {e}") from e
+
+    @contextlib.asynccontextmanager
+    async def connection(self, row: SandboxRow, port: int) -> AsyncIterator[socket.socket]:
+        """A tracked connection to a sandbox port; the sandbox stays hot while it is open."""
+        with self.sandboxes.thermal.pin(row.id):
+            sock = await self.dial(row, port)
+            tracked = self.open.setdefault(row.id, set())
+            tracked.add(sock)
+            try:
+                yield sock
+            finally:
+                tracked.discard(sock)
+                if not tracked:
+                    self.open.pop(row.id, None)
+                sock.close()
+
+    def cut(self, sandbox_id: str) -> None:
+        """End every open connection to a sandbox (it is being stopped or destroyed)."""
+        for sock in self.open.pop(sandbox_id, set()):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
