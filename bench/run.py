@@ -193,14 +193,49 @@ def files_report(res: dict) -> list[str]:
             "|---|---|---|---|---|---|", *rows, ""]
 
 
+def publish_report(res: dict) -> list[str]:
+    from bench.publish import BHATTI, BIG
+
+    def row(name, key, ref=None, note=""):
+        k50, k99 = ms(pct(res[key], 50)), ms(pct(res[key], 99))
+        return (f"| {name} | {len(res[key])} | {k50:.1f} | {k99:.1f} | {f'{ref:.1f}' if ref else ''} | "
+                f"{f'{k50 / ref:.2f}' if ref else ''} | {note} |")
+
+    def rate(key):
+        return f"{BIG / 1e6 / pct(res[key], 50):.0f} MB/s"
+
+    return ["## Publish and proxy", "",
+            "A GET of a small JSON reply from Python's ThreadingHTTPServer in the sandbox, at its published URL",
+            "(Host: <alias>.localhost), with a keep-alive client; `direct` sends the same request straight to",
+            "the sandbox's address, without kiln, on a new connection each time as kiln's proxy does (the",
+            "app's own cost).", "",
+            "| request | n | kiln p50 ms | kiln p99 ms | bhatti ms (published) | kiln/bhatti | note |",
+            "|---|---|---|---|---|---|---|",
+            row("straight to the app (no kiln)", "direct"),
+            row("published URL, hot", "hot", BHATTI["hot"],
+                f"kiln adds {ms(pct(res['hot'], 50) - pct(res['direct'], 50)):.1f} ms to the app's own p50"),
+            row("published URL, warm (paused)", "warm", BHATTI["warm"], "includes the resume"),
+            row("published URL, cold (stopped)", "cold", BHATTI["cold"], "includes the restore"),
+            row("10 MB response, straight", "big_direct", None, rate("big_direct")),
+            row("10 MB response, authenticated proxy", "big_proxy", None, rate("big_proxy")),
+            row("10 MB response, published URL", "big_public", None, rate("big_public")),
+            ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sandboxes", type=int, default=10)
     parser.add_argument("--execs", type=int, default=200)
     parser.add_argument("--thermal", type=int, default=8, help="samples per thermal measure")
     parser.add_argument("--files", type=int, default=30, help="samples per file operation")
+    parser.add_argument("--publish", type=int, default=20, help="samples per publish measure")
+    parser.add_argument("--only", choices=["publish"], help="run one section (prints, leaves REPORT.md alone)")
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
+    from bench.publish import bench_publish
+    if args.only == "publish":
+        print("\n".join(publish_report(bench_publish(args.publish))))
+        return 0
     print(f"kiln API: {args.sandboxes} creates, {args.execs} execs, {args.sandboxes} destroys ...", flush=True)
     api = bench_api(args.sandboxes, args.execs)
     print("raw runsc: the same operations ...", flush=True)
@@ -213,8 +248,10 @@ def main() -> int:
     from bench.files import bench_files
     print(f"files: {args.files} reads and writes per size ...", flush=True)
     files = bench_files(args.files)
+    print(f"publish and proxy: {args.publish} samples each ...", flush=True)
+    publish = bench_publish(args.publish)
     text = (report(api, raw, args) + "\n".join(thermal_report(thermal_api, thermal_raw)) + "\n"
-            + "\n".join(files_report(files)))
+            + "\n".join(files_report(files)) + "\n" + "\n".join(publish_report(publish)))
     Path(args.out).write_text(text)
     print(text)
     return 0
