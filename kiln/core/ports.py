@@ -167,8 +167,14 @@ class PortTracker:
         return sorted((p, r.host_port) for p, r in self.relays.get(sandbox_id, {}).items())
 
     async def refresh(self, user: User, id_or_name: str) -> SandboxRow:
-        """GET /sandboxes/:id/ports: wake the sandbox and scan it now."""
+        """GET /sandboxes/:id/ports: wake the sandbox and scan it now (an agent that cannot answer
+        leaves the last scan in place, as bhatti answers [] rather than an error)."""
         row = self.sandboxes.get(user, id_or_name)
-        found = await self.sandboxes.with_agent(user, row.id, lambda agent: agent.ports())
+        handle = await self.sandboxes.ready_handle(row)
+        try:
+            found = await asyncio.wait_for(handle.agent.ports(), SCAN_TIMEOUT)
+        except (AgentError, asyncio.TimeoutError) as e:
+            log.warning("port scan of %s failed: %s", row.id, e)
+            return row
         await self.apply(row.id, [p["port"] for p in found])
         return row
