@@ -9,18 +9,23 @@ from fastapi import FastAPI
 
 from . import __version__
 from .api import (errors, exec as exec_api, files as files_api, health, ports as ports_api, proxy as proxy_api,
-                  publish as publish_api, sandboxes as sandboxes_api, sessions as sessions_api,
-                  terminal as terminal_api)
+                  publish as publish_api, sandboxes as sandboxes_api, secrets as secrets_api,
+                  sessions as sessions_api, templates as templates_api, terminal as terminal_api,
+                  volumes as volumes_api)
 from .api.auth import CommonHeaders
 from .api.public import PublicLimits, PublicProxy
 from .config import Config
 from .core.files import FileService
 from .core.ports import PortTracker
 from .core.publish import PublishService
+from .core.ratelimit import UserRateLimits
 from .core.sandboxes import SandboxService
+from .core.secrets import SecretBox, SecretService
+from .core.templates import TemplateService
 from .core.terminal import TerminalService
 from .core.upstream import Upstreams
 from .core.users import ensure_admin
+from .core.volumes import VolumeService
 from .engine.gvisor.engine import GVisorEngine
 from .engine.gvisor.reaper import become_subreaper
 from .images.default import ensure_default_image
@@ -33,6 +38,7 @@ def build_app(config: Config) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         config.data_dir.mkdir(parents=True, exist_ok=True)
+        config.data_dir.chmod(0o700)
         become_subreaper()
         ensure_default_image(config.image_root, log=log.info)
         store = Store(config.data_dir / "state.db")
@@ -40,9 +46,15 @@ def build_app(config: Config) -> FastAPI:
         if key:
             log.info("created the admin user; its API key is in %s", config.data_dir / "admin.token")
         engine = GVisorEngine(config.data_dir, config.image_root, config.network.subnet, config.runsc)
-        sandboxes = SandboxService(store, engine, config)
+        app.state.secrets = secrets = SecretService(store, SecretBox(config.data_dir / "secret.key"))
+        app.state.volumes = volumes = VolumeService(store, config.data_dir, config.limits.max_volume_storage_mb)
+        app.state.templates = templates = TemplateService(store)
+        sandboxes = SandboxService(store, engine, config, secrets, volumes, templates)
+        sandboxes.after_destroy.append(volumes.release)
         await engine.start_engine()
         await sandboxes.reconcile()
+        await volumes.release("")     # volumes left mounted for sandboxes that are gone
+        await volumes.mount_all()     # before any sandbox can restore or boot
         app.state.store, app.state.engine, app.state.sandboxes = store, engine, sandboxes
         app.state.files = FileService(sandboxes)
         app.state.terminals = TerminalService(sandboxes)
@@ -50,6 +62,9 @@ def build_app(config: Config) -> FastAPI:
         app.state.ports = ports = PortTracker(sandboxes, upstreams, config.ports)
         app.state.publish = publish = PublishService(store, config)
         app.state.public_limits = PublicLimits(config.publish)
+        lim = config.limits
+        app.state.rate_limits = UserRateLimits(*((r.burst, r.per_minute) for r in
+                                                 (lim.rate_create, lim.rate_exec, lim.rate_read)))
         sandboxes.after_destroy.append(publish.forget_sandbox)
         await ports.start()
         app.state.started = time.monotonic()
@@ -71,6 +86,6 @@ def build_app(config: Config) -> FastAPI:
     app.add_middleware(PublicProxy)  # added last = outermost: published hosts never reach the API
     errors.install(app)
     for module in (health, sandboxes_api, exec_api, sessions_api, files_api, terminal_api, ports_api,
-                   publish_api, proxy_api):
+                   publish_api, proxy_api, templates_api, secrets_api, volumes_api):
         app.include_router(module.router)
     return app

@@ -66,6 +66,11 @@ class LimitsConfig(Section):
     max_cpus_per_sandbox: float = Field(4, gt=0)
     max_memory_mb_per_sandbox: int = Field(4096, ge=16)
     exec_output_cap_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_volume_storage_mb: int = Field(20480, ge=1, description="volume storage per user")
+    # per user: POST /sandboxes; exec, file uploads and WebSockets; everything else
+    rate_create: RateConfig = RateConfig(burst=10, per_minute=30)
+    rate_exec: RateConfig = RateConfig(burst=30, per_minute=600)
+    rate_read: RateConfig = RateConfig(burst=60, per_minute=1200)
 
 
 class Config(Section):

@@ -51,10 +51,16 @@ class Daemon:
         self.port = free_port()
         self.prefix = host_prefix(self.data_dir)
         self.subnet = f"10.{200 + next(_subnets) % 50}.{os.getpid() % 250}.0/24"
+        unlimited = {"burst": 1_000_000, "per_minute": 1_000_000}
         self.config = {"listen": f"127.0.0.1:{self.port}", "data_dir": str(self.data_dir),
-                       "images_dir": str(IMAGES), "network": {"subnet": self.subnet}}
+                       "images_dir": str(IMAGES), "network": {"subnet": self.subnet},
+                       # tests and benchmarks drive the API far faster than a user would
+                       "limits": {"rate_create": unlimited, "rate_exec": unlimited, "rate_read": unlimited}}
         for k, v in (extra_config or {}).items():
-            self.config[k] = v
+            if isinstance(v, dict) and isinstance(self.config.get(k), dict):
+                self.config[k] = {**self.config[k], **v}
+            else:
+                self.config[k] = v
         self.config_path = self.data_dir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.log_path = self.data_dir / "daemon.log"
@@ -109,8 +115,8 @@ class Daemon:
         headers = {"Authorization": f"Bearer {token or self.admin_token}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
-    def create_user(self, name: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "kiln.cli.main", "user", "create", name, "--config",
+    def create_user(self, name: str, *flags: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "kiln.cli.main", "user", "create", name, *flags, "--config",
                               str(self.config_path)], capture_output=True, text=True, check=True)
         return out.stdout.strip().splitlines()[-1]
 
@@ -190,5 +196,6 @@ class Daemon:
     def destroy_all(self, tokens: list[str]) -> None:
         for token in tokens:
             with self.client(token) as c:
-                for sb in c.get("/sandboxes").json():
+                listed = c.get("/sandboxes")
+                for sb in listed.json() if listed.status_code == 200 else []:  # else scrub() cleans up
                     c.delete(f"/sandboxes/{sb['id']}")

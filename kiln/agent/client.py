@@ -114,6 +114,9 @@ class AgentClient:
     async def sessions(self) -> list[dict]:
         return await self.request_json(P.EXEC_LIST_REQ, P.EXEC_LIST_RESP)
 
+    async def set_secrets(self, env: dict[str, str]) -> None:
+        await self.request_json(P.SECRETS_SET, P.EXIT, json.dumps({"env": env}).encode())
+
     async def ports(self) -> list[dict]:
         """Listening TCP ports inside the sandbox: [{"port", "loopback_only"}]."""
         return await self.request_json(P.PORTS_REQ, P.PORTS_RESP)

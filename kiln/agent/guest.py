@@ -43,6 +43,10 @@ SCROLLBACK = 64 * 1024
 EXITED_SESSION_TTL = 30.0
 READ_CHUNK = 64 * 1024
 INIT_MARKER = "/var/lib/kiln-agent/init-started"
+# Secrets arrive from the host after boot (they are never in a file on the host); kept on the
+# sandbox's own tmpfs, root-only, so a re-forked agent server still has them.
+SECRETS_FILE = "/run/kiln-agent/secrets.json"
+SECRETS_WAIT = 60.0
 
 
 class RequestError(Exception):
@@ -194,6 +198,16 @@ class Agent:
         self.bind = config.get("bind", "0.0.0.0")
         self.sandbox_env = {str(k): str(v) for k, v in (config.get("env") or {}).items()}
         self.init_script = config.get("init") or ""
+        self.secrets_file = config.get("secrets_file", SECRETS_FILE)
+        self.secret_env: dict[str, str] = {}
+        self.secrets_ready = threading.Event()
+        try:
+            with open(self.secrets_file) as f:
+                self.secret_env = json.load(f)
+            self.secrets_ready.set()
+        except (OSError, ValueError):
+            if not config.get("secrets_pending"):
+                self.secrets_ready.set()
         self.last_activity = time.time()
         self.sessions: dict[str, Session] = {}
         self.sessions_lock = threading.Lock()
@@ -222,6 +236,7 @@ class Agent:
         env = {"PATH": DEFAULT_PATH, "TERM": "xterm-256color", "LANG": "C.UTF-8",
                "HOME": pw.pw_dir if pw else "/", "USER": pw.pw_name if pw else str(uid)}
         env.update(self.sandbox_env)
+        env.update(self.secret_env)
         env.update({str(k): str(v) for k, v in (extra or {}).items()})
         return env
 
@@ -295,6 +310,7 @@ class Agent:
         """Run the create-time `init` script once per sandbox (not again after a reboot)."""
         if not self.init_script or os.path.exists(INIT_MARKER):
             return
+        self.secrets_ready.wait(SECRETS_WAIT)  # init sees the secrets like every other process
         os.makedirs(os.path.dirname(INIT_MARKER), exist_ok=True)
         with open(INIT_MARKER, "w"):
             pass
@@ -369,11 +385,25 @@ class Agent:
             conn.send_json(P.PORTS_RESP, ports.listening_ports(exclude={self.port}))
         elif ftype == P.FORWARD_REQ:
             self.forward(conn, json.loads(payload))
+        elif ftype == P.SECRETS_SET:
+            self.set_secrets(json.loads(payload).get("env") or {})
+            conn.send_json(P.EXIT, {"exit_code": 0})
         elif ftype == P.EXEC_KILL:
             self.get_session(json.loads(payload)["session_id"]).kill(signal.SIGKILL)
             conn.send_json(P.EXIT, {"exit_code": 0})
         else:
             raise RequestError(f"unknown request type 0x{ftype:02x}")
+
+    def set_secrets(self, env: dict) -> None:
+        env = {str(k): str(v) for k, v in env.items()}
+        os.makedirs(os.path.dirname(self.secrets_file), mode=0o700, exist_ok=True)
+        tmp = self.secrets_file + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(env, f)
+        os.replace(tmp, self.secrets_file)
+        self.secret_env = env
+        self.secrets_ready.set()
 
     def forward(self, conn: Conn, req: dict) -> None:
         """Tunnel this connection to a port inside the sandbox. Proxy traffic is not guest activity."""

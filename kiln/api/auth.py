@@ -8,7 +8,7 @@ from email.utils import formatdate
 from fastapi import Request
 
 from .. import __version__
-from ..core.errors import Unauthorized
+from ..core.errors import TooManyRequests, Unauthorized
 from ..store.db import User
 
 MAX_JSON_BODY = 1 << 20
@@ -24,6 +24,8 @@ def require_user(request: Request) -> User:
     user = request.app.state.store.user_by_key(header[7:].strip())
     if user is None:
         raise Unauthorized("invalid api key")
+    if not request.app.state.rate_limits.allow(user.id, request.method, request.url.path):
+        raise TooManyRequests("rate limit exceeded")
     return user
 
 

@@ -23,7 +23,7 @@ from ..core.errors import BadGateway, KilnError
 from ..core.upstream import Upstreams, parse_port
 from ..store.db import SandboxRow, User
 from .auth import require_user
-from .terminal import ws_user
+from .terminal import deny_unless_allowed, ws_user
 
 router = APIRouter()
 
@@ -300,9 +300,8 @@ async def proxy(sandbox_id: str, port: str, request: Request, user: User = Depen
 @router.websocket("/sandboxes/{sandbox_id}/proxy/{port}/{path:path}")
 async def proxy_ws(websocket: WebSocket, sandbox_id: str, port: str):
     user = ws_user(websocket, allow_query_token=False)
-    if user is None:
-        msg = "invalid api key" if websocket.headers.get("authorization") else "authorization required"
-        return await websocket.send_denial_response(JSONResponse({"error": msg}, status_code=401))
+    if await deny_unless_allowed(websocket, user):
+        return
     try:
         target = target_for(websocket.app.state, user, sandbox_id, port, websocket.scope.get("raw_path") or b"")
     except KilnError as e:

@@ -2,24 +2,51 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from ..core.errors import BadRequest
 from ..core.sandboxes import CreateRequest
+from ..core.volumes import VolumeRequest
 from ..store.db import SandboxRow, User
 from .auth import require_user
 
 router = APIRouter()
 
 
+class VolumeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    mount: StrictStr
+    read_only: StrictBool = False
+
+
+class NewVolumeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    mount: StrictStr
+    size_mb: StrictInt | None = None
+
+
 class CreateBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: StrictStr | None = None
+    template_id: StrictStr | None = None
     cpus: float | None = None
     memory_mb: int | None = None
     env: dict[StrictStr, StrictStr] = {}
-    init: StrictStr = ""
-    keep_hot: StrictBool = False
+    init: StrictStr | None = None
+    keep_hot: StrictBool | None = None
+    secrets: list[StrictStr] = []
+    volumes: list[VolumeBody] | None = None
+    new_volumes: list[NewVolumeBody] = []
+
+    def request(self) -> CreateRequest:
+        return CreateRequest(
+            name=self.name, template_id=self.template_id, cpus=self.cpus, memory_mb=self.memory_mb,
+            env=dict(self.env), init=self.init, keep_hot=self.keep_hot, secrets=list(self.secrets),
+            volumes=None if self.volumes is None else [VolumeRequest(v.name, v.mount, v.read_only)
+                                                       for v in self.volumes],
+            new_volumes=[VolumeRequest(v.name, v.mount, False, v.size_mb) for v in self.new_volumes])
 
 
 class StartBody(BaseModel):
@@ -47,6 +74,8 @@ def sandbox_json(row: SandboxRow, engine: str) -> dict:
         d["labels"] = row.labels
     if row.snapshot:
         d["snapshot"] = row.snapshot
+    if row.template_id:
+        d["template_id"] = row.template_id
     return d
 
 
@@ -57,7 +86,7 @@ def service(request: Request):
 @router.post("/sandboxes", status_code=201)
 async def create_sandbox(body: CreateBody, request: Request, response: Response,
                          user: User = Depends(require_user)):
-    row, existed = await service(request).create(user, CreateRequest(**body.model_dump()))
+    row, existed = await service(request).create(user, body.request())
     if existed:
         response.status_code = 200
         response.headers["X-Bhatti-Existing"] = "true"

@@ -28,13 +28,24 @@ def ws_user(websocket: WebSocket, allow_query_token: bool = True) -> User | None
     return websocket.app.state.store.user_by_key(key) if key else None
 
 
-@router.websocket("/sandboxes/{sandbox_id}/ws")
-async def terminal(websocket: WebSocket, sandbox_id: str):
-    user = ws_user(websocket)
+async def deny_unless_allowed(websocket: WebSocket, user: User | None) -> bool:
+    """Answer a WebSocket that cannot proceed (401 or 429) before it is upgraded; True if denied."""
     if user is None:
         msg = "invalid api key" if websocket.headers.get("authorization") or websocket.query_params.get("token") \
             else "authorization required"
-        return await websocket.send_denial_response(JSONResponse({"error": msg}, status_code=401))
+        await websocket.send_denial_response(JSONResponse({"error": msg}, status_code=401))
+        return True
+    if not websocket.app.state.rate_limits.allow(user.id, "GET", websocket.url.path):
+        await websocket.send_denial_response(JSONResponse({"error": "rate limit exceeded"}, status_code=429))
+        return True
+    return False
+
+
+@router.websocket("/sandboxes/{sandbox_id}/ws")
+async def terminal(websocket: WebSocket, sandbox_id: str):
+    user = ws_user(websocket)
+    if await deny_unless_allowed(websocket, user):
+        return
     sandboxes = websocket.app.state.sandboxes
     try:
         row = sandboxes.get(user, sandbox_id)

@@ -40,3 +40,23 @@ class KeyedLimiter:
         else:
             self.buckets.move_to_end(key)
         return bucket.take()
+
+
+def rate_class(method: str, path: str) -> str:
+    """bhatti's classes: only POST /sandboxes creates; exec, file uploads and WebSockets are "exec";
+    everything else (reads, deletes, stop/start, publish) is "read"."""
+    if method == "POST" and path.rstrip("/") == "/sandboxes":
+        return "create"
+    if (method == "POST" and "/exec" in path) or (method == "PUT" and "/files" in path) or "/ws" in path:
+        return "exec"
+    return "read"
+
+
+class UserRateLimits:
+    """Per-user token buckets per class; a refused request has changed nothing yet."""
+
+    def __init__(self, create: tuple[int, float], exec_: tuple[int, float], read: tuple[int, float]):
+        self.limiters = {"create": KeyedLimiter(*create), "exec": KeyedLimiter(*exec_), "read": KeyedLimiter(*read)}
+
+    def allow(self, user_id: str, method: str, path: str) -> bool:
+        return self.limiters[rate_class(method, path)].take(user_id)

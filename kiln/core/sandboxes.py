@@ -13,9 +13,12 @@ from typing import AsyncIterator, Awaitable, Callable
 from ..agent.client import AgentError, AgentNotFound, AgentRequestError, ExecEvent
 from ..config import Config
 from ..engine.base import Engine, EngineError, SandboxHandle, SandboxSpec, State, ThermalEngine
-from ..store.db import NameTaken, SandboxRow, Store, User, now
+from ..store.db import NameTaken, SandboxRow, Store, Template, User, now
 from .errors import BadRequest, Conflict, Internal, KilnError, NotFound, TooManyRequests
+from .secrets import SecretService
+from .templates import TemplateService
 from .thermal import ThermalManager
+from .volumes import VolumeRequest, VolumeService
 
 log = logging.getLogger("kiln.sandboxes")
 
@@ -54,12 +57,31 @@ def validate_labels(labels: dict) -> None:
 
 @dataclass
 class CreateRequest:
+    """A create request; None means "not given" (the template's value or the default applies)."""
     name: str | None = None
     cpus: float | None = None
     memory_mb: int | None = None
     env: dict[str, str] = field(default_factory=dict)
-    init: str = ""
-    keep_hot: bool = False
+    init: str | None = None
+    keep_hot: bool | None = None
+    template_id: str | None = None
+    secrets: list[str] = field(default_factory=list)
+    volumes: list[VolumeRequest] | None = None
+    new_volumes: list[VolumeRequest] = field(default_factory=list)
+
+    def with_template(self, t: Template) -> "CreateRequest":
+        spec = t.spec
+        return CreateRequest(
+            name=self.name if self.name is not None else f"{t.name}-{secrets.token_hex(3)}",
+            cpus=self.cpus if self.cpus is not None else spec.get("cpus"),
+            memory_mb=self.memory_mb if self.memory_mb is not None else spec.get("memory_mb"),
+            env={**spec.get("env", {}), **self.env},
+            init=self.init if self.init is not None else spec.get("init", ""),
+            keep_hot=self.keep_hot if self.keep_hot is not None else spec.get("keep_hot", False),
+            template_id=t.id,
+            secrets=list(dict.fromkeys(spec.get("secrets", []) + self.secrets)),
+            volumes=self.volumes if self.volumes is not None else TemplateService.volumes(t),
+            new_volumes=self.new_volumes)
 
 
 @dataclass
@@ -81,10 +103,14 @@ class ExecResult:
 
 
 class SandboxService:
-    def __init__(self, store: Store, engine: Engine, config: Config):
+    def __init__(self, store: Store, engine: Engine, config: Config, secrets: SecretService,
+                 volumes: VolumeService, templates: TemplateService):
         self.store = store
         self.engine = engine
         self.config = config
+        self.secrets = secrets
+        self.volumes = volumes
+        self.templates = templates
         self.locks: dict[str, asyncio.Lock] = {}
         self.thermal = ThermalManager(config.thermal)
         # Other services' reactions: before_stop(id) ends host connections into a sandbox before a
@@ -112,13 +138,15 @@ class SandboxService:
 
     # ------------------------------------------------------------ create / destroy
 
-    def validate_create(self, user: User, req: CreateRequest) -> tuple[str, float, int]:
-        """Check a create request in the documented order; returns (name, cpus, memory_mb)."""
-        lim = self.config.limits
-        max_count = min(user.max_sandboxes, lim.max_sandboxes)
+    def check_quota(self, user: User) -> None:
+        max_count = min(user.max_sandboxes, self.config.limits.max_sandboxes)
         count = self.store.count_sandboxes(user.id)
         if count >= max_count:
             raise TooManyRequests(f"sandbox limit reached ({count}/{max_count})")
+
+    def validate_create(self, user: User, req: CreateRequest) -> tuple[str, float, int]:
+        """Check a create request's size and names; returns (name, cpus, memory_mb)."""
+        lim = self.config.limits
         cpus = 1.0 if req.cpus is None else float(req.cpus)
         memory_mb = 512 if req.memory_mb is None else int(req.memory_mb)
         max_cpus = min(user.max_cpus_per_sandbox, lim.max_cpus_per_sandbox)
@@ -140,28 +168,45 @@ class SandboxService:
         return name, cpus, memory_mb
 
     async def create(self, user: User, req: CreateRequest) -> tuple[SandboxRow, bool]:
-        """Create and boot a sandbox; returns (sandbox, existed). Same name again returns the existing one."""
+        """Create and boot a sandbox; returns (sandbox, existed). Same name again returns the existing one.
+
+        Checks run in bhatti's order (quota, size, name, template, secrets, then the idempotent name,
+        then volumes), all before anything is made, so a refused request changes nothing.
+        """
+        self.check_quota(user)
+        if req.template_id:
+            req = req.with_template(self.templates.get(user, req.template_id, message="template not found"))
         name, cpus, memory_mb = self.validate_create(user, req)
+        secret_env = self.secrets.resolve(user, req.secrets)
         existing = self.store.get_sandbox(user.id, name)
         if existing is not None and existing.name == name and existing.status != CREATING:
             return existing, True
-        row = SandboxRow(id=secrets.token_hex(8), owner_id=user.id, name=name, status=CREATING, cpus=cpus,
+        self.volumes.resolve(user, req.volumes or [], req.new_volumes)
+        sandbox_id = secrets.token_hex(8)
+        row = SandboxRow(id=sandbox_id, owner_id=user.id, name=name, status=CREATING, cpus=cpus,
                          memory_mb=memory_mb, image="default", created_at=now(), env=dict(req.env),
-                         init=req.init, keep_hot=req.keep_hot)
+                         init=req.init or "", keep_hot=bool(req.keep_hot), template_id=req.template_id or "",
+                         sealed_env=self.secrets.seal_env(sandbox_id, secret_env))
         try:
             # The "creating" row reserves the name; a crash from here on is cleaned up at restart.
             self.store.insert_sandbox(row)
         except NameTaken:
             raise Conflict(f'sandbox "{name}" is being created by another request')
-        spec = SandboxSpec(id=row.id, hostname=name, cpus=cpus, memory_mb=memory_mb, env=row.env,
-                           init=row.init, image=row.image)
         try:
             async with self.lock(row.id):
+                mounts = await self.volumes.attach(user, row.id, req.volumes or [], req.new_volumes)
+                spec = SandboxSpec(id=row.id, hostname=name, cpus=cpus, memory_mb=memory_mb, env=row.env,
+                                   init=row.init, image=row.image, mounts=mounts, has_secrets=bool(secret_env))
                 handle = await self.engine.create(spec)
+                if secret_env:
+                    await handle.agent.set_secrets(secret_env)
         except BaseException as e:
+            with contextlib.suppress(EngineError):
+                await self.engine.destroy(row.id)
             self.store.delete_sandbox(row.id)
+            await self.volumes.release(row.id)
             self.locks.pop(row.id, None)
-            if isinstance(e, EngineError):
+            if isinstance(e, (EngineError, AgentError)):
                 raise Internal(f"create sandbox {row.id}: {e}") from e
             raise
         self.store.update_sandbox(row.id, status=RUNNING, ip=handle.ip)
@@ -376,15 +421,24 @@ class SandboxService:
                     log.error("restore of %s failed: %s", row.id, e)
                     raise self.restore_failed_error(row) from e
                 log.error("forced start of %s: restore failed (%s); booting it on its disk", row.id, e)
-                await self.engine.boot(row.id)
+                await self.boot(row)
         elif status.state == State.DEAD:
-            await self.engine.boot(row.id)
+            await self.boot(row)
         elif status.state == State.MISSING:
             raise Internal(f"sandbox {row.id} is unknown to the engine")
         handle = self.engine.handle(row.id)
         self.store.update_sandbox(row.id, status=RUNNING, reason="", ip=handle.ip)
         self.thermal.touch(row.id)
         return handle
+
+    async def boot(self, row: SandboxRow) -> None:
+        """Boot on the disk (after a death or a lost snapshot); a fresh agent needs the secrets again."""
+        handle = await self.engine.boot(row.id)
+        if row.sealed_env:
+            try:
+                await handle.agent.set_secrets(self.secrets.open_env(row.id, row.sealed_env))
+            except AgentError as e:
+                raise EngineError(f"hand secrets to the agent: {e}") from e
 
     @staticmethod
     def restore_failed_error(row: SandboxRow) -> KilnError:

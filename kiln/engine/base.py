@@ -14,6 +14,14 @@ from ..agent.client import AgentClient
 
 
 @dataclass(frozen=True)
+class Mount:
+    """A host directory bind-mounted into the sandbox (a volume)."""
+    source: str
+    target: str
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     """What a user can ask for. Engine details (addresses, paths, flags) never appear here."""
     id: str
@@ -23,6 +31,8 @@ class SandboxSpec:
     env: dict[str, str] = field(default_factory=dict)
     init: str = ""
     image: str = "default"
+    mounts: tuple[Mount, ...] = ()
+    has_secrets: bool = False   # the secret environment is handed to the agent after every boot
 
 
 class State(str, enum.Enum):

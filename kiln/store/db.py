@@ -70,6 +70,44 @@ MIGRATIONS: list[str] = [
         UNIQUE (sandbox_id, port)
     );
     """,
+    # 4: templates, secrets (values sealed), volumes and their attachments, volume quota, the sealed
+    #    secret environment a sandbox was created with
+    """
+    ALTER TABLE users ADD COLUMN max_volume_storage_mb INTEGER NOT NULL DEFAULT 20480;
+    ALTER TABLE sandboxes ADD COLUMN template_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sandboxes ADD COLUMN sealed_env BLOB;
+    CREATE TABLE templates (
+        id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES users(id),
+        name TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (owner_id, name)
+    );
+    CREATE TABLE secrets (
+        owner_id TEXT NOT NULL REFERENCES users(id),
+        name TEXT NOT NULL,
+        sealed BLOB NOT NULL,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL,
+        PRIMARY KEY (owner_id, name)
+    );
+    CREATE TABLE volumes (
+        id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES users(id),
+        name TEXT NOT NULL,
+        size_mb INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (owner_id, name)
+    );
+    CREATE TABLE volume_attachments (
+        volume_id TEXT NOT NULL REFERENCES volumes(id),
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        mount TEXT NOT NULL,
+        read_only INTEGER NOT NULL,
+        PRIMARY KEY (volume_id, sandbox_id)
+    );
+    """,
 ]
 
 
@@ -90,6 +128,7 @@ class User:
     max_cpus_per_sandbox: float
     max_memory_mb_per_sandbox: int
     created_at: str
+    max_volume_storage_mb: int = 20480
 
 
 @dataclass
@@ -110,6 +149,43 @@ class SandboxRow:
     labels: dict = field(default_factory=dict)
     stopped_at: str | None = None
     snapshot: dict | None = None
+    template_id: str = ""
+    sealed_env: bytes | None = None   # secrets given at create, encrypted; never in API output
+
+
+@dataclass
+class Template:
+    id: str
+    owner_id: str
+    name: str
+    spec: dict
+    created_at: str
+
+
+@dataclass
+class SecretRow:
+    owner_id: str
+    name: str
+    sealed: bytes
+    created_at: str
+    updated_at: str
+
+
+@dataclass
+class Volume:
+    id: str
+    owner_id: str
+    name: str
+    size_mb: int
+    created_at: str
+
+
+@dataclass
+class Attachment:
+    volume_id: str
+    sandbox_id: str
+    mount: str
+    read_only: bool
 
 
 @dataclass
@@ -165,9 +241,11 @@ class Store:
         with self.lock:
             self.db.execute("BEGIN")
             try:
-                self.db.execute("INSERT INTO users VALUES (?,?,?,?,?,?)",
-                                (user.id, user.name, user.max_sandboxes, user.max_cpus_per_sandbox,
-                                 user.max_memory_mb_per_sandbox, user.created_at))
+                self.db.execute(
+                    "INSERT INTO users (id, name, max_sandboxes, max_cpus_per_sandbox, max_memory_mb_per_sandbox,"
+                    " created_at, max_volume_storage_mb) VALUES (?,?,?,?,?,?,?)",
+                    (user.id, user.name, user.max_sandboxes, user.max_cpus_per_sandbox,
+                     user.max_memory_mb_per_sandbox, user.created_at, user.max_volume_storage_mb))
                 self.db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user.id, now()))
                 self.db.execute("COMMIT")
             except BaseException:
@@ -186,6 +264,26 @@ class Store:
     def list_users(self) -> list[User]:
         return [User(**dict(r)) for r in self._exec("SELECT * FROM users ORDER BY created_at")]
 
+    def rotate_key(self, user_id: str, key: str) -> None:
+        """Replace every key of a user with one new key (the old ones stop working at once)."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                self.db.execute("DELETE FROM api_keys WHERE user_id=?", (user_id,))
+                self.db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user_id, now()))
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def user_holdings(self, user_id: str) -> dict[str, int]:
+        """What a user still owns (a user is deleted only when this is all zeros)."""
+        return {t: self._exec(f"SELECT COUNT(*) FROM {t} WHERE owner_id=?", (user_id,)).fetchone()[0]
+                for t in ("sandboxes", "secrets", "volumes", "templates")}
+
+    def delete_user(self, user_id: str) -> None:
+        self._exec("DELETE FROM users WHERE id=?", (user_id,))
+
     # ------------------------------------------------------------ sandboxes
 
     @staticmethod
@@ -201,9 +299,11 @@ class Store:
         try:
             self._exec(
                 "INSERT INTO sandboxes (id, owner_id, name, status, reason, ip, cpus, memory_mb, image, env, init,"
-                " keep_hot, labels, created_at, stopped_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " keep_hot, labels, created_at, stopped_at, template_id, sealed_env)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (s.id, s.owner_id, s.name, s.status, s.reason, s.ip, s.cpus, s.memory_mb, s.image,
-                 json.dumps(s.env), s.init, int(s.keep_hot), json.dumps(s.labels), s.created_at, s.stopped_at))
+                 json.dumps(s.env), s.init, int(s.keep_hot), json.dumps(s.labels), s.created_at, s.stopped_at,
+                 s.template_id, s.sealed_env))
         except sqlite3.IntegrityError as e:
             raise NameTaken(s.name) from e
 
@@ -290,3 +390,89 @@ class Store:
         row = self._exec("DELETE FROM publish_rules WHERE sandbox_id=? AND port=? RETURNING *",
                          (sandbox_id, port)).fetchone()
         return PublishRule(**dict(row)) if row else None
+
+    # ------------------------------------------------------------ templates
+
+    @staticmethod
+    def _template(row: sqlite3.Row) -> Template:
+        d = dict(row)
+        d["spec"] = json.loads(d["spec"])
+        return Template(**d)
+
+    def insert_template(self, t: Template) -> None:
+        try:
+            self._exec("INSERT INTO templates VALUES (?,?,?,?,?)",
+                       (t.id, t.owner_id, t.name, json.dumps(t.spec), t.created_at))
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(t.name) from e
+
+    def get_template(self, owner_id: str, id_or_name: str) -> Template | None:
+        row = self._exec("SELECT * FROM templates WHERE owner_id=? AND (id=? OR name=?) ORDER BY id=? DESC",
+                         (owner_id, id_or_name, id_or_name, id_or_name)).fetchone()
+        return self._template(row) if row else None
+
+    def list_templates(self, owner_id: str) -> list[Template]:
+        rows = self._exec("SELECT * FROM templates WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
+        return [self._template(r) for r in rows]
+
+    def delete_template(self, template_id: str) -> None:
+        self._exec("DELETE FROM templates WHERE id=?", (template_id,))
+
+    # ------------------------------------------------------------ secrets
+
+    def upsert_secret(self, owner_id: str, name: str, sealed: bytes) -> SecretRow:
+        ts = now()
+        self._exec("INSERT INTO secrets VALUES (?,?,?,?,?) ON CONFLICT (owner_id, name) DO UPDATE"
+                   " SET sealed=excluded.sealed, updated_at=excluded.updated_at", (owner_id, name, sealed, ts, ts))
+        return self.get_secret(owner_id, name)
+
+    def get_secret(self, owner_id: str, name: str) -> SecretRow | None:
+        row = self._exec("SELECT * FROM secrets WHERE owner_id=? AND name=?", (owner_id, name)).fetchone()
+        return SecretRow(**dict(row)) if row else None
+
+    def list_secrets(self, owner_id: str) -> list[SecretRow]:
+        return [SecretRow(**dict(r)) for r in
+                self._exec("SELECT * FROM secrets WHERE owner_id=? ORDER BY name", (owner_id,))]
+
+    def delete_secret(self, owner_id: str, name: str) -> bool:
+        return self._exec("DELETE FROM secrets WHERE owner_id=? AND name=?", (owner_id, name)).rowcount > 0
+
+    # ------------------------------------------------------------ volumes
+
+    def insert_volume(self, v: Volume) -> None:
+        try:
+            self._exec("INSERT INTO volumes VALUES (?,?,?,?,?)", (v.id, v.owner_id, v.name, v.size_mb, v.created_at))
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(v.name) from e
+
+    def get_volume(self, owner_id: str, name: str) -> Volume | None:
+        row = self._exec("SELECT * FROM volumes WHERE owner_id=? AND name=?", (owner_id, name)).fetchone()
+        return Volume(**dict(row)) if row else None
+
+    def volume_by_id(self, volume_id: str) -> Volume | None:
+        row = self._exec("SELECT * FROM volumes WHERE id=?", (volume_id,)).fetchone()
+        return Volume(**dict(row)) if row else None
+
+    def list_volumes(self, owner_id: str) -> list[Volume]:
+        return [Volume(**dict(r)) for r in
+                self._exec("SELECT * FROM volumes WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))]
+
+    def volume_storage_mb(self, owner_id: str) -> int:
+        return self._exec("SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE owner_id=?",
+                          (owner_id,)).fetchone()[0]
+
+    def delete_volume(self, volume_id: str) -> None:
+        self._exec("DELETE FROM volumes WHERE id=?", (volume_id,))
+
+    def attach_volume(self, a: Attachment) -> None:
+        self._exec("INSERT INTO volume_attachments VALUES (?,?,?,?)",
+                   (a.volume_id, a.sandbox_id, a.mount, int(a.read_only)))
+
+    def attachments(self, volume_id: str | None = None, sandbox_id: str | None = None) -> list[Attachment]:
+        sql, args = "SELECT * FROM volume_attachments WHERE 1=1", []
+        if volume_id is not None:
+            sql, args = sql + " AND volume_id=?", args + [volume_id]
+        if sandbox_id is not None:
+            sql, args = sql + " AND sandbox_id=?", args + [sandbox_id]
+        return [Attachment(r["volume_id"], r["sandbox_id"], r["mount"], bool(r["read_only"]))
+                for r in self._exec(sql, args)]

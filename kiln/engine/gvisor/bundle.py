@@ -60,6 +60,8 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
             {"destination": GUEST_AGENT_DIR, "type": "bind", "source": str(AGENT_DIR), "options": ["rbind", "ro"]},
             {"destination": GUEST_AGENT_CONFIG, "type": "bind", "source": str(sandbox_dir / "agent.json"),
              "options": ["bind", "ro"]},
+            *({"destination": m.target, "type": "bind", "source": m.source,
+               "options": ["rbind", "ro" if m.read_only else "rw"]} for m in spec.mounts),
         ],
         "linux": {
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
@@ -75,7 +77,7 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
 
 
 def write_private(path: Path, data: str) -> None:
-    """Write a root-only file atomically (it may hold the agent token and secrets)."""
+    """Write a root-only file atomically (it holds the agent token; secrets never go to files)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -88,7 +90,7 @@ def write_private(path: Path, data: str) -> None:
 def write_bundle(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str) -> None:
     for d in ("upper", "work", "rootfs"):
         (sandbox_dir / d).mkdir(exist_ok=True)
-    agent_config = {"token": token, "env": spec.env, "init": spec.init}
+    agent_config = {"token": token, "env": spec.env, "init": spec.init, "secrets_pending": spec.has_secrets}
     write_private(sandbox_dir / "agent.json", json.dumps(agent_config))
     write_private(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path)))
 

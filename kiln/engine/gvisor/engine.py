@@ -69,6 +69,7 @@ class GVisorEngine:
 
     async def start_engine(self) -> None:
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
+        self.sandboxes_dir.chmod(0o700)  # memory snapshots (with the sandboxes' secrets) are root's only
         await self.network.install_firewall()
         for d in self.sandboxes_dir.iterdir():
             try:

@@ -1,24 +1,12 @@
-"""Running host commands from asyncio, with errors that say what failed."""
+"""Host commands for the engine: kiln.proc.run, failing with EngineError."""
 from __future__ import annotations
 
-import asyncio
-import subprocess
-
+from ... import proc
 from ..base import EngineError
 
 
-async def run(argv: list[str], input: bytes | None = None, check: bool = True,
-              timeout: float = 120.0) -> str:
-    """Run argv to completion and return its stdout; raise EngineError on failure when check."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+async def run(argv: list[str], input: bytes | None = None, check: bool = True, timeout: float = 120.0) -> str:
     try:
-        out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise EngineError(f"{' '.join(argv[:4])}: timed out after {timeout}s")
-    if check and proc.returncode != 0:
-        raise EngineError(f"{' '.join(argv[:6])}: exit {proc.returncode}: {err.decode(errors='replace').strip()}")
-    return out.decode(errors="replace")
+        return await proc.run(argv, input=input, check=check, timeout=timeout)
+    except proc.CommandFailed as e:
+        raise EngineError(str(e)) from e
