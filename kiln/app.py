@@ -13,6 +13,7 @@ from .api import (errors, exec as exec_api, files as files_api, health, ports as
                   sessions as sessions_api, templates as templates_api, terminal as terminal_api,
                   volumes as volumes_api)
 from .api.auth import CommonHeaders
+from .api.proxy import HttpPools
 from .api.public import PublicLimits, PublicProxy
 from .config import Config
 from .core.files import FileService
@@ -60,6 +61,7 @@ def build_app(config: Config) -> FastAPI:
         app.state.terminals = TerminalService(sandboxes)
         app.state.upstreams = upstreams = Upstreams(sandboxes)
         app.state.ports = ports = PortTracker(sandboxes, upstreams, config.ports)
+        app.state.http_pools = HttpPools(app.state)
         app.state.publish = publish = PublishService(store, config)
         app.state.public_limits = PublicLimits(config.publish)
         lim = config.limits

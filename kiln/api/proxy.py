@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import select
+import socket
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -96,12 +98,19 @@ def path_after_port(raw_path: bytes) -> str:
 # ---------------------------------------------------------------- HTTP
 
 class SocketStream(httpcore.AsyncNetworkStream):
-    """httpcore's view of a connection we opened ourselves (direct or through the agent)."""
+    """httpcore's view of a connection we opened ourselves (direct or through the agent).
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.reader, self.writer = reader, writer
+    TCP_QUICKACK before every read: apps that write headers and body separately with Nagle on
+    (Python's http.server, for one) otherwise wait ~40 ms per response for our delayed ACK on a
+    reused connection.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sock: socket.socket, on_close):
+        self.reader, self.writer, self.sock, self.on_close = reader, writer, sock, on_close
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
         return await asyncio.wait_for(self.reader.read(max_bytes), timeout)
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:
@@ -110,9 +119,60 @@ class SocketStream(httpcore.AsyncNetworkStream):
 
     async def aclose(self) -> None:
         self.writer.close()
+        self.on_close()
 
     def get_extra_info(self, info: str):
+        if info == "is_readable":  # an idle keep-alive connection that is readable was closed by the app
+            if self.sock.fileno() < 0:
+                return True
+            return bool(select.select([self.sock], [], [], 0)[0])
         return None
+
+
+class SandboxBackend(httpcore.AsyncNetworkBackend):
+    """Where httpcore's pool gets new connections for one sandbox: from Upstreams (tracked)."""
+
+    def __init__(self, state, sandbox_id: str):
+        self.state, self.sandbox_id = state, sandbox_id
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        row = self.state.store.sandbox_by_id(self.sandbox_id)
+        if row is None:
+            raise BadGateway("bad gateway: the sandbox is gone")
+        upstreams: Upstreams = self.state.upstreams
+        sock = await upstreams.open(row, port)
+        reader, writer = await asyncio.open_connection(sock=sock)
+        return SocketStream(reader, writer, sock, lambda: upstreams.release(self.sandbox_id, sock))
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class HttpPools:
+    """Keep-alive connections to apps, one httpcore pool per sandbox: a request to a hot app then
+    costs no TCP handshake (and no new thread in thread-per-connection servers). Idle connections
+    never keep a sandbox hot, expire before common server idle timeouts, and are dropped when the
+    sandbox is stopped or destroyed."""
+
+    KEEPALIVE_EXPIRY = 4.0   # under Node's 5 s default keepAliveTimeout
+    MAX_IDLE = 8
+
+    def __init__(self, state):
+        self.state = state
+        self.pools: dict[str, httpcore.AsyncConnectionPool] = {}
+        state.upstreams.on_cut.append(self.forget)
+
+    def pool(self, sandbox_id: str) -> httpcore.AsyncConnectionPool:
+        pool = self.pools.get(sandbox_id)
+        if pool is None:
+            pool = self.pools[sandbox_id] = httpcore.AsyncConnectionPool(
+                network_backend=SandboxBackend(self.state, sandbox_id), max_connections=None,
+                max_keepalive_connections=self.MAX_IDLE, keepalive_expiry=self.KEEPALIVE_EXPIRY)
+        return pool
+
+    def forget(self, sandbox_id: str) -> None:
+        # Its sockets were just shut down by Upstreams.cut; the pool object is simply dropped.
+        self.pools.pop(sandbox_id, None)
 
 
 async def request_body(scope, receive):
@@ -139,33 +199,28 @@ async def json_reply(send, status: int, body: dict, extra_headers: list | None =
     await response({"type": "http"}, None, send)
 
 
-async def proxy_http(upstreams: Upstreams, target: Target, scope, receive, send, bad_gateway: str | None = None):
-    """One HTTP exchange with the app. Errors before the response starts are JSON replies;
-    `bad_gateway` replaces the detailed 502 message (the public proxy says less)."""
+async def proxy_http(state, target: Target, scope, receive, send, bad_gateway: str | None = None):
+    """One HTTP exchange with the app, on a pooled keep-alive connection. Errors before the response
+    starts are JSON replies; `bad_gateway` replaces the detailed 502 message (the public proxy says less)."""
     headers = target.headers(scope)
     if any(k == b"transfer-encoding" for k, _ in scope["headers"]):
         headers.append((b"transfer-encoding", b"chunked"))  # the body keeps its framing upstream
+    sandboxes = state.sandboxes
     started = False
     try:
-        async with upstreams.connection(target.row, target.port) as sock:
-            reader, writer = await asyncio.open_connection(sock=sock)
-            conn = httpcore.AsyncHTTP11Connection(httpcore.Origin(b"http", b"localhost", target.port),
-                                                  SocketStream(reader, writer))
+        with sandboxes.thermal.pin(target.row.id):  # hot for as long as the exchange lasts
+            await sandboxes.ready_handle(target.row)  # pooled connections to a paused app need it awake
+            request = httpcore.Request(scope["method"], httpcore.URL(
+                scheme=b"http", host=b"localhost", port=target.port, target=target.url_target(scope).encode()),
+                headers=headers, content=request_body(scope, receive))
+            response = await state.http_pools.pool(target.row.id).handle_async_request(request)
             try:
-                request = httpcore.Request(scope["method"], httpcore.URL(
-                    scheme=b"http", host=b"localhost", port=target.port, target=target.url_target(scope).encode()),
-                    headers=headers, content=request_body(scope, receive))
-                response = await conn.handle_async_request(request)
-                try:
-                    out_headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP]
-                    await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
-                    started = True
-                    await stream_until_client_leaves(response.stream, receive, send)
-                finally:
-                    await response.aclose()
+                out_headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP]
+                await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
+                started = True
+                await stream_until_client_leaves(response.stream, receive, send)
             finally:
-                await conn.aclose()
-                writer.close()
+                await response.aclose()
     except BodyTooLarge:
         if not started:
             await json_reply(send, 413, {"error": "request body too large (max 50 MiB)"})
@@ -177,7 +232,7 @@ async def proxy_http(upstreams: Upstreams, target: Target, scope, receive, send,
         if bad_gateway is None:
             raise  # the API's error handlers answer with the right status
         await json_reply(send, 502, {"error": bad_gateway})
-    except (httpcore.ProtocolError, httpcore.NetworkError, OSError) as e:
+    except (httpcore.ProtocolError, httpcore.NetworkError, httpcore.TimeoutException, OSError) as e:
         if not started:
             message = bad_gateway or f"bad gateway: port {target.port}: {e or type(e).__name__}"
             await json_reply(send, 502, {"error": message})
@@ -274,12 +329,12 @@ async def relay_messages(websocket: WebSocket, upstream) -> None:
 class ProxyResponse(Response):
     """Runs the exchange as the route's response, so the request body is streamed, never buffered."""
 
-    def __init__(self, upstreams: Upstreams, target: Target):
+    def __init__(self, state, target: Target):
         super().__init__()
-        self.upstreams, self.target = upstreams, target
+        self.state, self.target = state, target
 
     async def __call__(self, scope, receive, send):
-        await proxy_http(self.upstreams, self.target, scope, receive, send)
+        await proxy_http(self.state, self.target, scope, receive, send)
 
 
 def target_for(app_state, user: User, sandbox_id: str, port: str, raw_path: bytes) -> Target:
@@ -293,7 +348,7 @@ def target_for(app_state, user: User, sandbox_id: str, port: str, raw_path: byte
 async def proxy(sandbox_id: str, port: str, request: Request, user: User = Depends(require_user)):
     """Reverse proxy to a port inside the sandbox (wakes it)."""
     target = target_for(request.app.state, user, sandbox_id, port, request.scope.get("raw_path") or b"")
-    return ProxyResponse(request.app.state.upstreams, target)
+    return ProxyResponse(request.app.state, target)
 
 
 @router.websocket("/sandboxes/{sandbox_id}/proxy/{port}")

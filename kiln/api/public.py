@@ -94,4 +94,4 @@ class PublicProxy:
         if websocket is not None:
             await proxy_websocket(state.upstreams, target, websocket, bad_gateway="bad gateway")
         else:
-            await proxy_http(state.upstreams, target, scope, receive, send, bad_gateway="bad gateway")
+            await proxy_http(state, target, scope, receive, send, bad_gateway="bad gateway")

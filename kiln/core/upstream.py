@@ -3,8 +3,8 @@
 The authenticated proxy, host_port relays and published URLs all connect through here. A service
 listening on the sandbox's address is reached directly (<sandbox ip>:<port>, ~0.6 ms); one that
 listens on loopback only refuses that, and is reached through the agent, which dials 127.0.0.1
-inside the sandbox. Every open connection keeps its sandbox hot (pinned) and is tracked, so a stop
-or a destroy can cut them before the checkpoint instead of leaving them to be reset inside it.
+inside the sandbox. Every open connection is tracked, so a stop or a destroy can cut them before
+the checkpoint instead of leaving them to be reset inside it.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def parse_port(text: str | int) -> int:
 class Upstreams:
     def __init__(self, sandboxes):
         self.sandboxes = sandboxes
-        self.open: dict[str, set[socket.socket]] = {}
+        self.open_sockets: dict[str, set[socket.socket]] = {}
+        self.on_cut: list = []  # e.g. the proxy forgets its idle keep-alive connections
         sandboxes.before_stop.append(self.cut)
 
     async def dial(self, row: SandboxRow, port: int) -> socket.socket:
@@ -56,23 +57,33 @@ class Upstreams:
         except AgentError as e:
             raise BadGateway(f"bad gateway: {e}") from e
 
+    async def open(self, row: SandboxRow, port: int) -> socket.socket:
+        """A tracked connection (cut on stop or destroy); give it back with release()."""
+        sock = await self.dial(row, port)
+        self.open_sockets.setdefault(row.id, set()).add(sock)
+        return sock
+
+    def release(self, sandbox_id: str, sock: socket.socket) -> None:
+        tracked = self.open_sockets.get(sandbox_id, set())
+        tracked.discard(sock)
+        if not tracked:
+            self.open_sockets.pop(sandbox_id, None)
+        sock.close()
+
     @contextlib.asynccontextmanager
     async def connection(self, row: SandboxRow, port: int) -> AsyncIterator[socket.socket]:
-        """A tracked connection to a sandbox port; the sandbox stays hot while it is open."""
+        """A tracked connection for as long as the block runs; the sandbox stays hot meanwhile."""
         with self.sandboxes.thermal.pin(row.id):
-            sock = await self.dial(row, port)
-            tracked = self.open.setdefault(row.id, set())
-            tracked.add(sock)
+            sock = await self.open(row, port)
             try:
                 yield sock
             finally:
-                tracked.discard(sock)
-                if not tracked:
-                    self.open.pop(row.id, None)
-                sock.close()
+                self.release(row.id, sock)
 
     def cut(self, sandbox_id: str) -> None:
         """End every open connection to a sandbox (it is being stopped or destroyed)."""
-        for sock in self.open.pop(sandbox_id, set()):
+        for sock in self.open_sockets.pop(sandbox_id, set()):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+        for forget in self.on_cut:
+            forget(sandbox_id)
