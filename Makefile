@@ -15,10 +15,12 @@ image: install
 serve: image
 	@$(PY) -m kiln.cli.main serve $(if $(CONFIG),--config $(CONFIG))
 
-test: install
+test:
+	@bash scripts/install-deps.sh --test
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)
 
-unit: install
+unit:
+	@bash scripts/install-deps.sh --test
 	@$(PY) -m pytest -ra tests/unit
 
 bench: install

@@ -11,7 +11,7 @@ from . import __version__
 from .api import (errors, exec as exec_api, files as files_api, health, ports as ports_api, proxy as proxy_api,
                   publish as publish_api, sandboxes as sandboxes_api, secrets as secrets_api,
                   sessions as sessions_api, templates as templates_api, terminal as terminal_api,
-                  volumes as volumes_api)
+                  volumes as volumes_api, web)
 from .api.auth import CommonHeaders
 from .api.proxy import HttpPools
 from .api.public import PublicLimits, PublicProxy
@@ -33,6 +33,20 @@ from .images.default import ensure_default_image
 from .store.db import Store
 
 log = logging.getLogger("kiln")
+
+
+def openapi_with_unique_ids(app: FastAPI) -> dict:
+    """FastAPI names operations by route, so routes taking several methods (the proxy) would share
+    one operationId; name each by method and path instead, which is unique by construction."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+        spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path, ops in spec["paths"].items():
+            slug = path.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "root"
+            for method, op in ops.items():
+                op["operationId"] = f"{method}_{slug}"
+        app.openapi_schema = spec
+    return app.openapi_schema
 
 
 def build_app(config: Config) -> FastAPI:
@@ -83,11 +97,15 @@ def build_app(config: Config) -> FastAPI:
             await engine.close_engine()
             store.close()
 
-    app = FastAPI(title="kiln", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="kiln", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Isolated Linux sandboxes: exec, files, terminals, ports, publish. Every route "
+                              "but /health takes `Authorization: Bearer <API key>`.")
+    app.openapi = lambda: openapi_with_unique_ids(app)
     app.add_middleware(CommonHeaders)
     app.add_middleware(PublicProxy)  # added last = outermost: published hosts never reach the API
     errors.install(app)
     for module in (health, sandboxes_api, exec_api, sessions_api, files_api, terminal_api, ports_api,
-                   publish_api, proxy_api, templates_api, secrets_api, volumes_api):
+                   publish_api, proxy_api, templates_api, secrets_api, volumes_api, web):
         app.include_router(module.router)
+    app.mount("/static", web.static_files, name="static")
     return app

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything kiln needs on a Debian 12 host, skipping what is already there.
-# Called by `make serve` and `make test`; safe to run again.
+# Called by `make serve` and, with --test (adds Chromium for the browser test), by `make test`.
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,9 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+if [ "${1:-}" = "--test" ]; then
+  command -v chromium >/dev/null || need_apt+=(chromium)   # driven by Playwright in tests/browser
+fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
   # runsc must come from bookworm-backports (the bookworm build is too old: ptrace only, no

@@ -344,9 +344,16 @@ def target_for(app_state, user: User, sandbox_id: str, port: str, raw_path: byte
 
 
 @router.api_route("/sandboxes/{sandbox_id}/proxy/{port}", methods=METHODS)
+async def proxy_root(sandbox_id: str, port: str, request: Request, user: User = Depends(require_user)):
+    """Reverse proxy to `/` of a port inside the sandbox (wakes it)."""
+    target = target_for(request.app.state, user, sandbox_id, port, request.scope.get("raw_path") or b"")
+    return ProxyResponse(request.app.state, target)
+
+
 @router.api_route("/sandboxes/{sandbox_id}/proxy/{port}/{path:path}", methods=METHODS)
-async def proxy(sandbox_id: str, port: str, request: Request, user: User = Depends(require_user)):
-    """Reverse proxy to a port inside the sandbox (wakes it)."""
+async def proxy_path(sandbox_id: str, port: str, path: str, request: Request, user: User = Depends(require_user)):
+    """Reverse proxy to a port inside the sandbox (wakes it); the path after the port and the query
+    go to the app as they are."""
     target = target_for(request.app.state, user, sandbox_id, port, request.scope.get("raw_path") or b"")
     return ProxyResponse(request.app.state, target)
 

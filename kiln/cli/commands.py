@@ -1,0 +1,345 @@
+"""The client commands of `kiln` (everything but serve/image/user), built on the SDK."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..client import KilnError
+from ..client.aio import AsyncKiln, AsyncSandbox
+from .server import app, client_settings, fail
+
+JsonOpt = typer.Option(False, "--json", help="print JSON instead of text")
+console = Console()
+secret_app = typer.Typer(help="Secrets: values injected as env vars into new sandboxes.", no_args_is_help=True)
+volume_app = typer.Typer(help="Volumes: persistent, size-capped filesystems.", no_args_is_help=True)
+template_app = typer.Typer(help="Templates: saved create requests.", no_args_is_help=True)
+file_app = typer.Typer(help="Files inside a sandbox.", no_args_is_help=True)
+for sub, name in ((secret_app, "secret"), (volume_app, "volume"), (template_app, "template"), (file_app, "file")):
+    app.add_typer(sub, name=name)
+
+
+def run(coro_fn):
+    """Run coro_fn(kiln) with a client; API errors become a red message and exit status 1."""
+    async def go():
+        url, token = client_settings()
+        async with AsyncKiln(url, token) as kiln:
+            return await coro_fn(kiln)
+    try:
+        return asyncio.run(go())
+    except KilnError as e:
+        raise fail(e.message if e.status else str(e))
+
+
+def emit(data, as_json: bool, text=None) -> None:
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+    elif text is not None:
+        text(data)
+    else:
+        typer.echo(data if isinstance(data, str) else json.dumps(data, indent=2))
+
+
+def table(rows: list[dict], columns: list[str]) -> None:
+    t = Table(*[c.upper() for c in columns], box=None, header_style="bold")
+    for r in rows:
+        t.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in columns])
+    console.print(t)
+
+
+def kv(pairs: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for p in pairs:
+        if "=" not in p:
+            raise fail(f"{what} must be KEY=VALUE: {p!r}")
+        k, v = p.split("=", 1)
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------- sandboxes
+
+@app.command()
+def create(name: Optional[str] = typer.Argument(None), cpus: Optional[float] = typer.Option(None),
+           memory: Optional[int] = typer.Option(None, help="MB"),
+           env: List[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeat)"),
+           init: Optional[str] = typer.Option(None, help="script run once after boot (session `init`)"),
+           keep_hot: Optional[bool] = typer.Option(None, "--keep-hot/--allow-cold"),
+           template: Optional[str] = typer.Option(None, help="template id or name"),
+           secret: List[str] = typer.Option([], "--secret", help="secret name (repeat)"),
+           volume: List[str] = typer.Option([], "--volume", "-v", help="NAME:/mount[:ro] (repeat)"),
+           as_json: bool = JsonOpt):
+    """Create a sandbox (or show the existing one of that name)."""
+    volumes = []
+    for spec in volume:
+        parts = spec.split(":")
+        if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "ro"):
+            raise fail(f"--volume must be NAME:/mount[:ro]: {spec!r}")
+        volumes.append({"name": parts[0], "mount": parts[1], "read_only": len(parts) == 3})
+
+    async def go(kiln):
+        with console.status("creating sandbox...", spinner="dots") if not as_json else _nothing():
+            sb = await kiln.sandboxes.create(name, cpus=cpus, memory_mb=memory, env=kv(env, "--env") or None,
+                                             init=init, keep_hot=keep_hot, template=template,
+                                             secrets=secret or None, volumes=volumes or None)
+        return sb.info
+    emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['id']}\t{d['status']}\t{d['ip']}"))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@app.command("list")
+def list_(as_json: bool = JsonOpt):
+    """Your sandboxes."""
+    rows = run(lambda k: k.json("GET", "/sandboxes"))
+    emit(rows, as_json, lambda d: table(d, ["name", "id", "status", "thermal", "cpus", "memory_mb", "ip"]))
+
+
+app.command("ls", hidden=True)(list_)
+
+
+@app.command()
+def inspect(sandbox: str, as_json: bool = JsonOpt):
+    """One sandbox, in full."""
+    emit(run(lambda k: k.json("GET", f"/sandboxes/{sandbox}")), True)
+
+
+@app.command()
+def edit(sandbox: str, name: Optional[str] = typer.Option(None, "--name"),
+         keep_hot: Optional[bool] = typer.Option(None, "--keep-hot/--allow-cold"),
+         label: List[str] = typer.Option([], "--label", help="KEY=VALUE (repeat)"),
+         label_delete: List[str] = typer.Option([], "--label-delete"), as_json: bool = JsonOpt):
+    """Rename, (un)pin hot, or label a sandbox."""
+    async def go(kiln):
+        sb = await AsyncSandbox.connect(sandbox, kiln)
+        await sb.update(name=name, keep_hot=keep_hot, labels=kv(label, "--label") or None,
+                        remove_labels=label_delete or None)
+        return sb.info
+    emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['status']}\tkeep_hot={d['keep_hot']}"))
+
+
+@app.command()
+def stop(sandbox: str, as_json: bool = JsonOpt):
+    """Snapshot to disk and free its memory."""
+    async def go(kiln):
+        with console.status(f"stopping {sandbox}...") if not as_json else _nothing():
+            return (await (await AsyncSandbox.connect(sandbox, kiln)).stop()).info
+    emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['status']}"))
+
+
+@app.command()
+def start(sandbox: str, force: bool = typer.Option(False, "--force", help="boot on its disk if the restore fails"),
+          as_json: bool = JsonOpt):
+    """Bring a stopped sandbox back (memory intact)."""
+    async def go(kiln):
+        return (await (await AsyncSandbox.connect(sandbox, kiln)).start(force=force)).info
+    emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['status']}"))
+
+
+@app.command()
+def destroy(sandbox: str, yes: bool = typer.Option(False, "-y", "--yes", help="do not ask"), as_json: bool = JsonOpt):
+    """Destroy a sandbox and its disk (volumes stay)."""
+    if not yes and not as_json and sys.stdin.isatty():
+        typer.confirm(f"destroy {sandbox}?", abort=True)
+    run(lambda k: k.json("DELETE", f"/sandboxes/{sandbox}"))
+    emit({"status": "destroyed"}, as_json, lambda d: typer.echo(f"destroyed {sandbox}"))
+
+
+app.command("rm", hidden=True)(destroy)
+
+
+@app.command("exec")
+def exec_(sandbox: str, cmd: List[str] = typer.Argument(..., help="the command: kiln exec dev -- ls -la"),
+         timeout: Optional[int] = typer.Option(None, help="seconds"),
+         env: List[str] = typer.Option([], "--env", "-e", help="KEY=VALUE"),
+         cwd: Optional[str] = typer.Option(None), user: Optional[str] = typer.Option(None),
+         as_json: bool = JsonOpt):
+    """Run a command; exits with its exit code. Output streams when stdout is a terminal."""
+    stream = not as_json and (sys.stdout.isatty() or os.environ.get("KILN_FORCE_STREAM") == "1")
+
+    def out(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def err(text):
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    async def go(kiln):
+        sb = AsyncSandbox(kiln, {"id": sandbox, "name": sandbox, "status": ""})
+        return await sb.commands.run(list(cmd), env=kv(env, "--env") or None, cwd=cwd, user=user, timeout=timeout,
+                                     on_stdout=out if stream else None, on_stderr=err if stream else None)
+    result = run(go)
+    if as_json:
+        emit(result.__dict__, True)
+    elif not stream:
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def shell(sandbox: str, new: bool = typer.Option(False, "--new", help="a new shell instead of reattaching"),
+          session: Optional[str] = typer.Option(None, help="attach to this session id")):
+    """An interactive shell. Ctrl+\\ detaches (the shell keeps running; run `kiln shell` again to return)."""
+    from .shell import interactive_shell
+
+    async def go(kiln):
+        return await interactive_shell(AsyncSandbox(kiln, {"id": sandbox, "name": sandbox, "status": ""}),
+                                       session, new)
+    how = run(go)
+    typer.echo(f"\r\n[{how}]" if how == "detached" else "", err=True)
+
+
+@app.command()
+def ps(sandbox: str, as_json: bool = JsonOpt):
+    """Sessions (shells, init) in a sandbox."""
+    rows = run(lambda k: k.json("GET", f"/sandboxes/{sandbox}/sessions"))
+    emit(rows, as_json, lambda d: table(d, ["session_id", "command", "running", "attached", "exit_code"]))
+
+
+@app.command()
+def ports(sandbox: Optional[str] = typer.Argument(None), as_json: bool = JsonOpt):
+    """Listening ports (of one sandbox, which wakes it; or of all, from the last scan)."""
+    path = f"/sandboxes/{sandbox}/ports" if sandbox else "/ports"
+    rows = run(lambda k: k.json("GET", path))
+    cols = ["container_port", "host_port", "proxy_url"] if sandbox else ["sandbox_id", "container_port", "host_port"]
+    emit(rows, as_json, lambda d: table(d, cols))
+
+
+@app.command()
+def publish(sandbox: str, port: int = typer.Option(..., "--port", "-p"),
+            alias: Optional[str] = typer.Option(None, "--alias", "-a"), as_json: bool = JsonOpt):
+    """Make a port public at http://<alias>.<domain>/ (no auth)."""
+    rule = run(lambda k: k.json("POST", f"/sandboxes/{sandbox}/publish",
+                                json={"port": port} | ({"alias": alias} if alias else {})))
+    emit(rule, as_json, lambda d: typer.echo(d["url"]))
+
+
+@app.command()
+def unpublish(sandbox: str, port: int = typer.Option(..., "--port", "-p"), as_json: bool = JsonOpt):
+    """Remove a port's public URL."""
+    run(lambda k: k.request("DELETE", f"/sandboxes/{sandbox}/publish/{port}"))
+    emit({"status": "unpublished"}, as_json, lambda d: typer.echo(f"unpublished port {port}"))
+
+
+# ---------------------------------------------------------------- files
+
+@file_app.command("read")
+def file_read(sandbox: str, path: str):
+    """Print a file's bytes to stdout."""
+    data = run(lambda k: k.request("GET", f"/sandboxes/{sandbox}/files", params={"path": path}))
+    sys.stdout.buffer.write(data.content)
+
+
+@file_app.command("write")
+def file_write(sandbox: str, path: str, source: Optional[str] = typer.Option(None, "--from", help="local file "
+               "(default: stdin)"), mode: Optional[str] = typer.Option(None, help="octal, e.g. 0755"),
+               as_json: bool = JsonOpt):
+    """Write stdin (or --from FILE) to a file, atomically; a progress bar for large files."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    f = open(source, "rb") if source else sys.stdin.buffer
+    size = os.fstat(f.fileno()).st_size if source else None
+    data = None if source else f.read()
+    show = source is not None and size > 8 * 1024 * 1024 and not as_json and sys.stderr.isatty()
+
+    async def go(kiln):
+        params = {"path": path} | ({"mode": mode} if mode else {})
+        if data is not None:
+            return await kiln.request("PUT", f"/sandboxes/{sandbox}/files", params=params, content=data)
+        with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      disable=not show, console=Console(stderr=True)) as bar:
+            task = bar.add_task(f"upload {os.path.basename(source)}", total=size)
+
+            async def chunks():
+                while chunk := f.read(1 << 20):
+                    bar.update(task, advance=len(chunk))
+                    yield chunk
+            return await kiln.request("PUT", f"/sandboxes/{sandbox}/files", params=params, content=chunks(),
+                                      headers={"Content-Length": str(size)}, timeout=3600)
+    run(go)
+    emit({"status": "ok"}, as_json, lambda d: None)
+
+
+@file_app.command("ls")
+def file_ls(sandbox: str, path: str, as_json: bool = JsonOpt):
+    """List a directory."""
+    rows = run(lambda k: k.json("GET", f"/sandboxes/{sandbox}/files", params={"path": path, "ls": "true"}))
+    emit(rows, as_json, lambda d: table(d, ["name", "size", "mode", "is_dir"]))
+
+
+# ---------------------------------------------------------------- secrets, volumes, templates
+
+@secret_app.command("set")
+def secret_set(name: str, value: Optional[str] = typer.Option(None, help="default: read from stdin"),
+               as_json: bool = JsonOpt):
+    """Create or replace a secret (the value is read from stdin unless --value is given)."""
+    value = value if value is not None else sys.stdin.read().rstrip("\n")
+    emit(run(lambda k: k.secrets.set(name, value)), as_json, lambda d: typer.echo(f"set {d['name']}"))
+
+
+@secret_app.command("list")
+def secret_list(as_json: bool = JsonOpt):
+    emit(run(lambda k: k.secrets.list()), as_json, lambda d: table(d, ["name", "created_at", "updated_at"]))
+
+
+@secret_app.command("delete")
+def secret_delete(name: str, as_json: bool = JsonOpt):
+    run(lambda k: k.secrets.delete(name))
+    emit({"status": "deleted"}, as_json, lambda d: typer.echo(f"deleted {name}"))
+
+
+@volume_app.command("create")
+def volume_create(name: str, size: Optional[int] = typer.Option(None, "--size", help="MB (default 1024)"),
+                  as_json: bool = JsonOpt):
+    emit(run(lambda k: k.volumes.create(name, size)), as_json, lambda d: typer.echo(f"{d['name']}\t{d['size_mb']} MB"))
+
+
+@volume_app.command("list")
+def volume_list(as_json: bool = JsonOpt):
+    def text(rows):
+        table([dict(r, attached=len(r.get("attachments") or [])) for r in rows],
+              ["name", "size_mb", "attached", "created_at"])
+    emit(run(lambda k: k.volumes.list()), as_json, text)
+
+
+@volume_app.command("delete")
+def volume_delete(name: str, as_json: bool = JsonOpt):
+    run(lambda k: k.volumes.delete(name))
+    emit({"status": "deleted"}, as_json, lambda d: typer.echo(f"deleted {name}"))
+
+
+@template_app.command("create")
+def template_create(name: str, cpus: Optional[float] = typer.Option(None),
+                    memory: Optional[int] = typer.Option(None, help="MB"),
+                    env: List[str] = typer.Option([], "--env", "-e"), init: str = typer.Option(""),
+                    secret: List[str] = typer.Option([], "--secret"), keep_hot: bool = typer.Option(False),
+                    as_json: bool = JsonOpt):
+    spec = {"cpus": cpus, "memory_mb": memory, "env": kv(env, "--env"), "init": init, "secrets": secret,
+            "keep_hot": keep_hot}
+    emit(run(lambda k: k.templates.create(name, **{k2: v for k2, v in spec.items() if v is not None})), as_json,
+         lambda d: typer.echo(f"{d['name']}\t{d['id']}"))
+
+
+@template_app.command("list")
+def template_list(as_json: bool = JsonOpt):
+    emit(run(lambda k: k.templates.list()), as_json, lambda d: table(d, ["name", "id", "cpus", "memory_mb"]))
+
+
+@template_app.command("delete")
+def template_delete(template: str, as_json: bool = JsonOpt):
+    run(lambda k: k.templates.delete(template))
+    emit({"status": "deleted"}, as_json, lambda d: typer.echo(f"deleted {template}"))

@@ -1,0 +1,187 @@
+"""The `kiln` command: the Typer app, how the client finds the daemon, and the server-host commands.
+
+On the server host: `kiln serve`, `kiln image build`, `kiln user ...` (they read config.yaml).
+Everywhere else it is a client of the API, built on the SDK: `kiln create`, `kiln exec`, `kiln shell`,
+... Sandboxes are named by name or id. Every client command takes `--json`.
+
+The client finds the daemon and key from --url/--token, else $KILN_URL/$KILN_TOKEN, else
+~/.kiln/config.yaml (written by `kiln setup`), else http://127.0.0.1:8080 and, on the server host
+as root, the admin key in <data_dir>/admin.token.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+
+from ..config import ConfigError, load_config
+
+app = typer.Typer(name="kiln", help="kiln: isolated Linux sandboxes behind an API.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+image_app = typer.Typer(help="Images (server host).", no_args_is_help=True)
+user_app = typer.Typer(help="API users and keys (server host).", no_args_is_help=True)
+app.add_typer(image_app, name="image")
+app.add_typer(user_app, name="user")
+
+CLIENT_CONFIG = Path.home() / ".kiln" / "config.yaml"
+ConfigOpt = typer.Option(None, "--config", help="config.yaml (default: $KILN_CONFIG, then /etc/kiln/config.yaml)")
+
+
+class Settings:
+    url: str | None = None
+    token: str | None = None
+
+
+settings = Settings()
+
+
+@app.callback()
+def main_options(url: Optional[str] = typer.Option(None, "--url", help="daemon URL (default $KILN_URL)"),
+                 token: Optional[str] = typer.Option(None, "--token", help="API key (default $KILN_TOKEN)")):
+    settings.url, settings.token = url, token
+
+
+def client_settings() -> tuple[str, str]:
+    saved = {}
+    if CLIENT_CONFIG.exists():
+        saved = yaml.safe_load(CLIENT_CONFIG.read_text()) or {}
+    url = settings.url or os.environ.get("KILN_URL") or saved.get("url") or "http://127.0.0.1:8080"
+    token = settings.token or os.environ.get("KILN_TOKEN") or saved.get("token") or ""
+    if not token:
+        try:  # on the server host, as root: the admin key
+            token = (load_config().data_dir / "admin.token").read_text().strip()
+        except (OSError, ConfigError):
+            pass
+    return url, token
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    typer.secho(f"kiln: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+# ---------------------------------------------------------------- server host
+
+@app.command()
+def serve(config: Optional[str] = ConfigOpt):
+    """Run the daemon (HTTP API, thermal manager, proxy) in the foreground."""
+    import uvicorn
+
+    from ..app import build_app
+
+    cfg = load_or_exit(config)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
+                access_log=False, timeout_graceful_shutdown=10,
+                # proxied responses carry the app's own Date and Server; the API adds Date itself
+                server_header=False, date_header=False,
+                # the client address is the socket's: a forged X-Forwarded-For must not dodge rate limits
+                proxy_headers=False)
+
+
+def load_or_exit(path: str | None):
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        raise fail(str(e), 2)
+
+
+@image_app.command("build")
+def image_build(config: Optional[str] = ConfigOpt):
+    """Build the default image (Debian bookworm + python3) if it is missing."""
+    from ..images.default import ensure_default_image
+
+    ensure_default_image(load_or_exit(config).image_root)
+
+
+def open_store(config: str | None):
+    from ..store.db import Store
+
+    cfg = load_or_exit(config)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    return cfg, Store(cfg.data_dir / "state.db")
+
+
+@user_app.command("create")
+def user_create(name: str, max_sandboxes: Optional[int] = typer.Option(None),
+                max_cpus: Optional[float] = typer.Option(None, help="per sandbox"),
+                max_memory: Optional[int] = typer.Option(None, help="MB per sandbox"),
+                max_volume_storage: Optional[int] = typer.Option(None, help="MB of volumes in total"),
+                config: Optional[str] = ConfigOpt):
+    """Create a user and print its API key (shown once)."""
+    from ..core.users import new_key, new_user
+
+    cfg, store = open_store(config)
+    if store.user_by_name(name):
+        raise fail(f"user {name!r} already exists")
+    key = new_key()
+    store.create_user(new_user(name, cfg, max_sandboxes, max_cpus, max_memory, max_volume_storage), key)
+    typer.echo(f"created user {name}; API key (shown once):")
+    typer.echo(key)
+
+
+@user_app.command("list")
+def user_list(config: Optional[str] = ConfigOpt):
+    """Users and their quotas."""
+    _, store = open_store(config)
+    for u in store.list_users():
+        typer.echo(f"{u.id}\t{u.name}\tmax_sandboxes={u.max_sandboxes}\tmax_cpus={u.max_cpus_per_sandbox:g}"
+                   f"\tmax_memory_mb={u.max_memory_mb_per_sandbox}\tmax_volume_storage_mb={u.max_volume_storage_mb}"
+                   f"\tcreated {u.created_at}")
+
+
+@user_app.command("delete")
+def user_delete(name: str, config: Optional[str] = ConfigOpt):
+    """Delete a user that owns nothing any more."""
+    _, store = open_store(config)
+    user = store.user_by_name(name)
+    if user is None:
+        raise fail(f"no user {name!r}")
+    held = {k: n for k, n in store.user_holdings(user.id).items() if n}
+    if held:
+        raise fail(f"user {name!r} still has {', '.join(f'{n} {k}' for k, n in held.items())}; delete those first")
+    store.delete_user(user.id)
+    typer.echo(f"deleted user {name}")
+
+
+@user_app.command("rotate-key")
+def user_rotate_key(name: str, config: Optional[str] = ConfigOpt):
+    """Replace a user's API key (the old one stops working at once)."""
+    from ..core.users import new_key, write_token
+
+    cfg, store = open_store(config)
+    user = store.user_by_name(name)
+    if user is None:
+        raise fail(f"no user {name!r}")
+    key = new_key()
+    store.rotate_key(user.id, key)
+    if user.name == "admin":
+        write_token(cfg.data_dir / "admin.token", key)
+    typer.echo(f"new API key for {name} (shown once; the old one no longer works):")
+    typer.echo(key)
+
+
+@app.command()
+def setup(url: str = typer.Option(..., prompt="kiln URL", help="e.g. http://127.0.0.1:8080"),
+          token: str = typer.Option(..., prompt="API key", hide_input=True)):
+    """Save the daemon URL and API key in ~/.kiln/config.yaml (checked against the daemon first)."""
+    from ..client import Kiln, KilnError
+
+    try:
+        with Kiln(url, token) as k:
+            k.sandboxes.list()
+    except KilnError as e:
+        raise fail(f"cannot use {url}: {e}")
+    CLIENT_CONFIG.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(CLIENT_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump({"url": url, "token": token}, f)
+    typer.echo(f"saved to {CLIENT_CONFIG}")
+
+

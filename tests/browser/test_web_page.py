@@ -1,0 +1,47 @@
+"""The web page in headless Chromium (Debian's, driven by Playwright): key, create, terminal."""
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import expect, sync_playwright
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / ".cache" / "test-output"
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def test_create_a_sandbox_and_use_its_terminal(browser, daemon, api):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(daemon.url + "/")
+        page.fill("#token", daemon.admin_token)
+        page.click("text=Use this key")
+        page.fill("#new-name", "browser")
+        page.click("#create")
+        row = page.locator("#sandboxes tbody tr[data-name=browser]")
+        expect(row).to_be_visible(timeout=60_000)
+        expect(row.locator("td").nth(1)).to_have_text("running")
+        row.locator("button.terminal").click()
+        terminal = page.locator("#terminal .xterm-rows")
+        expect(terminal).to_contain_text("$", timeout=30_000)  # the prompt
+        page.locator("#terminal").click()
+        page.keyboard.type("echo hello-$((6*7))-browser")
+        page.keyboard.press("Enter")
+        expect(terminal).to_contain_text("hello-42-browser", timeout=30_000)  # the output, not the typed line
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shot = SCREENSHOTS / "web-terminal.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        page.reload()  # the key is remembered
+        expect(page.locator("#sandboxes tbody tr[data-name=browser]")).to_be_visible(timeout=30_000)
+    finally:
+        page.close()
+        sb = next((s for s in api.get("/sandboxes").json() if s["name"] == "browser"), None)
+        if sb:
+            api.delete(f"/sandboxes/{sb['id']}")
