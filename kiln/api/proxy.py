@@ -218,7 +218,10 @@ async def proxy_http(state, target: Target, scope, receive, send, bad_gateway: s
                 out_headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP]
                 await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
                 started = True
-                await stream_until_client_leaves(response.stream, receive, send)
+                if any(k.lower() == b"content-length" for k, _ in response.headers):
+                    await send_body(response.stream, send)  # bounded: it ends on its own
+                else:  # streamed (SSE, chunked): stop as soon as the client goes
+                    await stream_until_client_leaves(response.stream, receive, send)
             finally:
                 await response.aclose()
     except BodyTooLarge:
@@ -238,12 +241,17 @@ async def proxy_http(state, target: Target, scope, receive, send, bad_gateway: s
             await json_reply(send, 502, {"error": message})
 
 
+async def send_body(stream, send) -> None:
+    """Copy the response body as it arrives, chunk by chunk (flushed at once: SSE works)."""
+    async for chunk in stream:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 async def stream_until_client_leaves(stream, receive, send) -> None:
-    """Copy the response body as it arrives; stop as soon as the client disconnects."""
+    """send_body, stopped as soon as the client disconnects."""
     async def pump():
-        async for chunk in stream:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send_body(stream, send)
 
     async def client_left():
         while (await receive())["type"] != "http.disconnect":

@@ -113,6 +113,7 @@ class SandboxService:
         self.templates = templates
         self.locks: dict[str, asyncio.Lock] = {}
         self.thermal = ThermalManager(config.thermal)
+        self.can_pause = isinstance(engine, ThermalEngine)  # once: a Protocol isinstance check is slow
         # Other services' reactions: before_stop(id) ends host connections into a sandbox before a
         # checkpoint or destroy; after_destroy(id) releases what they hold for it.
         self.before_stop: list[Callable[[str], None]] = []
@@ -340,7 +341,7 @@ class SandboxService:
         return [r for r in self.store.list_sandboxes() if r.status == RUNNING]
 
     def is_warm(self, sandbox_id: str) -> bool:
-        return isinstance(self.engine, ThermalEngine) and self.engine.is_paused(sandbox_id)
+        return self.can_pause and self.engine.is_paused(sandbox_id)
 
     def thermal_state(self, row: SandboxRow) -> str | None:
         if row.status == RUNNING:

@@ -84,6 +84,10 @@ def test_async_sdk_end_to_end(daemon):
                 async with sb.pty() as term:
                     await term.send(b"echo async-$((2*21))\n")
                     assert b"async-42" in await term.read_until("async-42", timeout=20)
+                rule = await sb.publish(8080, alias="sdk-async-app")
+                assert rule["url"] == f"http://sdk-async-app.localhost:{daemon.port}"
+                await sb.unpublish(8080)
+                assert await sb.published() == []
                 assert (await sb.stop()).status == "stopped"
                 assert (await sb.start()).status == "running"
                 assert [s.id for s in await kiln.sandboxes.list()] == [sb.id]

@@ -7,6 +7,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
+from kiln.client import Kiln, RateLimited
 from tests.conftest import make_sandbox, run, start_web_app
 from tests.daemon import running_daemon
 
@@ -57,6 +58,9 @@ def test_rate_limits_per_user_and_class(default_image):
         assert api.delete(f"/sandboxes/{sb['id']}").status_code == 200  # a "read" (1 of 5)
         codes = [api.get("/sandboxes").status_code for _ in range(5)]
         assert codes == [200] * 4 + [429]
+        with Kiln(d.url, d.admin_token) as sdk, pytest.raises(RateLimited) as e:  # the SDK's exception type
+            sdk.sandboxes.list()
+        assert e.value.message == "rate limit exceeded"
         assert d.runsc_ids() == []  # the refused create made nothing
         other = d.create_user("other")
         with d.client(other) as c:  # buckets are per user

@@ -58,6 +58,7 @@ class GVisorEngine:
         self.runsc = Runsc(data_dir / "runsc", runsc_binary)
         self.cgroup_parent = f"kiln-{self.prefix}"
         self.records: dict[str, Record] = {}
+        self.frozen: dict[str, bool] = {}  # freezer state as last read or set (see is_paused)
         self.agents: dict[str, AgentClient] = {}
         self.processes = ProcessWatcher()
         self.sandbox_pids: dict[str, int] = {}  # sandbox id -> pid whose exit means it died
@@ -169,6 +170,7 @@ class GVisorEngine:
 
     async def launch(self, rec: Record) -> SandboxHandle:
         sandbox_dir = self.dir(rec.id)
+        self.frozen.pop(rec.id, None)
         await self.runsc.run_detached(rec.id, sandbox_dir, sandbox_dir / "console.log")
         return await self.until_ready(rec)
 
@@ -220,18 +222,26 @@ class GVisorEngine:
         return CGROUP_ROOT / "freezer" / self.cgroup_parent / sandbox_id / "freezer.state"
 
     def is_paused(self, sandbox_id: str) -> bool:
-        try:
-            return self.freezer_state(sandbox_id).read_text().strip() != "THAWED"
-        except OSError:
-            return False
+        """Asked on every request: the freezer state is read once and then kept in step by
+        _set_freezer (only this engine freezes its sandboxes); lifecycle changes forget it."""
+        frozen = self.frozen.get(sandbox_id)
+        if frozen is None:
+            try:
+                frozen = self.freezer_state(sandbox_id).read_text().strip() != "THAWED"
+            except OSError:
+                return False
+            self.frozen[sandbox_id] = frozen
+        return frozen
 
     async def _set_freezer(self, sandbox_id: str, want: str) -> None:
         # The freezer cgroup directly: ~1 ms each way here, against ~20 ms for `runsc pause`/`resume`.
         path = self.freezer_state(sandbox_id)
+        self.frozen.pop(sandbox_id, None)
         try:
             path.write_text(want)
             for _ in range(4000):
                 if path.read_text().strip() == want:
+                    self.frozen[sandbox_id] = want == "FROZEN"
                     return
                 await asyncio.sleep(0.0005)
         except OSError as e:
@@ -289,7 +299,7 @@ class GVisorEngine:
                 log.error("writing the snapshot of %s failed (%s); restoring it from the image", sandbox_id, e)
                 try:
                     await self.prepare_relaunch(sandbox_id)
-                    await self.runsc.restore_detached(sandbox_id, self.dir(sandbox_id),
+                    await self.restore_detached(sandbox_id, self.dir(sandbox_id),
                                                       self.dir(sandbox_id) / "console.log", image_dir)
                     await self.until_ready(rec)
                 except EngineError as lost:
@@ -312,6 +322,10 @@ class GVisorEngine:
             raise EngineError(f"not enough disk space for a snapshot: {free >> 20} MB free under "
                               f"{self.sandboxes_dir}, the sandbox uses {usage >> 20} MB of memory")
 
+    async def restore_detached(self, sandbox_id: str, *args, **kwargs) -> None:
+        self.frozen.pop(sandbox_id, None)  # a restored container starts thawed
+        await self.runsc.restore_detached(sandbox_id, *args, **kwargs)
+
     async def restore(self, sandbox_id: str) -> SandboxHandle:
         """Bring a stopped sandbox back from its snapshot: same processes, memory and address."""
         store = PageStore(self.dir(sandbox_id))
@@ -325,7 +339,7 @@ class GVisorEngine:
                 await asyncio.to_thread(store.assemble, scratch)
             except OSError as e:
                 raise EngineError(f"snapshot of {sandbox_id} is unreadable: {e}") from e
-            await self.runsc.restore_detached(sandbox_id, self.dir(sandbox_id),
+            await self.restore_detached(sandbox_id, self.dir(sandbox_id),
                                               self.dir(sandbox_id) / "console.log", scratch)
             handle = await self.until_ready(rec)
         finally:
@@ -367,6 +381,7 @@ class GVisorEngine:
 
     def remove_cgroups(self, sandbox_id: str) -> None:
         """An interrupted runsc delete leaves the per-container cgroup directories behind."""
+        self.frozen.pop(sandbox_id, None)
         for controller in self.cgroup_controllers():
             path = CGROUP_ROOT / controller / self.cgroup_parent / sandbox_id
             if path.exists():
