@@ -66,6 +66,8 @@ class LimitsConfig(Section):
     max_cpus_per_sandbox: float = Field(4, gt=0)
     max_memory_mb_per_sandbox: int = Field(4096, ge=16)
     exec_output_cap_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    default_disk_mb: int = Field(10240, ge=64, description="root disk cap of a sandbox that asks for none")
+    max_disk_mb_per_sandbox: int = Field(51200, ge=64)
     max_volume_storage_mb: int = Field(20480, ge=1, description="volume storage per user")
     # per user: POST /sandboxes; exec, file uploads and WebSockets; everything else
     rate_create: RateConfig = RateConfig(burst=10, per_minute=30)

@@ -209,6 +209,7 @@ class Agent:
             if not config.get("secrets_pending"):
                 self.secrets_ready.set()
         self.last_activity = time.time()
+        self.started = 0  # agent servers started by PID 1 so far (more than 1: the server crashed)
         self.sessions: dict[str, Session] = {}
         self.sessions_lock = threading.Lock()
         self.session_counter = 0
@@ -302,7 +303,7 @@ class Agent:
     def activity(self) -> dict:
         with self.sessions_lock:
             sessions = list(self.sessions.values())
-        return {"last_activity_unix": self.last_activity,
+        return {"last_activity_unix": self.last_activity, "agent_restarts": max(0, self.started - 1),
                 "active_sessions": sum(1 for s in sessions if s.running),
                 "attached_sessions": sum(1 for s in sessions if s.client is not None)}
 
@@ -338,7 +339,12 @@ class Agent:
                 Conn(sock).send_json(P.ERROR, {"error": "connection limit exceeded", "kind": P.FAILED})
                 sock.close()
                 continue
-            threading.Thread(target=self.handle_connection, args=(sock,), daemon=True).start()
+            try:
+                threading.Thread(target=self.handle_connection, args=(sock,), daemon=True).start()
+            except RuntimeError:  # no thread to be had (a fork bomb holds every pid): refuse, keep serving
+                self.connections.release()
+                Conn(sock).send_json(P.ERROR, {"error": "the sandbox is out of processes", "kind": P.FAILED})
+                sock.close()
 
     def handle_connection(self, sock: socket.socket) -> None:
         conn = Conn(sock)
@@ -484,10 +490,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
             os.close(fd)
 
     def kill_group() -> None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_process_group(proc.pid)
 
     conn.send_json(P.STARTED, {"pid": proc.pid})
     stdin = StdinFeeder(in_w) if in_w >= 0 else None
@@ -547,6 +550,35 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
     else:
         rc = proc.returncode
         conn.send_json(P.EXIT, {"exit_code": 128 - rc if rc < 0 else rc})
+
+
+def kill_process_group(pgid: int, patience: float = 3.0) -> None:
+    """SIGKILL a process group until no live member is left: members forking while the first
+    signal lands (a fork bomb) would otherwise live on in the group."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline or not live_members(pgid):
+            return
+        time.sleep(0.01)
+
+
+def live_members(pgid: int) -> bool:
+    """Whether any process of the group is still alive (zombies wait for their reaper, harmless)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 class StdinFeeder:
@@ -786,7 +818,13 @@ def reap_forever(server_pid: int, start_server) -> None:
             continue
         if pid == server_pid:
             time.sleep(0.2)
-            server_pid = start_server()
+            print("kiln-agent: the server died; starting it again", file=sys.stderr, flush=True)
+            while True:
+                try:
+                    server_pid = start_server()
+                    break
+                except OSError:  # no pid free (a fork bomb): PID 1 must not die, wait and retry
+                    time.sleep(0.5)
 
 
 def main() -> None:
@@ -795,6 +833,7 @@ def main() -> None:
     agent = Agent(config)
 
     def start_server() -> int:
+        agent.started += 1  # the child inherits the count: how many servers this sandbox has had
         pid = os.fork()
         if pid == 0:
             try:

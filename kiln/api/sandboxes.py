@@ -33,6 +33,7 @@ class CreateBody(BaseModel):
     template_id: StrictStr | None = None
     cpus: float | None = None
     memory_mb: int | None = None
+    disk_size_mb: StrictInt | None = None
     env: dict[StrictStr, StrictStr] = {}
     init: StrictStr | None = None
     keep_hot: StrictBool | None = None
@@ -43,6 +44,7 @@ class CreateBody(BaseModel):
     def request(self) -> CreateRequest:
         return CreateRequest(
             name=self.name, template_id=self.template_id, cpus=self.cpus, memory_mb=self.memory_mb,
+            disk_size_mb=self.disk_size_mb,
             env=dict(self.env), init=self.init, keep_hot=self.keep_hot, secrets=list(self.secrets),
             volumes=None if self.volumes is None else [VolumeRequest(v.name, v.mount, v.read_only)
                                                        for v in self.volumes],
@@ -62,10 +64,10 @@ class PatchBody(BaseModel):
     labels_remove: list[StrictStr] | None = None
 
 
-def sandbox_json(row: SandboxRow, engine: str) -> dict:
+def sandbox_json(row: SandboxRow, engine: str, agent_restarts: int = 0) -> dict:
     d = {"id": row.id, "name": row.name, "template_id": "", "engine": engine, "status": row.status,
          "ip": row.ip, "created_by": row.owner_id, "created_at": row.created_at, "keep_hot": row.keep_hot,
-         "cpus": row.cpus, "memory_mb": row.memory_mb, "disk_size_mb": 0, "image": row.image}
+         "cpus": row.cpus, "memory_mb": row.memory_mb, "disk_size_mb": row.disk_mb, "image": row.image}
     if row.reason:
         d["reason"] = row.reason
     if row.stopped_at:
@@ -76,6 +78,8 @@ def sandbox_json(row: SandboxRow, engine: str) -> dict:
         d["snapshot"] = row.snapshot
     if row.template_id:
         d["template_id"] = row.template_id
+    if agent_restarts:
+        d["agent_restarts"] = agent_restarts  # its agent crashed (killed from inside) and was restarted
     return d
 
 
@@ -99,7 +103,7 @@ async def list_sandboxes(request: Request, user: User = Depends(require_user)):
     sandboxes = service(request)
     out = []
     for row in sandboxes.list(user):
-        d = sandbox_json(row, engine)
+        d = sandbox_json(row, engine, sandboxes.agent_restarts.get(row.id, 0))
         thermal = sandboxes.thermal_state(row)
         if thermal:
             d["thermal"] = thermal
@@ -114,7 +118,9 @@ async def missing_id(user: User = Depends(require_user)):
 
 @router.get("/sandboxes/{sandbox_id}")
 async def get_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
-    return sandbox_json(service(request).get(user, sandbox_id), request.app.state.engine.name)
+    sandboxes = service(request)
+    row = sandboxes.get(user, sandbox_id)
+    return sandbox_json(row, request.app.state.engine.name, sandboxes.agent_restarts.get(row.id, 0))
 
 
 @router.delete("/sandboxes/{sandbox_id}")

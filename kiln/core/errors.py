@@ -46,3 +46,8 @@ class BadGateway(KilnError):
 
 class Unavailable(KilnError):
     status = 503
+
+
+class InsufficientStorage(KilnError):
+    """The server's disk is full: nothing was changed."""
+    status = 507

@@ -12,9 +12,10 @@ from typing import AsyncIterator, Awaitable, Callable
 
 from ..agent.client import AgentError, AgentNotFound, AgentRequestError, ExecEvent
 from ..config import Config
-from ..engine.base import Engine, EngineError, SandboxHandle, SandboxSpec, State, ThermalEngine
+from ..engine.base import Engine, EngineError, NoSpace, SandboxHandle, SandboxSpec, State, ThermalEngine
 from ..store.db import NameTaken, SandboxRow, Store, Template, User, now
-from .errors import BadRequest, Conflict, Internal, KilnError, NotFound, TooManyRequests
+from .errors import (BadGateway, BadRequest, Conflict, InsufficientStorage, Internal, KilnError, NotFound,
+                     TooManyRequests)
 from .secrets import SecretService
 from .templates import TemplateService
 from .thermal import ThermalManager
@@ -25,6 +26,7 @@ log = logging.getLogger("kiln.sandboxes")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_MEMORY_MB = 64
+MIN_DISK_MB = 64
 DEFAULT_TIMEOUT = 300
 MAX_TIMEOUT = 86400
 
@@ -61,6 +63,7 @@ class CreateRequest:
     name: str | None = None
     cpus: float | None = None
     memory_mb: int | None = None
+    disk_size_mb: int | None = None
     env: dict[str, str] = field(default_factory=dict)
     init: str | None = None
     keep_hot: bool | None = None
@@ -75,6 +78,7 @@ class CreateRequest:
             name=self.name if self.name is not None else f"{t.name}-{secrets.token_hex(3)}",
             cpus=self.cpus if self.cpus is not None else spec.get("cpus"),
             memory_mb=self.memory_mb if self.memory_mb is not None else spec.get("memory_mb"),
+            disk_size_mb=self.disk_size_mb,
             env={**spec.get("env", {}), **self.env},
             init=self.init if self.init is not None else spec.get("init", ""),
             keep_hot=self.keep_hot if self.keep_hot is not None else spec.get("keep_hot", False),
@@ -114,6 +118,7 @@ class SandboxService:
         self.locks: dict[str, asyncio.Lock] = {}
         self.thermal = ThermalManager(config.thermal)
         self.can_pause = isinstance(engine, ThermalEngine)  # once: a Protocol isinstance check is slow
+        self.agent_restarts: dict[str, int] = {}  # agent servers that crashed and were restarted, per sandbox
         # Other services' reactions: before_stop(id) ends host connections into a sandbox before a
         # checkpoint or destroy; after_destroy(id) releases what they hold for it.
         self.before_stop: list[Callable[[str], None]] = []
@@ -160,6 +165,8 @@ class SandboxService:
             raise BadRequest(f"max {max_mem} MB memory per sandbox")
         if memory_mb < MIN_MEMORY_MB:
             raise BadRequest(f"memory_mb must be at least {MIN_MEMORY_MB}")
+        if req.disk_size_mb is not None and not MIN_DISK_MB <= req.disk_size_mb <= lim.max_disk_mb_per_sandbox:
+            raise BadRequest(f"disk_size_mb must be between {MIN_DISK_MB} and {lim.max_disk_mb_per_sandbox}")
         name = req.name if req.name is not None else f"sandbox-{secrets.token_hex(3)}"
         if not NAME_RE.match(name):
             raise BadRequest("invalid sandbox name: must match [a-zA-Z0-9][a-zA-Z0-9._-]{0,62}")
@@ -183,11 +190,16 @@ class SandboxService:
         if existing is not None and existing.name == name and existing.status != CREATING:
             return existing, True
         self.volumes.resolve(user, req.volumes or [], req.new_volumes)
+        try:
+            self.engine.check_room_for_create()
+        except NoSpace as e:
+            raise InsufficientStorage(str(e)) from e
         sandbox_id = secrets.token_hex(8)
         row = SandboxRow(id=sandbox_id, owner_id=user.id, name=name, status=CREATING, cpus=cpus,
                          memory_mb=memory_mb, image="default", created_at=now(), env=dict(req.env),
                          init=req.init or "", keep_hot=bool(req.keep_hot), template_id=req.template_id or "",
-                         sealed_env=self.secrets.seal_env(sandbox_id, secret_env))
+                         sealed_env=self.secrets.seal_env(sandbox_id, secret_env),
+                         disk_mb=req.disk_size_mb or self.config.limits.default_disk_mb)
         try:
             # The "creating" row reserves the name; a crash from here on is cleaned up at restart.
             self.store.insert_sandbox(row)
@@ -197,7 +209,8 @@ class SandboxService:
             async with self.lock(row.id):
                 mounts = await self.volumes.attach(user, row.id, req.volumes or [], req.new_volumes)
                 spec = SandboxSpec(id=row.id, hostname=name, cpus=cpus, memory_mb=memory_mb, env=row.env,
-                                   init=row.init, image=row.image, mounts=mounts, has_secrets=bool(secret_env))
+                                   init=row.init, image=row.image, disk_mb=row.disk_mb, mounts=mounts,
+                                   has_secrets=bool(secret_env))
                 handle = await self.engine.create(spec)
                 if secret_env:
                     await handle.agent.set_secrets(secret_env)
@@ -227,6 +240,7 @@ class SandboxService:
             self.store.delete_sandbox(row.id)
         self.locks.pop(row.id, None)
         self.thermal.forget(row.id)
+        self.agent_restarts.pop(row.id, None)
         for after in self.after_destroy:
             await after(row.id)
         log.info("destroyed sandbox %s (%s)", row.id, row.name)
@@ -258,6 +272,8 @@ class SandboxService:
                 await self.snapshot(row, reason="stop")
             except EngineError as e:
                 log.error("stop of %s failed: %s", row.id, e)
+                if isinstance(e, NoSpace) and self.get(user, row.id).status == RUNNING:
+                    raise InsufficientStorage(f"stop sandbox: {e}; the sandbox is still running") from e
                 if self.get(user, row.id).status == RUNNING:
                     raise KilnError("stop sandbox: taking the snapshot failed; the sandbox is still running") from e
                 raise KilnError("stop sandbox: taking the snapshot failed and the sandbox could not be resumed; "
@@ -543,13 +559,32 @@ class SandboxService:
             pin.close()
             await rest.aclose()
 
+    def note_agent_restarts(self, sandbox_id: str, restarts: int) -> bool:
+        """Record the agent's restart count as it reports it; True if it went up."""
+        if restarts > self.agent_restarts.get(sandbox_id, 0):
+            self.agent_restarts[sandbox_id] = restarts
+            log.warning("the agent of sandbox %s crashed and was restarted (%d so far)", sandbox_id, restarts)
+            return True
+        return False
+
     async def raise_for_dead(self, row: SandboxRow, err: Exception):
-        """An agent failure: if the sandbox died (e.g. OOM), say so; otherwise it is internal."""
+        """An agent failure: if the sandbox died (e.g. OOM), say so; if its agent crashed (something in
+        the sandbox killed it; PID 1 starts it again), record that and say so; otherwise it is internal."""
         status = await self.settled_status(row.id)
         if status.state == State.DEAD:
             await self.on_engine_exit(row.id)
             why = REASON_TEXT.get(status.reason, "it stopped")
             raise Conflict(f'sandbox "{row.name}" stopped: {why}; start it with POST /sandboxes/{row.id}/start')
+        handle = self.engine.handle(row.id)
+        if status.state == State.RUNNING and handle is not None:
+            await asyncio.sleep(0.3)  # PID 1 re-forks a dead agent server after 0.2 s
+            try:
+                restarts = (await handle.agent.activity(timeout=2.0)).get("agent_restarts", 0)
+            except AgentError:
+                restarts = 0
+            if self.note_agent_restarts(row.id, restarts):
+                raise BadGateway(f'the agent of sandbox "{row.name}" crashed during the request (something in '
+                                 "the sandbox killed it) and has been restarted; the request can be retried")
         raise Internal(f"exec in sandbox {row.id}: {err}")
 
     async def exec_buffered(self, user: User, id_or_name: str, req: ExecRequest) -> ExecResult:

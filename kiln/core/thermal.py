@@ -108,6 +108,7 @@ class ThermalManager:
             log.warning("agent of %s unresponsive %d times: pausing it anyway", row.id, n)
             activity = None
         if activity is not None:
+            self.sandboxes.note_agent_restarts(row.id, activity.get("agent_restarts", 0))
             guest_idle = time.time() - activity["last_activity_unix"]
             if guest_idle < self.config.warm_after or activity["attached_sessions"]:
                 return

@@ -31,6 +31,7 @@ class SandboxSpec:
     env: dict[str, str] = field(default_factory=dict)
     init: str = ""
     image: str = "default"
+    disk_mb: int = 10240        # cap on what the sandbox can write to its root disk
     mounts: tuple[Mount, ...] = ()
     has_secrets: bool = False   # the secret environment is handed to the agent after every boot
 
@@ -61,11 +62,16 @@ class EngineError(Exception):
     """An engine operation failed; the message is for logs, not for API callers."""
 
 
+class NoSpace(EngineError):
+    """The host's disk cannot hold what the operation needs; the message says how much is free."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     name: str
 
     async def start_engine(self) -> None: ...
+    def check_room_for_create(self) -> None: ...
     async def close_engine(self) -> None: ...
     async def create(self, spec: SandboxSpec) -> SandboxHandle: ...
     async def destroy(self, sandbox_id: str) -> None: ...

@@ -108,6 +108,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (volume_id, sandbox_id)
     );
     """,
+    # 5: the cap on a sandbox's root disk (0: made before the cap existed)
+    """
+    ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -151,6 +155,7 @@ class SandboxRow:
     snapshot: dict | None = None
     template_id: str = ""
     sealed_env: bytes | None = None   # secrets given at create, encrypted; never in API output
+    disk_mb: int = 0
 
 
 @dataclass
@@ -299,11 +304,11 @@ class Store:
         try:
             self._exec(
                 "INSERT INTO sandboxes (id, owner_id, name, status, reason, ip, cpus, memory_mb, image, env, init,"
-                " keep_hot, labels, created_at, stopped_at, template_id, sealed_env)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " keep_hot, labels, created_at, stopped_at, template_id, sealed_env, disk_mb)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (s.id, s.owner_id, s.name, s.status, s.reason, s.ip, s.cpus, s.memory_mb, s.image,
                  json.dumps(s.env), s.init, int(s.keep_hot), json.dumps(s.labels), s.created_at, s.stopped_at,
-                 s.template_id, s.sealed_env))
+                 s.template_id, s.sealed_env, s.disk_mb))
         except sqlite3.IntegrityError as e:
             raise NameTaken(s.name) from e
 

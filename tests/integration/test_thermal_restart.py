@@ -99,8 +99,8 @@ def test_a_failed_snapshot_keeps_the_sandbox_and_the_previous_snapshot(default_i
                 subprocess.run(["fallocate", "-l", str(int(free) - 2_000_000), str(filler)], check=True)
 
                 r = api.post(f"/sandboxes/{sb['id']}/stop")
-                assert r.status_code == 500, r.text
-                assert "snapshot failed" in r.json()["error"] and "still running" in r.json()["error"]
+                assert r.status_code == 507, r.text
+                assert "not enough disk space" in r.json()["error"] and "still running" in r.json()["error"]
                 got = api.get(f"/sandboxes/{sb['id']}").json()
                 assert got["status"] == "running" and got["snapshot"]["kind"] == "full"
                 assert run(api, sb, ["sha256sum", "-c", "/tmp/sums"])["exit_code"] == 0

@@ -1,7 +1,10 @@
 """The OCI bundle of a sandbox: an overlayfs root over the image and the runtime spec.
 
 Layout of a sandbox directory:
-    upper/, work/     overlayfs upper and work dirs: the sandbox's disk changes, and nothing else
+    disk.ext4         the sandbox's writable disk: a sparse ext4 image of its disk size, loop-mounted
+    disk/             ... at this mount point, holding upper/ and work/, the overlayfs upper and work
+                      dirs: the sandbox's disk changes and nothing else, capped by the image's size
+                      (sandboxes made before the cap have upper/ and work/ directly here)
     rootfs/           the overlay mount point, handed to runsc as the bundle root
     config.json       the OCI runtime spec
     agent.json        the agent's config (token, env, init), mounted read-only, root-only readable
@@ -88,8 +91,7 @@ def write_private(path: Path, data: str) -> None:
 
 
 def write_bundle(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str) -> None:
-    for d in ("upper", "work", "rootfs"):
-        (sandbox_dir / d).mkdir(exist_ok=True)
+    (sandbox_dir / "rootfs").mkdir(exist_ok=True)
     agent_config = {"token": token, "env": spec.env, "init": spec.init, "secrets_pending": spec.has_secrets}
     write_private(sandbox_dir / "agent.json", json.dumps(agent_config))
     write_private(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path)))
@@ -99,11 +101,31 @@ def is_mounted(path: Path) -> bool:
     return os.path.ismount(path)
 
 
+async def make_disk(sandbox_dir: Path, size_mb: int) -> None:
+    """The writable disk: sparse (costs only what is written), no reserved blocks, lazy init (~10 ms)."""
+    image = sandbox_dir / "disk.ext4"
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    await run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+               str(image)])
+
+
+def layer_dir(sandbox_dir: Path) -> Path:
+    """Where upper/ and work/ live: on the capped disk, or (older sandboxes) beside the bundle."""
+    return sandbox_dir / "disk" if (sandbox_dir / "disk.ext4").exists() else sandbox_dir
+
+
 async def mount_rootfs(image_dir: Path, sandbox_dir: Path) -> None:
     rootfs = sandbox_dir / "rootfs"
     if is_mounted(rootfs):
         return
-    opts = f"lowerdir={image_dir},upperdir={sandbox_dir / 'upper'},workdir={sandbox_dir / 'work'}"
+    layers = layer_dir(sandbox_dir)
+    if layers != sandbox_dir and not is_mounted(layers):
+        layers.mkdir(exist_ok=True)
+        await run(["mount", "-o", "loop,noatime", str(sandbox_dir / "disk.ext4"), str(layers)])
+    for d in ("upper", "work"):
+        (layers / d).mkdir(exist_ok=True)
+    opts = f"lowerdir={image_dir},upperdir={layers / 'upper'},workdir={layers / 'work'}"
     await run(["mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs)])
 
 
@@ -111,3 +133,8 @@ async def unmount_rootfs(sandbox_dir: Path) -> None:
     rootfs = sandbox_dir / "rootfs"
     if is_mounted(rootfs):
         await run(["umount", "-l", str(rootfs)], check=False)
+    disk = sandbox_dir / "disk"
+    if is_mounted(disk):
+        await run(["umount", str(disk)], check=False)
+        if is_mounted(disk):
+            await run(["umount", "-l", str(disk)], check=False)

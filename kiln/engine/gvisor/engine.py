@@ -14,7 +14,7 @@ from typing import Awaitable, Callable
 
 from ...agent.client import AgentClient
 from ...agent.protocol import AGENT_PORT
-from ..base import EngineError, SandboxHandle, SandboxSpec, State, Status
+from ..base import EngineError, NoSpace, SandboxHandle, SandboxSpec, State, Status
 from . import bundle
 from .network import Link, Network
 from .reaper import ProcessWatcher
@@ -26,6 +26,7 @@ log = logging.getLogger("kiln.engine.gvisor")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 BOOT_TIMEOUT = 30.0
 SNAPSHOT_MARGIN = 32 << 20
+CREATE_MIN_FREE = 64 << 20
 
 
 def host_prefix(data_dir: Path) -> str:
@@ -159,6 +160,7 @@ class GVisorEngine:
             sandbox_dir.mkdir(parents=True)
             link = self.link(rec)
             bundle.write_bundle(spec, sandbox_dir, link, self.cgroups_path(spec.id), rec.token)
+            await bundle.make_disk(sandbox_dir, spec.disk_mb)
             await self.network.create(link)
             await bundle.mount_rootfs(image_dir, sandbox_dir)
             # engine.json last: a directory without it is a half-made sandbox, removed on start.
@@ -319,8 +321,16 @@ class GVisorEngine:
         st = os.statvfs(self.sandboxes_dir)
         free = st.f_bavail * st.f_frsize
         if free < usage + SNAPSHOT_MARGIN:
-            raise EngineError(f"not enough disk space for a snapshot: {free >> 20} MB free under "
-                              f"{self.sandboxes_dir}, the sandbox uses {usage >> 20} MB of memory")
+            raise NoSpace(f"not enough disk space for a snapshot: {free >> 20} MB free on the server, the "
+                          f"sandbox uses {usage >> 20} MB of memory")
+
+    def check_room_for_create(self) -> None:
+        """A new sandbox needs a little disk at once (bundle, disk metadata, logs) and room to grow."""
+        st = os.statvfs(self.sandboxes_dir)
+        free = st.f_bavail * st.f_frsize
+        if free < CREATE_MIN_FREE:
+            raise NoSpace(f"not enough disk space to create a sandbox: {free >> 20} MB free on the server "
+                          f"(at least {CREATE_MIN_FREE >> 20} MB needed)")
 
     async def restore_detached(self, sandbox_id: str, *args, **kwargs) -> None:
         self.frozen.pop(sandbox_id, None)  # a restored container starts thawed
