@@ -32,6 +32,11 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def authenticated(request: Request) -> bool:
+    header = request.headers.get("authorization", "")
+    return header.startswith("Bearer ") and request.app.state.store.user_by_key(header[7:].strip()) is not None
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(KilnError)
     async def kiln_error(request: Request, exc: KilnError):
@@ -47,6 +52,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404 and not authenticated(request):
+            # Like bhatti, auth comes before routing: a path that matches nothing (`/health/../sandboxes`)
+            # tells an anonymous caller nothing but "authorization required".
+            return error(401, "authorization required")
         messages = {404: "not found", 405: "method not allowed"}
         return error(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
 

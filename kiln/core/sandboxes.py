@@ -31,7 +31,8 @@ DEFAULT_TIMEOUT = 300
 MAX_TIMEOUT = 86400
 
 # status values in the store
-CREATING, RUNNING, STOPPED, UNKNOWN = "creating", "running", "stopped", "unknown"
+CREATING, RUNNING, STOPPED, UNKNOWN, DESTROYING = "creating", "running", "stopped", "unknown", "destroying"
+IN_FLIGHT = {CREATING, DESTROYING}  # rows a crash can leave; the next start finishes or undoes them
 # reasons a stopped sandbox has no memory snapshot: it died and must be started explicitly
 DEATH_REASONS = {"oom", "exited", "snapshot_failed"}
 RESTORE_FAILED = "restore_failed"
@@ -132,12 +133,12 @@ class SandboxService:
 
     def get(self, user: User, id_or_name: str) -> SandboxRow:
         row = self.store.get_sandbox(user.id, id_or_name)
-        if row is None or row.status == CREATING:
+        if row is None or row.status in IN_FLIGHT:
             raise NotFound(f'sandbox "{id_or_name}" not found')
         return row
 
     def list(self, user: User) -> list[SandboxRow]:
-        return [r for r in self.store.list_sandboxes(user.id) if r.status != CREATING]
+        return [r for r in self.store.list_sandboxes(user.id) if r.status not in IN_FLIGHT]
 
     def count(self) -> int:
         return self.store.count_sandboxes()
@@ -187,7 +188,7 @@ class SandboxService:
         name, cpus, memory_mb = self.validate_create(user, req)
         secret_env = self.secrets.resolve(user, req.secrets)
         existing = self.store.get_sandbox(user.id, name)
-        if existing is not None and existing.name == name and existing.status != CREATING:
+        if existing is not None and existing.name == name and existing.status not in IN_FLIGHT:
             return existing, True
         self.volumes.resolve(user, req.volumes or [], req.new_volumes)
         try:
@@ -204,7 +205,7 @@ class SandboxService:
             # The "creating" row reserves the name; a crash from here on is cleaned up at restart.
             self.store.insert_sandbox(row)
         except NameTaken:
-            raise Conflict(f'sandbox "{name}" is being created by another request')
+            raise Conflict(f'sandbox "{name}" is being created or destroyed by another request')
         try:
             async with self.lock(row.id):
                 mounts = await self.volumes.attach(user, row.id, req.volumes or [], req.new_volumes)
@@ -231,6 +232,8 @@ class SandboxService:
     async def destroy(self, user: User, id_or_name: str) -> None:
         row = self.get(user, id_or_name)
         async with self.lock(row.id):
+            # marked first: a crash from here on is finished at the next start, never half-left
+            self.store.update_sandbox(row.id, status=DESTROYING)
             for hook in self.before_stop:
                 hook(row.id)
             try:
@@ -331,8 +334,9 @@ class SandboxService:
         """Make the store and the engine agree after a (possibly unclean) daemon restart."""
         rows = {r.id: r for r in self.store.list_sandboxes()}
         for row in rows.values():
-            if row.status == CREATING:
-                log.warning("removing sandbox %s left half-made by a crash", row.id)
+            if row.status in IN_FLIGHT:
+                log.warning("removing sandbox %s left half-%s by a crash", row.id,
+                            "made" if row.status == CREATING else "destroyed")
                 await self.engine.destroy(row.id)
                 self.store.delete_sandbox(row.id)
                 continue

@@ -94,3 +94,26 @@ def test_routing_errors(daemon, api):
     r = api.post("/sandboxes", content=b"x" * (1024 * 1024 + 10))
     assert r.status_code == 413 and "too large" in r.json()["error"]
     assert "X-Kiln-Version" in httpx.get(daemon.url + "/health").headers
+
+
+@pytest.mark.parametrize("path", ["/health/../sandboxes", "/health/%2e%2e/sandboxes", "//sandboxes",
+                                  "/./sandboxes", "/static/../sandboxes", "/health/..%2fsandboxes",
+                                  "/static/%2e%2e/kiln/app.py", "/nothing-here"])
+def test_path_tricks_never_skip_auth(daemon, path):
+    """Raw request lines (clients would clean the path): 401 without a key, 404 with one, never data."""
+    import socket
+
+    def raw(token=None):
+        with socket.create_connection(("127.0.0.1", daemon.port)) as s:
+            auth = f"Authorization: Bearer {token}\r\n" if token else ""
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head.split()[1]), body
+
+    status, body = raw()
+    assert status == 401 and body == b'{"error":"authorization required"}'
+    status, body = raw(daemon.admin_token)
+    assert status == 404 and b"[" not in body

@@ -28,4 +28,5 @@ def test_docs_and_web_page_load_without_a_key(daemon):
                        ("/static/vendor/xterm.js", "javascript")):
         r = httpx.get(daemon.url + path)
         assert r.status_code == 200 and kind in r.headers["content-type"], path
-    assert httpx.get(daemon.url + "/static/../kiln/app.py").status_code == 404
+    outside = httpx.get(daemon.url + "/static/%2e%2e/app.py")
+    assert outside.status_code in (401, 404) and b"import" not in outside.content

@@ -93,8 +93,38 @@ class GVisorEngine:
             if sandbox_id not in self.records:
                 await self.delete_container(sandbox_id)
         for rec in self.records.values():
+            await self.recover_interrupted_stop(rec.id)
             if (await self.status(rec.id)).state in (State.RUNNING, State.PAUSED):
                 await self.watch(rec.id)
+
+    async def recover_interrupted_stop(self, sandbox_id: str) -> None:
+        """A daemon killed during a stop leaves checkpoint.tmp. runsc's checkpoint outlives the daemon:
+        wait for it; if it completed (the sandbox is gone, the image is whole), keep it as the snapshot;
+        if the sandbox still runs, the stop never happened. Memory is never dropped in between."""
+        remove_scratch(self.dir(sandbox_id) / "restore.tmp")
+        image_dir = self.dir(sandbox_id) / "checkpoint.tmp"
+        if not image_dir.exists():
+            return
+        for _ in range(1200):
+            if not self.runsc.checkpoint_running(sandbox_id):
+                break
+            await asyncio.sleep(0.1)
+        taken = (image_dir / "checkpoint.img").exists()
+        state = (await self.status(sandbox_id)).state
+        for _ in range(50):  # a checkpointed sandbox exits just after; runsc may report it running meanwhile
+            if not taken or state not in (State.RUNNING, State.PAUSED):
+                break
+            await asyncio.sleep(0.1)
+            state = (await self.status(sandbox_id)).state
+        if state not in (State.RUNNING, State.PAUSED) and taken:
+            try:
+                info = await asyncio.to_thread(PageStore(self.dir(sandbox_id)).save_interrupted, image_dir)
+                log.warning("sandbox %s: finished the snapshot a crash interrupted (%s, %d bytes)",
+                            sandbox_id, info.kind, info.bytes_written)
+            except OSError as e:
+                log.error("sandbox %s: the snapshot a crash interrupted cannot be kept: %s", sandbox_id, e)
+            await self.delete_container(sandbox_id)
+        remove_scratch(image_dir)
 
     async def close_engine(self) -> None:
         """Finish container deletes, stop watching; remove host-wide objects if no sandbox is left."""

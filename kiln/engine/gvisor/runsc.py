@@ -55,6 +55,21 @@ class Runsc:
         await run(self.argv("checkpoint", f"--image-path={image_dir}", "--compression=none", container_id),
                   timeout=600)
 
+    def checkpoint_running(self, container_id: str) -> bool:
+        """Whether a `runsc checkpoint` of this container (under our root) is still at work: it may
+        have been started by a daemon that has since died. Reads /proc; signals nothing."""
+        want = [f"--root={self.root}".encode(), b"checkpoint", container_id.encode()]
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                args = (Path("/proc") / entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if all(w in args for w in want):
+                return True
+        return False
+
     async def state(self, container_id: str) -> dict | None:
         if not any(self.root.glob(f"{container_id}_sandbox:*.state")):
             return None

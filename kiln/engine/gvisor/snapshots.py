@@ -118,6 +118,16 @@ class PageStore:
                 f.unlink(missing_ok=True)
             raise
 
+    def save_interrupted(self, image_dir: Path) -> SnapshotInfo:
+        """Finish a save that a crash cut short, from the checkpoint still in image_dir: a first save
+        may already have moved pages.img into its pack (the manifest, written last, says not yet)."""
+        old = self.manifest()
+        gen = old["generation"] + 1 if old else 0
+        pack = self.pack_path(gen)
+        if old is None and pack.exists() and not (image_dir / PAGES_FILE).exists():
+            os.replace(pack, image_dir / PAGES_FILE)
+        return self.save(image_dir)
+
     def _save(self, image_dir: Path, old: dict | None, gen: int) -> SnapshotInfo:
         self.packs.mkdir(parents=True, exist_ok=True)
         pages = image_dir / PAGES_FILE
