@@ -222,6 +222,18 @@ def publish_report(res: dict) -> list[str]:
             ""]
 
 
+def load_report(res) -> list[str]:
+    rows = [f"| {op} | {len(v)} | {ms(pct(v, 50)):.0f} | {ms(pct(v, 99)):.0f} |" for op, v in res.latencies.items()]
+    return ["## Load", "",
+            "50 concurrent clients for 60 s on 10 sandboxes (256 MB each) mixing exec, file write, file read, "
+            "list and proxied HTTP; thermal timers 2 s warm / 4 s cold, each sandbox left alone 8 s of every 24 "
+            "so it pauses, goes to disk and is woken again under load (after a 20 s warm-up round).", "",
+            "| operation | n | p50 ms | p99 ms |", "|---|---|---|---|", *rows, "",
+            f"Failed requests: {len(res.failures)}. Pauses: {res.pauses}; restores from disk: {res.wakes}. "
+            f"Daemon idle before/after: RSS {res.rss_before >> 20} -> {res.rss_after >> 20} MB, "
+            f"open files {res.fds_before} -> {res.fds_after}.", ""]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sandboxes", type=int, default=10)
@@ -229,17 +241,23 @@ def main() -> int:
     parser.add_argument("--thermal", type=int, default=8, help="samples per thermal measure")
     parser.add_argument("--files", type=int, default=30, help="samples per file operation")
     parser.add_argument("--publish", type=int, default=20, help="samples per publish measure")
-    parser.add_argument("--only", choices=["publish"], help="run one section (prints, leaves REPORT.md alone)")
+    parser.add_argument("--only", choices=["publish", "load"], help="re-measure one section and replace it in the report")
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
     from bench.publish import bench_publish
-    if args.only == "publish":  # re-measure one section and replace it in the report
-        section = "\n".join(publish_report(bench_publish(args.publish)))
+    if args.only:  # re-measure one section and replace it in the report
+        from bench.load import bench_load
+        title, section = {
+            "publish": ("## Publish and proxy", lambda: publish_report(bench_publish(args.publish))),
+            "load": ("## Load", lambda: load_report(bench_load())),
+        }[args.only]
         out = Path(args.out)
         text = out.read_text() if out.exists() else ""
-        head = text.split("## Publish and proxy")[0]
-        out.write_text(head + section)
-        print(section)
+        before, _, rest = text.partition(title)
+        after = rest[rest.index("\n## "):] if "\n## " in rest else ""
+        new = "\n".join(section())
+        out.write_text(before + new + after)
+        print(new)
         return 0
     print(f"kiln API: {args.sandboxes} creates, {args.execs} execs, {args.sandboxes} destroys ...", flush=True)
     api = bench_api(args.sandboxes, args.execs)
@@ -255,8 +273,12 @@ def main() -> int:
     files = bench_files(args.files)
     print(f"publish and proxy: {args.publish} samples each ...", flush=True)
     publish = bench_publish(args.publish)
+    from bench.load import bench_load
+    print("load: 50 clients for 60 s ...", flush=True)
+    load = bench_load()
     text = (report(api, raw, args) + "\n".join(thermal_report(thermal_api, thermal_raw)) + "\n"
-            + "\n".join(files_report(files)) + "\n" + "\n".join(publish_report(publish)))
+            + "\n".join(files_report(files)) + "\n" + "\n".join(publish_report(publish)) + "\n"
+            + "\n".join(load_report(load)))
     Path(args.out).write_text(text)
     print(text)
     return 0

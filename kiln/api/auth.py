@@ -16,8 +16,11 @@ MAX_JSON_BODY = 1 << 20
 RAW_BODY_PATH = re.compile(r"^/sandboxes/[^/]+/(files|proxy)(/|$)")
 
 
-def require_user(request: Request) -> User:
-    """The caller, from `Authorization: Bearer <key>`; query-string tokens are refused."""
+async def require_user(request: Request) -> User:
+    """The caller, from `Authorization: Bearer <key>`; query-string tokens are refused.
+
+    async on purpose: FastAPI runs plain-def dependencies in a thread pool, a thread hop per request
+    (and per-thread malloc arenas that swell the daemon's memory under load)."""
     header = request.headers.get("authorization", "")
     if not header.startswith("Bearer ") or not header[7:].strip():
         raise Unauthorized("authorization required")

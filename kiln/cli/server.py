@@ -82,7 +82,10 @@ def serve(config: Optional[str] = ConfigOpt):
                 # proxied responses carry the app's own Date and Server; the API adds Date itself
                 server_header=False, date_header=False,
                 # the client address is the socket's: a forged X-Forwarded-For must not dodge rate limits
-                proxy_headers=False)
+                proxy_headers=False,
+                # longer than clients keep idle connections (httpx: 5 s), so a client never reuses
+                # a connection the server is closing at that very moment
+                timeout_keep_alive=65)
 
 
 def load_or_exit(path: str | None):

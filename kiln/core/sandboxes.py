@@ -120,6 +120,8 @@ class SandboxService:
         self.thermal = ThermalManager(config.thermal)
         self.can_pause = isinstance(engine, ThermalEngine)  # once: a Protocol isinstance check is slow
         self.agent_restarts: dict[str, int] = {}  # agent servers that crashed and were restarted, per sandbox
+        # sandboxes being paused or stopped right now: requests must wait on the lock, not slip in
+        self.transitioning: set[str] = set()
         # Other services' reactions: before_stop(id) ends host connections into a sandbox before a
         # checkpoint or destroy; after_destroy(id) releases what they hold for it.
         self.before_stop: list[Callable[[str], None]] = []
@@ -380,7 +382,11 @@ class SandboxService:
         async with self.lock(row.id):
             fresh = self.store.sandbox_by_id(row.id)
             if fresh and fresh.status == RUNNING and not fresh.keep_hot and not self.thermal.pins.get(row.id):
-                await self.engine.pause(row.id)
+                self.transitioning.add(row.id)
+                try:
+                    await self.engine.pause(row.id)
+                finally:
+                    self.transitioning.discard(row.id)
 
     async def snapshot(self, row: SandboxRow, reason: str) -> None:
         """Stop to disk (explicit stop or thermal cold). EngineError leaves the sandbox running."""
@@ -392,15 +398,20 @@ class SandboxService:
                 return
             for hook in self.before_stop:
                 hook(row.id)
+            self.transitioning.add(row.id)
             try:
-                info = await self.engine.stop(row.id)
-            except EngineError:
-                status = await self.settled_status(row.id)
-                if status.state not in (State.RUNNING, State.PAUSED):
-                    self.store.update_sandbox(row.id, status=STOPPED, reason="snapshot_failed", stopped_at=now())
-                raise
-            self.store.update_sandbox(row.id, status=STOPPED, reason="", stopped_at=now(),
-                                      snapshot=info.to_dict())
+                try:
+                    info = await self.engine.stop(row.id)
+                except EngineError:
+                    status = await self.settled_status(row.id)
+                    if status.state not in (State.RUNNING, State.PAUSED):
+                        self.store.update_sandbox(row.id, status=STOPPED, reason="snapshot_failed",
+                                                  stopped_at=now())
+                    raise
+                self.store.update_sandbox(row.id, status=STOPPED, reason="", stopped_at=now(),
+                                          snapshot=info.to_dict())
+            finally:
+                self.transitioning.discard(row.id)
         log.info("sandbox %s stopped to disk (%s): %s snapshot, %d of %d bytes written",
                  row.id, reason, info.kind, info.bytes_written, info.bytes_total)
 
@@ -413,9 +424,10 @@ class SandboxService:
         Concurrent wakes of one sandbox queue on its lock, so they share one resume or restore.
         """
         self.thermal.touch(row.id)
-        if row.status == RUNNING and not self.is_warm(row.id):
+        if row.id not in self.transitioning and not self.is_warm(row.id):
+            fresh = self.store.sandbox_by_id(row.id)  # `row` may predate a stop that has finished since
             handle = self.engine.handle(row.id)
-            if handle is not None:
+            if fresh is not None and fresh.status == RUNNING and handle is not None:
                 return handle
         async with self.lock(row.id):
             fresh = self.store.sandbox_by_id(row.id)
@@ -492,15 +504,16 @@ class SandboxService:
         """Wake the sandbox and run op(agent), mapping agent failures to API errors: a missing
         path or session is 404, a refused request 400, a sandbox that died says so."""
         row = self.get(user, id_or_name)
-        handle = await self.ready_handle(row)
-        try:
-            return await op(handle.agent)
-        except AgentNotFound as e:
-            raise NotFound(str(e)) from e
-        except AgentRequestError as e:
-            raise BadRequest(str(e)) from e
-        except AgentError as e:
-            await self.raise_for_dead(row, e)
+        with self.thermal.pin(row.id):  # never paused or stopped under a request in flight
+            handle = await self.ready_handle(row)
+            try:
+                return await op(handle.agent)
+            except AgentNotFound as e:
+                raise NotFound(str(e)) from e
+            except AgentRequestError as e:
+                raise BadRequest(str(e)) from e
+            except AgentError as e:
+                await self.raise_for_dead(row, e)
 
     async def sessions(self, user: User, id_or_name: str) -> list[dict]:
         return await self.with_agent(user, id_or_name, lambda agent: agent.sessions())

@@ -30,6 +30,7 @@ from pathlib import Path
 
 PAGE = 4096
 PAGES_FILE = "pages.img"
+COPY_CHUNK = 1 << 20  # bounded reads keep the daemon's memory flat however large a snapshot is
 RECORD = struct.Struct("<16sII")  # digest, pack number, slot in pack
 MANIFEST = "manifest.json"
 
@@ -225,11 +226,17 @@ class PageStore:
             with open(target_dir / PAGES_FILE, "wb") as out:
                 run_pack, run_start, run_len = None, 0, 0
 
-                def flush():  # one read for a run of consecutive pages
+                def flush():  # a run of consecutive pages: copied in big reads, 1 MiB at most each
                     if run_len:
                         f = packs[run_pack]
                         f.seek(run_start * PAGE)
-                        out.write(f.read(run_len * PAGE))
+                        left = run_len * PAGE
+                        while left:
+                            chunk = f.read(min(left, COPY_CHUNK))
+                            if not chunk:
+                                break
+                            out.write(chunk)
+                            left -= len(chunk)
 
                 for _, pack, slot in self.records(m):
                     if pack not in packs:
