@@ -244,9 +244,9 @@ def main() -> int:
     parser.add_argument("--only", choices=["publish", "load"], help="re-measure one section and replace it in the report")
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
+    from bench.load import bench_load
     from bench.publish import bench_publish
     if args.only:  # re-measure one section and replace it in the report
-        from bench.load import bench_load
         title, section = {
             "publish": ("## Publish and proxy", lambda: publish_report(bench_publish(args.publish))),
             "load": ("## Load", lambda: load_report(bench_load())),
@@ -273,7 +273,6 @@ def main() -> int:
     files = bench_files(args.files)
     print(f"publish and proxy: {args.publish} samples each ...", flush=True)
     publish = bench_publish(args.publish)
-    from bench.load import bench_load
     print("load: 50 clients for 60 s ...", flush=True)
     load = bench_load()
     text = (report(api, raw, args) + "\n".join(thermal_report(thermal_api, thermal_raw)) + "\n"

@@ -41,6 +41,8 @@ def checked_path(req: dict) -> str:
     path = req.get("path")
     if not isinstance(path, str) or not path.startswith("/"):
         raise FileError("path must be absolute")
+    if "\x00" in path:
+        raise FileError("path must not contain NUL characters")
     return path
 
 

@@ -228,6 +228,8 @@ class Agent:
             user = int(user)
         try:
             return pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+        except (OverflowError, ValueError, TypeError):
+            raise RequestError(f"invalid user: {user!r}")
         except KeyError:
             if isinstance(user, int) and 0 <= user < 2**31:
                 return None

@@ -17,6 +17,8 @@ class FileService:
             raise BadRequest("path query parameter required")
         if not path.startswith("/"):
             raise BadRequest("path must be absolute")
+        if "\x00" in path:
+            raise BadRequest("path must not contain NUL characters")
         return await self.sandboxes.with_agent(user, id_or_name, op)
 
     async def stat(self, user: User, id_or_name: str, path: str) -> dict:

@@ -527,6 +527,11 @@ class SandboxService:
                 raise BadRequest(f"invalid env var name: {key!r}")
         if req.cwd is not None and not req.cwd.startswith("/"):
             raise BadRequest("cwd must be an absolute path")
+        texts = [*req.cmd, *req.env.values(), req.cwd or "", req.user if isinstance(req.user, str) else ""]
+        if any("\x00" in t for t in texts):
+            raise BadRequest("cmd, env, cwd and user must not contain NUL characters")
+        if isinstance(req.user, int) and not 0 <= req.user < 2**31:
+            raise BadRequest(f"invalid user id: {req.user}")
         timeout = req.timeout_sec if req.timeout_sec and 1 <= req.timeout_sec <= MAX_TIMEOUT else DEFAULT_TIMEOUT
         agent_req = {"argv": req.cmd, "env": req.env, "timeout_sec": timeout}
         if req.cwd:
