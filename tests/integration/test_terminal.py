@@ -53,7 +53,7 @@ def test_shell_echo_resize_reattach_new_and_kick(daemon, api, sb):
         await read_until(ws, b"hi-42")
         await ws.send(json.dumps({"type": "resize", "rows": 40, "cols": 100}))
         await ws.send("stty size\n")  # a text frame that is not a resize is keystrokes
-        await read_until(ws, b"40 100")
+        await read_until(ws, b"40 100", timeout=30)
         await ws.send(b"echo pid=$$\n")
         out = await read_until(ws, b"pid=")
         while not re.search(rb"pid=(\d+)\r?\n", out):  # the typed line echoes "pid=$$": wait for digits

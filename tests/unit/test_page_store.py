@@ -62,6 +62,7 @@ def test_a_failed_save_leaves_the_previous_snapshot_whole(tmp_path, monkeypatch)
     data = os.urandom(PAGE * 40)
     store = PageStore(tmp_path / "sb")
     store.save(image(tmp_path, "i0", data))
+    store.ensure_index()
     before = {p.relative_to(store.dir): p.read_bytes() for p in store.dir.rglob("*") if p.is_file()}
 
     def disk_full(path):
@@ -86,3 +87,32 @@ def test_a_failed_full_save_gives_the_image_back(tmp_path, monkeypatch):
         store.save(img)
     assert (img / "pages.img").read_bytes() == data
     assert store.manifest() is None and not any(store.packs.iterdir())
+
+
+def test_a_full_snapshot_is_indexed_after_the_stop_and_restores_without_a_copy(tmp_path):
+    data = os.urandom(PAGE * 64)
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", data))
+    assert store.manifest()["index"] is None  # the stop did not hash anything
+    out = tmp_path / "restore"
+    store.assemble(out)
+    assert (out / "pages.img").read_bytes() == data
+    assert os.stat(out / "pages.img").st_ino == os.stat(store.pack_path(0)).st_ino  # a link, not a copy
+    manifest = store.ensure_index()
+    assert manifest["index"] == "0.idx" and store.ensure_index() == manifest  # idempotent
+    assert assembled(store, tmp_path, "again")[0] == data
+    changed = bytearray(data)
+    changed[:PAGE] = os.urandom(PAGE)
+    diff = store.save(image(tmp_path, "i1", bytes(changed)))
+    assert diff.kind == "diff" and diff.bytes_written < 2 * PAGE + 100
+    assert assembled(store, tmp_path, "a1")[0] == bytes(changed)
+
+
+def test_a_diff_indexes_an_unindexed_full_snapshot_itself(tmp_path):
+    """The daemon may die before the background indexing: the next stop does it."""
+    data = os.urandom(PAGE * 32)
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", data))
+    diff = store.save(image(tmp_path, "i1", data))
+    assert diff.kind == "diff" and diff.bytes_written < PAGE
+    assert assembled(store, tmp_path)[0] == data

@@ -64,6 +64,7 @@ class GVisorEngine:
         self.processes = ProcessWatcher()
         self.sandbox_pids: dict[str, int] = {}  # sandbox id -> pid whose exit means it died
         self.pending_deletes: dict[str, asyncio.Task] = {}  # container deletes still running
+        self.indexing: dict[str, asyncio.Task] = {}  # full snapshots being indexed after their stop
         self.slot_lock = asyncio.Lock()
         self.on_exit: Callable[[str], Awaitable[None]] | None = None
 
@@ -131,6 +132,8 @@ class GVisorEngine:
         for task in list(self.pending_deletes.values()):
             await task
         self.pending_deletes.clear()
+        for sandbox_id in list(self.indexing):
+            await self.index_done(sandbox_id)
         self.processes.close()
         if not self.records:
             await self.network.remove_firewall()
@@ -245,6 +248,7 @@ class GVisorEngine:
         """Boot a sandbox again, fresh, on the disk it had (after a crash, an OOM, a lost snapshot)."""
         handle = await self.launch(await self.prepare_relaunch(sandbox_id))
         # an older memory snapshot no longer matches this sandbox: never restore it
+        await self.index_done(sandbox_id)
         await asyncio.to_thread(PageStore(self.dir(sandbox_id)).mark_consumed)
         return handle
 
@@ -302,6 +306,7 @@ class GVisorEngine:
         rec = self.records.get(sandbox_id)
         if rec is None:
             raise EngineError(f"unknown sandbox {sandbox_id}")
+        await self.index_done(sandbox_id)
         store = PageStore(self.dir(sandbox_id))
         # runsc writes the image beside the snapshot: the first (full) one is adopted as it is;
         # of later ones only new pages are kept, and the file is deleted unsynced. (Not tmpfs: the
@@ -326,7 +331,11 @@ class GVisorEngine:
             self.pending_deletes[sandbox_id] = asyncio.get_running_loop().create_task(
                 self._delete_container_now(sandbox_id))
             try:
-                return await asyncio.to_thread(store.save, image_dir)
+                info = await asyncio.to_thread(store.save, image_dir)
+                if info.kind == "full":  # the next diff needs the page digests; the caller does not
+                    self.indexing[sandbox_id] = asyncio.get_running_loop().create_task(
+                        asyncio.to_thread(store.ensure_index))
+                return info
             except OSError as e:
                 log.error("writing the snapshot of %s failed (%s); restoring it from the image", sandbox_id, e)
                 try:
@@ -384,10 +393,22 @@ class GVisorEngine:
             handle = await self.until_ready(rec)
         finally:
             remove_scratch(scratch)
+        await self.index_done(sandbox_id)
         await asyncio.to_thread(store.mark_consumed)
         return handle
 
+    async def index_done(self, sandbox_id: str) -> None:
+        """Wait for a background indexing of the sandbox's snapshot (nothing else may write its
+        manifest meanwhile). A failure only means the next diff indexes it itself."""
+        task = self.indexing.pop(sandbox_id, None)
+        if task is not None:
+            try:
+                await task
+            except OSError as e:
+                log.warning("indexing the snapshot of %s failed (the next stop will): %s", sandbox_id, e)
+
     async def destroy(self, sandbox_id: str) -> None:
+        await self.index_done(sandbox_id)
         rec = self.records.get(sandbox_id)
         await self.remove_leftovers(sandbox_id, rec)
         self.records.pop(sandbox_id, None)

@@ -5,7 +5,8 @@ SHA-256 (first 16 bytes) and live in append-only pack files; a snapshot is an in
 per page: digest, pack, slot) plus the small image files runsc writes beside the pages.
 
 - First stop (full): runsc writes into the sandbox directory on disk and `pages.img` itself is
-  renamed into pack 0 — nothing is copied, only hashed.
+  renamed into pack 0 — nothing is copied. Its index (the page digests) is only needed by the
+  next diff, so it is computed after the stop has returned (`ensure_index`), or by that diff.
 - Later stops (diff): runsc writes a scratch image beside the store; only pages whose digest the
   store lacks are appended to a new pack, and the scratch image is deleted unsynced. 4 KiB granularity matters: gVisor's memory file shifts by
   whole pages between checkpoints (a process allocating a few pages moves everything after it),
@@ -17,7 +18,6 @@ per page: digest, pack, slot) plus the small image files runsc writes beside the
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
@@ -92,8 +92,25 @@ class PageStore:
         return bool(m and m.get("restorable"))
 
     def records(self, manifest: dict) -> list[tuple[bytes, int, int]]:
+        if manifest["index"] is None:  # a full snapshot not indexed yet: index it now
+            manifest = self.ensure_index()
         data = (self.dir / manifest["index"]).read_bytes()
         return list(RECORD.iter_unpack(data))
+
+    def ensure_index(self) -> dict | None:
+        """Hash the pages of a full snapshot (pack = its generation, page i at slot i) and record
+        the index in the manifest. Idempotent; returns the manifest."""
+        m = self.manifest()
+        if m is None or m["index"] is not None:
+            return m
+        gen = m["generation"]
+        digests = page_digests(self.pack_path(gen))
+        index = f"{gen}.idx"
+        write_durably(self.dir / index, b"".join(RECORD.pack(d, gen, slot) for slot, d in enumerate(digests)))
+        m = self.manifest()  # unchanged meanwhile: the engine never writes it concurrently
+        m["index"] = index
+        write_durably(self.dir / MANIFEST, json.dumps(m).encode())
+        return m
 
     def pack_path(self, n: int) -> Path:
         return self.packs / f"{n}.pack"
@@ -135,7 +152,7 @@ class PageStore:
         pages_size = pages.stat().st_size
         total = sum(p.stat().st_size for p in image_dir.iterdir() if p.is_file())
         if old is None:
-            records, written = self._adopt_as_pack(pages, gen)
+            records, written = None, self._adopt_as_pack(pages, gen)
         else:
             records, written = self._append_new_pages(pages, gen, self.records(old))
         others = {}
@@ -146,8 +163,10 @@ class PageStore:
                 fsync_file(target)
                 others[p.name] = target.name
                 written += p.stat().st_size
-        index = f"{gen}.idx"
-        write_durably(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
+        index = None
+        if records is not None:
+            index = f"{gen}.idx"
+            write_durably(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
         info = SnapshotInfo(kind="diff" if old else "full", bytes_written=written, bytes_total=total,
                             taken_at=now_rfc3339())
         manifest = {"generation": gen, "restorable": True, "info": info.to_dict(), "index": index,
@@ -158,14 +177,12 @@ class PageStore:
         self.collect_garbage(manifest, records)
         return info
 
-    def _adopt_as_pack(self, pages: Path, gen: int) -> tuple[list, int]:
-        """Full snapshot: pages.img (already on this disk) becomes pack `gen` as it is."""
+    def _adopt_as_pack(self, pages: Path, gen: int) -> int:
+        """Full snapshot: pages.img (already on this disk) becomes pack `gen` as it is (indexed later)."""
         with open(pages, "rb") as f:
-            start_writeback(f.fileno())  # the disk works while we hash
-            digests = page_digests(pages)
             os.fsync(f.fileno())
         os.replace(pages, self.pack_path(gen))
-        return [(d, gen, slot) for slot, d in enumerate(digests)], self.pack_path(gen).stat().st_size
+        return self.pack_path(gen).stat().st_size
 
     def _append_new_pages(self, pages: Path, gen: int, old_records) -> tuple[list, int]:
         """Diff snapshot: only pages the store does not hold yet go into a new pack."""
@@ -194,11 +211,11 @@ class PageStore:
 
     def collect_garbage(self, manifest: dict, records) -> None:
         """Delete packs and files the current snapshot does not use."""
-        live_packs = {p for _, p, _ in records}
+        live_packs = {p for _, p, _ in records} if records is not None else {manifest["generation"]}
         for pack in self.packs.iterdir():
             if pack.suffix == ".pack" and int(pack.stem) not in live_packs:
                 pack.unlink(missing_ok=True)
-        keep = {MANIFEST, manifest["index"], "packs", *manifest["files"].values()}
+        keep = {MANIFEST, manifest["index"], "packs", *manifest["files"].values()} - {None}
         for f in self.dir.iterdir():
             if f.name not in keep:
                 f.unlink(missing_ok=True) if f.is_file() else shutil.rmtree(f, ignore_errors=True)
@@ -221,6 +238,9 @@ class PageStore:
         target_dir.mkdir(parents=True, exist_ok=True)
         for name, stored in m["files"].items():
             shutil.copyfile(self.dir / stored, target_dir / name)
+        if m["index"] is None:  # a full snapshot is its pack, page for page: no copy at all
+            os.link(self.pack_path(m["generation"]), target_dir / PAGES_FILE)
+            return
         packs: dict[int, object] = {}
         try:
             with open(target_dir / PAGES_FILE, "wb") as out:
@@ -283,11 +303,3 @@ def page_digests(path: Path) -> list[bytes]:
         high = pool.submit(hash_range, half, pages - half)
         return low.result() + high.result()
 
-
-_libc = ctypes.CDLL(None, use_errno=True)
-SYNC_FILE_RANGE_WRITE = 2
-
-
-def start_writeback(fd: int) -> None:
-    """Start writing a file's dirty pages to disk without waiting (the fsync later is shorter)."""
-    _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
