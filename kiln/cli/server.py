@@ -139,13 +139,18 @@ def user_list(config: Optional[str] = ConfigOpt):
                    f"\tcreated {u.created_at}")
 
 
+def existing_user(store, name: str):
+    user = store.user_by_name(name)
+    if user is None:
+        raise fail(f"no user {name!r}")
+    return user
+
+
 @user_app.command("delete")
 def user_delete(name: str, config: Optional[str] = ConfigOpt):
     """Delete a user that owns nothing any more."""
     _, store = open_store(config)
-    user = store.user_by_name(name)
-    if user is None:
-        raise fail(f"no user {name!r}")
+    user = existing_user(store, name)
     held = {k: n for k, n in store.user_holdings(user.id).items() if n}
     if held:
         raise fail(f"user {name!r} still has {', '.join(f'{n} {k}' for k, n in held.items())}; delete those first")
@@ -159,9 +164,7 @@ def user_rotate_key(name: str, config: Optional[str] = ConfigOpt):
     from ..core.users import new_key, write_token
 
     cfg, store = open_store(config)
-    user = store.user_by_name(name)
-    if user is None:
-        raise fail(f"no user {name!r}")
+    user = existing_user(store, name)
     key = new_key()
     store.rotate_key(user.id, key)
     if user.name == "admin":
