@@ -277,9 +277,10 @@ class SandboxService:
                 await self.snapshot(row, reason="stop")
             except EngineError as e:
                 log.error("stop of %s failed: %s", row.id, e)
-                if isinstance(e, NoSpace) and self.get(user, row.id).status == RUNNING:
+                still_running = self.get(user, row.id).status == RUNNING
+                if isinstance(e, NoSpace) and still_running:
                     raise InsufficientStorage(f"stop sandbox: {e}; the sandbox is still running") from e
-                if self.get(user, row.id).status == RUNNING:
+                if still_running:
                     raise KilnError("stop sandbox: taking the snapshot failed; the sandbox is still running") from e
                 raise KilnError("stop sandbox: taking the snapshot failed and the sandbox could not be resumed; "
                                 f"start it again (on its disk) with POST /sandboxes/{row.id}/start") from e

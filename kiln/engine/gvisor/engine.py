@@ -350,6 +350,11 @@ class GVisorEngine:
         finally:
             remove_scratch(image_dir)
 
+    def free_bytes(self) -> int:
+        """Disk space left for sandboxes (what an unprivileged writer could still use)."""
+        st = os.statvfs(self.sandboxes_dir)
+        return st.f_bavail * st.f_frsize
+
     def check_room_for_snapshot(self, sandbox_id: str) -> None:
         """Refuse a stop up front when the disk cannot hold the sandbox's memory: better than a
         checkpoint that dies half-written."""
@@ -357,16 +362,14 @@ class GVisorEngine:
             usage = int((CGROUP_ROOT / "memory" / self.cgroup_parent / sandbox_id / "memory.usage_in_bytes").read_text())
         except (OSError, ValueError):
             return
-        st = os.statvfs(self.sandboxes_dir)
-        free = st.f_bavail * st.f_frsize
+        free = self.free_bytes()
         if free < usage + SNAPSHOT_MARGIN:
             raise NoSpace(f"not enough disk space for a snapshot: {free >> 20} MB free on the server, the "
                           f"sandbox uses {usage >> 20} MB of memory")
 
     def check_room_for_create(self) -> None:
         """A new sandbox needs a little disk at once (bundle, disk metadata, logs) and room to grow."""
-        st = os.statvfs(self.sandboxes_dir)
-        free = st.f_bavail * st.f_frsize
+        free = self.free_bytes()
         if free < CREATE_MIN_FREE:
             raise NoSpace(f"not enough disk space to create a sandbox: {free >> 20} MB free on the server "
                           f"(at least {CREATE_MIN_FREE >> 20} MB needed)")
