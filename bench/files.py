@@ -1,4 +1,5 @@
 """File benchmarks: read and write through the API at several sizes, and ls of /usr/bin."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ sandbox left alone for part of every cycle), while the daemon's memory and open 
 Used by `make bench` (figures in REPORT.md) and by tests/integration/test_load.py (zero failures,
 flat RSS and file descriptors).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,19 +34,29 @@ class LoadResult:
     rss_after: int = 0
     fds_before: int = 0
     fds_after: int = 0
-    pauses: int = 0   # hot -> warm during the run
-    wakes: int = 0    # restores from disk (cold -> hot) during the run
+    pauses: int = 0  # hot -> warm during the run
+    wakes: int = 0  # restores from disk (cold -> hot) during the run
 
 
 def daemon_usage(pid: int) -> tuple[int, int]:
-    rss = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-               if line.startswith("VmRSS:")) * 1024
+    rss = (
+        next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
+        * 1024
+    )
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def new_daemon() -> Daemon:
-    return Daemon({"thermal": THERMAL, "publish": {"rate_per_ip": UNLIMITED, "rate_per_alias": UNLIMITED,
-                                                   "rate_global": UNLIMITED}})
+    return Daemon(
+        {
+            "thermal": THERMAL,
+            "publish": {"rate_per_ip": UNLIMITED, "rate_per_alias": UNLIMITED, "rate_global": UNLIMITED},
+        }
+    )
 
 
 async def run_load(d: Daemon, clients: int = 50, duration: float = 60.0, n_sandboxes: int = 10) -> LoadResult:
@@ -61,15 +72,17 @@ async def run_load(d: Daemon, clients: int = 50, duration: float = 60.0, n_sandb
             sid = r.json()["id"]
             ids.append(sid)
             await api.put(f"/sandboxes/{sid}/files", params={"path": "/tmp/web_app.py"}, content=WEB_APP.read_bytes())
-            await api.post(f"/sandboxes/{sid}/exec", json={"cmd": ["sh", "-c",
-                           "nohup python3 /tmp/web_app.py 8080 >/dev/null 2>&1 &"]})
+            await api.post(
+                f"/sandboxes/{sid}/exec",
+                json={"cmd": ["sh", "-c", "nohup python3 /tmp/web_app.py 8080 >/dev/null 2>&1 &"]},
+            )
             await api.put(f"/sandboxes/{sid}/files", params={"path": "/workspace/data.bin"}, content=os.urandom(4096))
         for sid in ids:  # every app answers before the clock starts
             for _ in range(100):
                 if (await api.get(f"/sandboxes/{sid}/proxy/8080/ready")).status_code == 200:
                     break
                 await asyncio.sleep(0.1)
-        ops, weights = zip(*OPS)
+        ops, weights = zip(*OPS, strict=False)
         start = time.monotonic()
         deadline = start + duration
 
@@ -88,8 +101,11 @@ async def run_load(d: Daemon, clients: int = 50, duration: float = 60.0, n_sandb
                         r = await api.post(f"/sandboxes/{sid}/exec", json={"cmd": ["sh", "-c", f"echo {n}"]})
                         ok = r.status_code == 200 and r.json()["stdout"] == f"{n}\n"
                     elif op == "write":
-                        r = await api.put(f"/sandboxes/{sid}/files", params={"path": f"/workspace/c{n}.txt"},
-                                          content=f"client {n}".encode())
+                        r = await api.put(
+                            f"/sandboxes/{sid}/files",
+                            params={"path": f"/workspace/c{n}.txt"},
+                            content=f"client {n}".encode(),
+                        )
                         ok = r.status_code == 200
                     elif op == "read":
                         r = await api.get(f"/sandboxes/{sid}/files", params={"path": "/workspace/data.bin"})

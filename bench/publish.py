@@ -3,6 +3,7 @@
 
 The app is tests/integration/apps/web_app.py (Python's ThreadingHTTPServer, HTTP/1.1) on port 3000.
 """
+
 from __future__ import annotations
 
 import time
@@ -20,16 +21,19 @@ BHATTI = {"hot": 2.2, "warm": 3.7, "cold": 358.0}
 
 def bench_publish(n: int) -> dict[str, list[float]]:
     d = Daemon({"thermal": THERMAL})
-    res: dict[str, list[float]] = {k: [] for k in ("direct", "hot", "warm", "cold", "big_direct", "big_proxy",
-                                                    "big_public")}
+    res: dict[str, list[float]] = {
+        k: [] for k in ("direct", "hot", "warm", "cold", "big_direct", "big_proxy", "big_public")
+    }
     try:
         d.start()
         with d.client() as api:
             sb = api.post("/sandboxes", json={"name": "pub"}).json()
             sid = sb["id"]
             api.put(f"/sandboxes/{sid}/files", params={"path": "/tmp/web_app.py"}, content=WEB_APP.read_bytes())
-            api.post(f"/sandboxes/{sid}/exec",
-                     json={"cmd": ["sh", "-c", "nohup python3 /tmp/web_app.py 3000 >/dev/null 2>&1 &"]})
+            api.post(
+                f"/sandboxes/{sid}/exec",
+                json={"cmd": ["sh", "-c", "nohup python3 /tmp/web_app.py 3000 >/dev/null 2>&1 &"]},
+            )
             for _ in range(100):
                 if api.get(f"/sandboxes/{sid}/proxy/3000/").status_code == 200:
                     break
@@ -44,6 +48,7 @@ def bench_publish(n: int) -> dict[str, list[float]]:
             # kiln opens one upstream connection per request, so the floor does too
             fresh = httpx.Limits(max_keepalive_connections=0)
             with httpx.Client(timeout=60) as public, httpx.Client(timeout=60, limits=fresh) as direct:
+
                 def timed(key, client, url, headers=None):
                     t = time.perf_counter()
                     r = client.get(url, headers=headers)

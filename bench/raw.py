@@ -1,5 +1,6 @@
 """The raw side of the benchmarks: an engine that only prepares bundles, netns and overlays, on its
 own data dir, prefix and subnet (no daemon); the benchmark then drives runsc itself."""
+
 from __future__ import annotations
 
 import contextlib

@@ -8,6 +8,7 @@ raw runsc commands on the same bundle, and writes bench/REPORT.md:
 - exec:    POST /sandboxes/:id/exec {"cmd":["true"]}                   vs  `runsc exec ID /bin/true`
 - destroy: DELETE /sandboxes/:id                                       vs  `runsc delete -force ID`
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,14 +17,14 @@ import platform
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kiln.engine.base import SandboxSpec  # noqa: E402
 from bench.raw import raw_engine  # noqa: E402
+from kiln.engine.base import SandboxSpec  # noqa: E402
 from tests.daemon import Daemon  # noqa: E402
 
 
@@ -71,8 +72,10 @@ def bench_api(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
                 r = api.post(f"/sandboxes/{ids[0]}/exec", json=body)
                 results["exec"].append(time.perf_counter() - t)
                 assert r.json()["exit_code"] == 0
-            r = api.post(f"/sandboxes/{ids[0]}/exec",
-                         json={"cmd": ["python3", "-c", SPAWN_FLOOR.replace("N", str(n_exec))], "user": "root"})
+            r = api.post(
+                f"/sandboxes/{ids[0]}/exec",
+                json={"cmd": ["python3", "-c", SPAWN_FLOOR.replace("N", str(n_exec))], "user": "root"},
+            )
             results["spawn"] = [float(x) for x in r.json()["stdout"].split()]
             for sid in ids:
                 t = time.perf_counter()
@@ -125,28 +128,31 @@ def report(api: dict, raw: dict, args) -> str:
         r50, r99 = ms(pct(raw[op], 50)), ms(pct(raw[op], 99))
         rows.append(f"| {op} | {len(api[op])} | {a50:.1f} | {a99:.1f} | {r50:.1f} | {r99:.1f} | {a50 / r50:.2f} |")
     spawn50, spawn99 = ms(pct(api["spawn"], 50)), ms(pct(api["spawn"], 99))
-    cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
-                         capture_output=True, text=True).stdout.strip()
+    cpu = subprocess.run(
+        ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True
+    ).stdout.strip()
     runsc_v = subprocess.run(["runsc", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
-    return "\n".join([
-        "# kiln benchmark report",
-        "",
-        f"Run: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, `make bench` "
-        f"({args.sandboxes} sandboxes, {args.execs} execs); {platform.node()}, {cpu}, "
-        f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
-        f"kernel {platform.release()}, {runsc_v} (systrap).",
-        "",
-        "kiln = through the HTTP API (client on loopback). raw = runsc commands on the same bundle:",
-        "`runsc run -detach` until the agent answers; `runsc exec ID /bin/true`; `runsc delete -force`.",
-        "",
-        "| operation | n (kiln) | kiln p50 ms | kiln p99 ms | raw p50 ms | raw p99 ms | kiln/raw (p50) |",
-        "|---|---|---|---|---|---|---|",
-        *rows,
-        "",
-        "Floor: one `posix_spawn` + `waitpid` of /usr/bin/true *inside* a sandbox (no agent, no network, no HTTP)",
-        f"takes p50 {spawn50:.1f} ms, p99 {spawn99:.1f} ms here; every exec pays it, whatever carries the request.",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# kiln benchmark report",
+            "",
+            f"Run: {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, `make bench` "
+            f"({args.sandboxes} sandboxes, {args.execs} execs); {platform.node()}, {cpu}, "
+            f"{subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, "
+            f"kernel {platform.release()}, {runsc_v} (systrap).",
+            "",
+            "kiln = through the HTTP API (client on loopback). raw = runsc commands on the same bundle:",
+            "`runsc run -detach` until the agent answers; `runsc exec ID /bin/true`; `runsc delete -force`.",
+            "",
+            "| operation | n (kiln) | kiln p50 ms | kiln p99 ms | raw p50 ms | raw p99 ms | kiln/raw (p50) |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            "Floor: one `posix_spawn` + `waitpid` of /usr/bin/true *inside* a sandbox (no agent, no network, no HTTP)",
+            f"takes p50 {spawn50:.1f} ms, p99 {spawn99:.1f} ms here; every exec pays it, whatever carries the request.",
+            "",
+        ]
+    )
 
 
 def thermal_report(api: dict, raw: dict) -> list[str]:
@@ -157,7 +163,9 @@ def thermal_report(api: dict, raw: dict) -> list[str]:
         k50, k99 = ms(pct(kiln, 50)), ms(pct(kiln, 99))
         if rawv:
             r50, r99 = ms(pct(rawv, 50)), ms(pct(rawv, 99))
-            return f"| {name} | {len(kiln)} | {k50:.1f} | {k99:.1f} | {r50:.1f} | {r99:.1f} | {k50 / r50:.2f} | {note} |"
+            return (
+                f"| {name} | {len(kiln)} | {k50:.1f} | {k99:.1f} | {r50:.1f} | {r99:.1f} | {k50 / r50:.2f} | {note} |"
+            )
         return f"| {name} | {len(kiln)} | {k50:.1f} | {k99:.1f} | | | | {note} |"
 
     mb = lambda v: sum(v) / len(v) / 1e6  # noqa: E731
@@ -166,31 +174,55 @@ def thermal_report(api: dict, raw: dict) -> list[str]:
         "",
         "| measure | n (kiln) | kiln p50 ms | kiln p99 ms | raw p50 ms | raw p99 ms | kiln/raw (p50) | note |",
         "|---|---|---|---|---|---|---|---|",
-        row("warm wake: added to exec `true`", warm_added, raw["resume"],
-            f"hot exec p50 {ms(hot50):.1f} ms; raw = `runsc resume` alone"),
+        row(
+            "warm wake: added to exec `true`",
+            warm_added,
+            raw["resume"],
+            f"hot exec p50 {ms(hot50):.1f} ms; raw = `runsc resume` alone",
+        ),
         row("(raw) `runsc pause`", raw["pause"], None, "kiln freezes through the freezer cgroup instead"),
-        row("cold wake, idle 512 MB sandbox: exec `true` after stop", api["cold_wake"], raw["restore"],
-            "raw = `runsc restore` until the agent answers"),
+        row(
+            "cold wake, idle 512 MB sandbox: exec `true` after stop",
+            api["cold_wake"],
+            raw["restore"],
+            "raw = `runsc restore` until the agent answers",
+        ),
         row("cold wake, 256 MB written", api["cold_wake_256"], raw["restore_256"], ""),
-        row("stop, full (first stop, 256 MB written)", api["stop_full"], raw["checkpoint_first"],
-            f"{mb(api['full_bytes']):.1f} MB written on average; raw = first `runsc checkpoint` to disk"),
-        row("stop, diff (same sandbox again)", api["stop_diff"], raw["checkpoint_again"],
-            f"{mb(api['diff_bytes']):.2f} MB written on average; raw = `runsc checkpoint` after a restore"),
+        row(
+            "stop, full (first stop, 256 MB written)",
+            api["stop_full"],
+            raw["checkpoint_first"],
+            f"{mb(api['full_bytes']):.1f} MB written on average; raw = first `runsc checkpoint` to disk",
+        ),
+        row(
+            "stop, diff (same sandbox again)",
+            api["stop_diff"],
+            raw["checkpoint_again"],
+            f"{mb(api['diff_bytes']):.2f} MB written on average; raw = `runsc checkpoint` after a restore",
+        ),
         "",
     ]
 
 
 def files_report(res: dict) -> list[str]:
     from bench.files import BHATTI
+
     rows = []
     for (op, label), samples in res.items():
         ref = BHATTI.get((op, label))
         k50, k99 = ms(pct(samples, 50)), ms(pct(samples, 99))
-        rows.append(f"| {op} {label} | {len(samples)} | {k50:.1f} | {k99:.1f} | "
-                    f"{f'{ref:.1f}' if ref else ''} | {f'{k50 / ref:.2f}' if ref else ''} |")
-    return ["## Files", "",
-            "| operation | n | kiln p50 ms | kiln p99 ms | bhatti ms (published) | kiln/bhatti |",
-            "|---|---|---|---|---|---|", *rows, ""]
+        rows.append(
+            f"| {op} {label} | {len(samples)} | {k50:.1f} | {k99:.1f} | "
+            f"{f'{ref:.1f}' if ref else ''} | {f'{k50 / ref:.2f}' if ref else ''} |"
+        )
+    return [
+        "## Files",
+        "",
+        "| operation | n | kiln p50 ms | kiln p99 ms | bhatti ms (published) | kiln/bhatti |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def publish_report(res: dict) -> list[str]:
@@ -198,40 +230,53 @@ def publish_report(res: dict) -> list[str]:
 
     def row(name, key, ref=None, note=""):
         k50, k99 = ms(pct(res[key], 50)), ms(pct(res[key], 99))
-        return (f"| {name} | {len(res[key])} | {k50:.1f} | {k99:.1f} | {f'{ref:.1f}' if ref else ''} | "
-                f"{f'{k50 / ref:.2f}' if ref else ''} | {note} |")
+        return (
+            f"| {name} | {len(res[key])} | {k50:.1f} | {k99:.1f} | {f'{ref:.1f}' if ref else ''} | "
+            f"{f'{k50 / ref:.2f}' if ref else ''} | {note} |"
+        )
 
     def rate(key):
         return f"{BIG / 1e6 / pct(res[key], 50):.0f} MB/s"
 
-    return ["## Publish and proxy", "",
-            "A GET of a small JSON reply from Python's ThreadingHTTPServer in the sandbox, at its published URL",
-            "(Host: <alias>.localhost), with a keep-alive client. For scale, the first row sends the same request",
-            "straight to the sandbox's address on a new connection each time (what the app costs without kiln",
-            "when nothing is reused); kiln keeps keep-alive connections to the app, so it can come in under it.",
-            "",
-            "| request | n | kiln p50 ms | kiln p99 ms | bhatti ms (published) | kiln/bhatti | note |",
-            "|---|---|---|---|---|---|---|",
-            row("straight to the app, new connection (no kiln)", "direct"),
-            row("published URL, hot", "hot", BHATTI["hot"], "target <= 2 ms"),
-            row("published URL, warm (paused)", "warm", BHATTI["warm"], "includes the resume; target <= 5 ms"),
-            row("published URL, cold (stopped)", "cold", BHATTI["cold"], "includes the restore; target <= 400 ms"),
-            row("10 MB response, straight", "big_direct", None, rate("big_direct")),
-            row("10 MB response, authenticated proxy", "big_proxy", None, rate("big_proxy")),
-            row("10 MB response, published URL", "big_public", None, rate("big_public")),
-            ""]
+    return [
+        "## Publish and proxy",
+        "",
+        "A GET of a small JSON reply from Python's ThreadingHTTPServer in the sandbox, at its published URL",
+        "(Host: <alias>.localhost), with a keep-alive client. For scale, the first row sends the same request",
+        "straight to the sandbox's address on a new connection each time (what the app costs without kiln",
+        "when nothing is reused); kiln keeps keep-alive connections to the app, so it can come in under it.",
+        "",
+        "| request | n | kiln p50 ms | kiln p99 ms | bhatti ms (published) | kiln/bhatti | note |",
+        "|---|---|---|---|---|---|---|",
+        row("straight to the app, new connection (no kiln)", "direct"),
+        row("published URL, hot", "hot", BHATTI["hot"], "target <= 2 ms"),
+        row("published URL, warm (paused)", "warm", BHATTI["warm"], "includes the resume; target <= 5 ms"),
+        row("published URL, cold (stopped)", "cold", BHATTI["cold"], "includes the restore; target <= 400 ms"),
+        row("10 MB response, straight", "big_direct", None, rate("big_direct")),
+        row("10 MB response, authenticated proxy", "big_proxy", None, rate("big_proxy")),
+        row("10 MB response, published URL", "big_public", None, rate("big_public")),
+        "",
+    ]
 
 
 def load_report(res) -> list[str]:
     rows = [f"| {op} | {len(v)} | {ms(pct(v, 50)):.0f} | {ms(pct(v, 99)):.0f} |" for op, v in res.latencies.items()]
-    return ["## Load", "",
-            "50 concurrent clients for 60 s on 10 sandboxes (256 MB each) mixing exec, file write, file read, "
-            "list and proxied HTTP; thermal timers 2 s warm / 4 s cold, each sandbox left alone 8 s of every 24 "
-            "so it pauses, goes to disk and is woken again under load (after a 20 s warm-up round).", "",
-            "| operation | n | p50 ms | p99 ms |", "|---|---|---|---|", *rows, "",
-            f"Failed requests: {len(res.failures)}. Pauses: {res.pauses}; restores from disk: {res.wakes}. "
-            f"Daemon idle before/after: RSS {res.rss_before >> 20} -> {res.rss_after >> 20} MB, "
-            f"open files {res.fds_before} -> {res.fds_after}.", ""]
+    return [
+        "## Load",
+        "",
+        "50 concurrent clients for 60 s on 10 sandboxes (256 MB each) mixing exec, file write, file read, "
+        "list and proxied HTTP; thermal timers 2 s warm / 4 s cold, each sandbox left alone 8 s of every 24 "
+        "so it pauses, goes to disk and is woken again under load (after a 20 s warm-up round).",
+        "",
+        "| operation | n | p50 ms | p99 ms |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Failed requests: {len(res.failures)}. Pauses: {res.pauses}; restores from disk: {res.wakes}. "
+        f"Daemon idle before/after: RSS {res.rss_before >> 20} -> {res.rss_after >> 20} MB, "
+        f"open files {res.fds_before} -> {res.fds_after}.",
+        "",
+    ]
 
 
 def main() -> int:
@@ -241,11 +286,14 @@ def main() -> int:
     parser.add_argument("--thermal", type=int, default=8, help="samples per thermal measure")
     parser.add_argument("--files", type=int, default=30, help="samples per file operation")
     parser.add_argument("--publish", type=int, default=20, help="samples per publish measure")
-    parser.add_argument("--only", choices=["publish", "load"], help="re-measure one section and replace it in the report")
+    parser.add_argument(
+        "--only", choices=["publish", "load"], help="re-measure one section and replace it in the report"
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
     from bench.load import bench_load
     from bench.publish import bench_publish
+
     if args.only:  # re-measure one section and replace it in the report
         title, section = {
             "publish": ("## Publish and proxy", lambda: publish_report(bench_publish(args.publish))),
@@ -254,7 +302,7 @@ def main() -> int:
         out = Path(args.out)
         text = out.read_text() if out.exists() else ""
         before, _, rest = text.partition(title)
-        after = rest[rest.index("\n## "):] if "\n## " in rest else ""
+        after = rest[rest.index("\n## ") :] if "\n## " in rest else ""
         new = "\n".join(section())
         out.write_text(before + new + after)
         print(new)
@@ -264,20 +312,29 @@ def main() -> int:
     print("raw runsc: the same operations ...", flush=True)
     raw = asyncio.run(bench_raw(args.sandboxes, args.execs))
     from bench.thermal import bench_thermal_api, bench_thermal_raw
+
     print(f"thermal: {args.thermal} samples each of warm/cold wakes and stops ...", flush=True)
     thermal_api = bench_thermal_api(args.thermal)
     print("raw runsc: pause/resume, checkpoint/restore ...", flush=True)
     thermal_raw = asyncio.run(bench_thermal_raw(args.thermal))
     from bench.files import bench_files
+
     print(f"files: {args.files} reads and writes per size ...", flush=True)
     files = bench_files(args.files)
     print(f"publish and proxy: {args.publish} samples each ...", flush=True)
     publish = bench_publish(args.publish)
     print("load: 50 clients for 60 s ...", flush=True)
     load = bench_load()
-    text = (report(api, raw, args) + "\n".join(thermal_report(thermal_api, thermal_raw)) + "\n"
-            + "\n".join(files_report(files)) + "\n" + "\n".join(publish_report(publish)) + "\n"
-            + "\n".join(load_report(load)))
+    text = (
+        report(api, raw, args)
+        + "\n".join(thermal_report(thermal_api, thermal_raw))
+        + "\n"
+        + "\n".join(files_report(files))
+        + "\n"
+        + "\n".join(publish_report(publish))
+        + "\n"
+        + "\n".join(load_report(load))
+    )
     Path(args.out).write_text(text)
     print(text)
     return 0

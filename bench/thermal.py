@@ -7,15 +7,16 @@ kiln (through the API):
 raw (runsc CLI on an engine-prepared bundle): `runsc pause`/`resume`; `runsc checkpoint
 --compression=none` to disk (+ `delete`); `runsc restore -detach` until the agent answers.
 """
+
 from __future__ import annotations
 
 import asyncio
 import shutil
 import time
 
+from bench.raw import raw_engine
 from kiln.engine.base import SandboxSpec
 from kiln.engine.gvisor.proc import run
-from bench.raw import raw_engine
 from tests.daemon import Daemon
 
 FILL_256MB = "head -c 268435456 /dev/urandom > /dev/shm/fill"
@@ -39,11 +40,20 @@ def wait_warm(api, sid, timeout=20.0) -> None:
 
 def bench_thermal_api(n: int) -> dict[str, list]:
     d = Daemon({"thermal": {"warm_after": 0.5, "cold_after": 3600, "tick": 0.1}})
-    res: dict[str, list] = {"hot_exec": [], "warm_exec": [], "cold_wake": [], "cold_wake_256": [],
-                            "stop_full": [], "stop_diff": [], "full_bytes": [], "diff_bytes": []}
+    res: dict[str, list] = {
+        "hot_exec": [],
+        "warm_exec": [],
+        "cold_wake": [],
+        "cold_wake_256": [],
+        "stop_full": [],
+        "stop_diff": [],
+        "full_bytes": [],
+        "diff_bytes": [],
+    }
     try:
         d.start()
         with d.client() as api:
+
             def exec_true(sid):
                 r = api.post(f"/sandboxes/{sid}/exec", json={"cmd": ["true"]})
                 assert r.status_code == 200 and r.json()["exit_code"] == 0, r.text
@@ -89,8 +99,14 @@ def bench_thermal_api(n: int) -> dict[str, list]:
 
 
 async def bench_thermal_raw(n: int) -> dict[str, list]:
-    res: dict[str, list] = {"pause": [], "resume": [], "checkpoint_first": [], "checkpoint_again": [],
-                            "restore": [], "restore_256": []}
+    res: dict[str, list] = {
+        "pause": [],
+        "resume": [],
+        "checkpoint_first": [],
+        "checkpoint_again": [],
+        "restore": [],
+        "restore_256": [],
+    }
     async with raw_engine() as engine:
         runsc = engine.runsc
 

@@ -1,6 +1,8 @@
 """Builds the HTTP app and runs what lives beside it: the store, the engine, background loops."""
+
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -8,26 +10,43 @@ import time
 from fastapi import FastAPI
 
 from . import __version__
-from .api import (errors, exec as exec_api, files as files_api, health, ports as ports_api, proxy as proxy_api,
-                  publish as publish_api, sandboxes as sandboxes_api, secrets as secrets_api,
-                  sessions as sessions_api, templates as templates_api, terminal as terminal_api,
-                  volumes as volumes_api, web)
+from .api import (
+    errors,
+    exec as exec_api,
+    files as files_api,
+    health,
+    ports as ports_api,
+    proxy as proxy_api,
+    publish as publish_api,
+    sandboxes as sandboxes_api,
+    secrets as secrets_api,
+    sessions as sessions_api,
+    templates as templates_api,
+    terminal as terminal_api,
+    volumes as volumes_api,
+    web,
+)
 from .api.auth import CommonHeaders
-from .api.proxy import HttpPools
+from .api.deps import Services
 from .api.public import PublicLimits, PublicProxy
 from .config import Config
+from .core.events import SandboxEvents
+from .core.exec import ExecService
 from .core.files import FileService
+from .core.http_pools import HttpPools
+from .core.lifecycle import SandboxService
 from .core.ports import PortTracker
 from .core.publish import PublishService
 from .core.ratelimit import UserRateLimits
-from .core.sandboxes import SandboxService
+from .core.runtime import Runtimes
 from .core.secrets import SecretBox, SecretService
 from .core.templates import TemplateService
 from .core.terminal import TerminalService
+from .core.thermal import ThermalPolicy
 from .core.upstream import Upstreams
 from .core.users import ensure_admin
 from .core.volumes import VolumeService
-from .engine.gvisor.engine import GVisorEngine
+from .engine import make_engine
 from .engine.gvisor.reaper import become_subreaper
 from .images.default import ensure_default_image
 from .store.db import Store
@@ -40,6 +59,7 @@ def openapi_with_unique_ids(app: FastAPI) -> dict:
     one operationId; name each by method and path instead, which is unique by construction."""
     if app.openapi_schema is None:
         from fastapi.openapi.utils import get_openapi
+
         spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for path, ops in spec["paths"].items():
             slug = path.strip("/").replace("/", "_").replace("{", "").replace("}", "") or "root"
@@ -55,57 +75,95 @@ def build_app(config: Config) -> FastAPI:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.data_dir.chmod(0o700)
         become_subreaper()
-        ensure_default_image(config.image_root, log=log.info)
+        await asyncio.to_thread(ensure_default_image, config.image_root, log.info)
         store = Store(config.data_dir / "state.db")
-        key = ensure_admin(store, config)
-        if key:
+        if ensure_admin(store, config):
             log.info("created the admin user; its API key is in %s", config.data_dir / "admin.token")
-        engine = GVisorEngine(config.data_dir, config.image_root, config.network.subnet, config.runsc)
-        app.state.secrets = secrets = SecretService(store, SecretBox(config.data_dir / "secret.key"))
-        app.state.volumes = volumes = VolumeService(store, config.data_dir, config.limits.max_volume_storage_mb)
-        app.state.templates = templates = TemplateService(store)
-        sandboxes = SandboxService(store, engine, config, secrets, volumes, templates)
-        sandboxes.after_destroy.append(volumes.release)
+        engine = make_engine(config)
+        secrets = SecretService(store, SecretBox(config.data_dir / "secret.key"))
+        volumes = VolumeService(store, config.data_dir, config.limits.max_volume_storage_mb)
+        templates = TemplateService(store)
+        events = SandboxEvents()
+        sandboxes = SandboxService(store, engine, config, secrets, volumes, templates, Runtimes(), events)
+        upstreams = Upstreams(sandboxes)
+        http_pools = HttpPools(sandboxes, upstreams)
+        ports = PortTracker(sandboxes, upstreams, config.ports)
+        publish = PublishService(store, config)
+        lim = config.limits
+        # Who reacts to what: connections into a sandbox end before its checkpoint or destroy;
+        # what is held for a destroyed sandbox is released.
+        events.on_before_stop(upstreams.cut)
+        events.on_before_stop(http_pools.forget)
+        events.on_destroyed(ports.forget)
+        events.on_destroyed(publish.forget_sandbox)
         await engine.start_engine()
         await sandboxes.reconcile()
-        await volumes.release("")     # volumes left mounted for sandboxes that are gone
-        await volumes.mount_all()     # before any sandbox can restore or boot
-        app.state.store, app.state.engine, app.state.sandboxes = store, engine, sandboxes
-        app.state.files = FileService(sandboxes)
-        app.state.terminals = TerminalService(sandboxes)
-        app.state.upstreams = upstreams = Upstreams(sandboxes)
-        app.state.ports = ports = PortTracker(sandboxes, upstreams, config.ports)
-        app.state.http_pools = HttpPools(app.state)
-        app.state.publish = publish = PublishService(store, config)
-        app.state.public_limits = PublicLimits(config.publish)
-        lim = config.limits
-        app.state.rate_limits = UserRateLimits(*((r.burst, r.per_minute) for r in
-                                                 (lim.rate_create, lim.rate_exec, lim.rate_read)))
-        sandboxes.after_destroy.append(publish.forget_sandbox)
+        app.state.services = Services(
+            store=store,
+            sandboxes=sandboxes,
+            exec=ExecService(sandboxes, config.limits),
+            files=FileService(sandboxes),
+            terminals=TerminalService(sandboxes),
+            ports=ports,
+            upstreams=upstreams,
+            http_pools=http_pools,
+            publish=publish,
+            public_limits=PublicLimits(config.publish),
+            rate_limits=UserRateLimits(
+                *((r.burst, r.per_minute) for r in (lim.rate_create, lim.rate_exec, lim.rate_read))
+            ),
+            secrets=secrets,
+            templates=templates,
+            volumes=volumes,
+            started=time.monotonic(),
+        )
         await ports.start()
-        app.state.started = time.monotonic()
-        sandboxes.thermal.start(sandboxes)
-        log.info("kiln %s listening on http://%s (admin token: %s)", __version__, config.listen,
-                 config.data_dir / "admin.token")
+        thermal = ThermalPolicy(config.thermal, sandboxes)
+        thermal.start()
+        log.info(
+            "kiln %s listening on http://%s (admin token: %s)",
+            __version__,
+            config.listen,
+            config.data_dir / "admin.token",
+        )
         try:
             yield
         finally:
-            await sandboxes.thermal.stop()
+            await thermal.stop()
             await ports.stop()
             if config.thermal.snapshot_on_shutdown:
                 await sandboxes.shutdown()
             await engine.close_engine()
             store.close()
 
-    app = FastAPI(title="kiln", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Isolated Linux sandboxes: exec, files, terminals, ports, publish. Every route "
-                              "but /health takes `Authorization: Bearer <API key>`.")
+    app = FastAPI(
+        title="kiln",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        description="Isolated Linux sandboxes: exec, files, terminals, ports, publish. Every route "
+        "but /health takes `Authorization: Bearer <API key>`.",
+    )
     app.openapi = lambda: openapi_with_unique_ids(app)
     app.add_middleware(CommonHeaders)
     app.add_middleware(PublicProxy)  # added last = outermost: published hosts never reach the API
     errors.install(app)
-    for module in (health, sandboxes_api, exec_api, sessions_api, files_api, terminal_api, ports_api,
-                   publish_api, proxy_api, templates_api, secrets_api, volumes_api, web):
+    for module in (
+        health,
+        sandboxes_api,
+        exec_api,
+        sessions_api,
+        files_api,
+        terminal_api,
+        ports_api,
+        publish_api,
+        proxy_api,
+        templates_api,
+        secrets_api,
+        volumes_api,
+        web,
+    ):
         app.include_router(module.router)
     app.mount("/static", web.static_files, name="static")
     return app

@@ -1,4 +1,5 @@
 """kiln's settings: config.yaml, every key optional, validated at start with errors naming the key."""
+
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ class NetworkConfig(Section):
     @classmethod
     def _subnet(cls, v: str) -> str:
         import ipaddress
+
         net = ipaddress.ip_network(v)  # raises ValueError with a clear message
         if net.version != 4 or net.prefixlen > 29:
             raise ValueError("must be an IPv4 network of /29 or larger")
@@ -90,7 +92,7 @@ class Config(Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        host, sep, port = v.rpartition(":")
+        _host, sep, port = v.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
         return v

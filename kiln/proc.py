@@ -1,4 +1,5 @@
 """Running host commands from asyncio, with errors that say what failed."""
+
 from __future__ import annotations
 
 import asyncio
@@ -9,15 +10,17 @@ class CommandFailed(Exception):
     pass
 
 
-async def run(argv: list[str], input: bytes | None = None, check: bool = True,
-              timeout: float = 120.0) -> str:
+async def run(argv: list[str], input: bytes | None = None, check: bool = True, timeout: float = 120.0) -> str:
     """Run argv to completion and return its stdout; raise CommandFailed on failure when check."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        *argv,
+        stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(input), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise CommandFailed(f"{' '.join(argv[:4])}: timed out after {timeout}s")

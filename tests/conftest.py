@@ -11,9 +11,15 @@ from tests.daemon import IMAGES, running_daemon
 @pytest.fixture(scope="session")
 def default_image():
     """Build the shared default image once (mmdebstrap, ~30 s the first time)."""
-    subprocess.run([sys.executable, "-c",
-                    "from pathlib import Path; from kiln.images.default import ensure_default_image;"
-                    f"ensure_default_image(Path({str(IMAGES)!r}))"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from pathlib import Path; from kiln.images.default import ensure_default_image;"
+            f"ensure_default_image(Path({str(IMAGES)!r}))",
+        ],
+        check=True,
+    )
     return IMAGES
 
 

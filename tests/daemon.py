@@ -3,6 +3,7 @@
 Every host object the daemon may leave behind carries its prefix, so `leftovers()` can prove a
 clean state and `scrub()` can remove what a failed test left, without touching anything else.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from kiln.engine.gvisor.engine import CGROUP_ROOT, host_prefix
+from kiln.config import load_config
+from kiln.engine import make_engine
+from kiln.engine.base import Engine
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO / ".cache" / "images"
@@ -49,13 +52,16 @@ class Daemon:
     def __init__(self, extra_config: dict | None = None, parent_dir: Path | None = None):
         self.data_dir = Path(tempfile.mkdtemp(prefix="kiln-test-", dir=parent_dir))
         self.port = free_port()
-        self.prefix = host_prefix(self.data_dir)
         self.subnet = f"10.{200 + next(_subnets) % 50}.{os.getpid() % 250}.0/24"
         unlimited = {"burst": 1_000_000, "per_minute": 1_000_000}
-        self.config = {"listen": f"127.0.0.1:{self.port}", "data_dir": str(self.data_dir),
-                       "images_dir": str(IMAGES), "network": {"subnet": self.subnet},
-                       # tests and benchmarks drive the API far faster than a user would
-                       "limits": {"rate_create": unlimited, "rate_exec": unlimited, "rate_read": unlimited}}
+        self.config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "data_dir": str(self.data_dir),
+            "images_dir": str(IMAGES),
+            "network": {"subnet": self.subnet},
+            # tests and benchmarks drive the API far faster than a user would
+            "limits": {"rate_create": unlimited, "rate_exec": unlimited, "rate_read": unlimited},
+        }
         for k, v in (extra_config or {}).items():
             if isinstance(v, dict) and isinstance(self.config.get(k), dict):
                 self.config[k] = {**self.config[k], **v}
@@ -69,10 +75,14 @@ class Daemon:
 
     # ------------------------------------------------------------ process
 
-    def start(self, timeout: float = 120.0) -> "Daemon":
+    def start(self, timeout: float = 120.0) -> Daemon:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kiln.cli.main", "serve", "--config",
-                                      str(self.config_path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kiln.cli.main", "serve", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -116,81 +126,31 @@ class Daemon:
         return httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def create_user(self, name: str, *flags: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "kiln.cli.main", "user", "create", name, *flags, "--config",
-                              str(self.config_path)], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "kiln.cli.main", "user", "create", name, *flags, "--config", str(self.config_path)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return out.stdout.strip().splitlines()[-1]
 
-    # ------------------------------------------------------------ host state
+    # ------------------------------------------------------------ host state (through the engine's own view)
 
-    def runsc_ids(self) -> list[str]:
-        """Containers under this daemon's runsc root (from state files: `runsc list` hangs on frozen ones)."""
-        root = self.data_dir / "runsc"
-        return sorted({f.name.split("_sandbox:")[0] for f in root.glob("*_sandbox:*.state")}) if root.exists() else []
+    def engine(self) -> Engine:
+        """An engine object for this daemon's config: it inspects and scrubs, it never starts."""
+        return make_engine(load_config(self.config_path))
 
-    def sandbox_processes(self, sandbox_id: str) -> list[int]:
-        """Host processes (runsc sandbox, gofer) serving this sandbox's bundle."""
-        bundle = f"{self.data_dir}/sandboxes/{sandbox_id}".encode()
-        pids = []
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    if bundle in (d / "cmdline").read_bytes():
-                        pids.append(int(d.name))
-                except OSError:
-                    pass
-        return pids
+    def leftovers(self, keep: set[str] | frozenset[str] = frozenset()) -> dict[str, list[str]]:
+        """Host objects the engine reports as its own that belong to no sandbox in `keep`."""
+        return self.engine().leftovers(frozenset(keep))
 
-    def freezer(self, sandbox_id: str) -> Path:
-        return CGROUP_ROOT / "freezer" / f"kiln-{self.prefix}" / sandbox_id / "freezer.state"
-
-    def leftovers(self) -> dict[str, list[str]]:
-        """Every host object carrying this daemon's prefix or living under its data dir."""
-        netns = [n for n in os.listdir("/var/run/netns")] if os.path.isdir("/var/run/netns") else []
-        cgroups = []
-        for controller in os.listdir(CGROUP_ROOT):
-            parent = CGROUP_ROOT / controller / f"kiln-{self.prefix}"
-            if parent.is_dir():
-                cgroups += [str(p) for p in parent.iterdir() if p.is_dir()]
-        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
-                  if line.split()[1].startswith(str(self.data_dir))]
-        sandbox_dirs = self.data_dir / "sandboxes"
-        return {
-            "runsc": self.runsc_ids(),
-            "netns": [n for n in netns if n.startswith(f"kiln-{self.prefix}-")],
-            "veth": [i for i in os.listdir("/sys/class/net") if i.startswith(f"k{self.prefix}h")],
-            "cgroups": cgroups,
-            "mounts": mounts,
-            "dirs": [p.name for p in sandbox_dirs.iterdir()] if sandbox_dirs.exists() else [],
-        }
+    def clean(self, keep: set[str] | frozenset[str] = frozenset()) -> bool:
+        return not any(self.leftovers(keep).values())
 
     def scrub(self) -> None:
         """Remove whatever this daemon left on the host (used after failures and at teardown)."""
         self.stop()
-        root = self.data_dir / "runsc"
-        for cid in self.runsc_ids():
-            if self.freezer(cid).exists():
-                self.freezer(cid).write_text("THAWED")
-            subprocess.run(["runsc", f"--root={root}", "delete", "-force", cid], capture_output=True, timeout=60)
-        left = self.leftovers()
-        for m in sorted(left["mounts"], reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True)
-        for ns in left["netns"]:
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        for i in left["veth"]:
-            subprocess.run(["ip", "link", "delete", i], capture_output=True)
-        for cg in sorted(left["cgroups"], key=len, reverse=True):
-            for sub in sorted(Path(cg).rglob("*"), key=lambda p: len(str(p)), reverse=True):
-                if sub.is_dir():
-                    sub.rmdir()
-            Path(cg).rmdir()
-        for controller in os.listdir(CGROUP_ROOT):
-            parent = CGROUP_ROOT / controller / f"kiln-{self.prefix}"
-            if parent.is_dir():
-                try:
-                    parent.rmdir()
-                except OSError:
-                    pass
-        subprocess.run(["nft", "delete", "table", "inet", f"kiln_{self.prefix}"], capture_output=True)
+        self.engine().scrub()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def destroy_all(self, tokens: list[str]) -> None:

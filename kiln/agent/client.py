@@ -1,11 +1,13 @@
 """Host side of the agent protocol: asyncio, one TCP connection per request."""
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 from . import protocol as P
 
@@ -24,7 +26,7 @@ class AgentNotFound(AgentRequestError):
 
 @dataclass
 class ExecEvent:
-    kind: str            # "started" | "stdout" | "stderr" | "exit"
+    kind: str  # "started" | "stdout" | "stderr" | "exit"
     data: bytes = b""
     exit_code: int = 0
     timed_out: bool = False
@@ -39,7 +41,7 @@ def error_from(payload: bytes) -> AgentError:
 class AgentConnection:
     """One authenticated connection carrying one request."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: "AgentClient"):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: AgentClient):
         self.reader = reader
         self.writer = writer
         self.client = client
@@ -62,10 +64,8 @@ class AgentConnection:
     async def close(self) -> None:
         self.client.open.discard(self)
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 class AgentClient:
@@ -85,7 +85,7 @@ class AgentClient:
         """Open a connection and send AUTH + the request in one write."""
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise AgentError(f"connect to agent at {self.host}:{self.port}: {e or 'timed out'}") from e
         sock = writer.get_extra_info("socket")
         if sock is not None:
@@ -103,7 +103,7 @@ class AgentClient:
                 rtype, data = await asyncio.wait_for(conn.read_frame(), timeout)
                 if rtype == expect:
                     return json.loads(data)
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise AgentError("agent did not answer in time") from e
         finally:
             await conn.close()
@@ -143,8 +143,9 @@ class AgentClient:
 
         async def handshake() -> None:
             await loop.sock_connect(sock, (self.host, self.port))
-            await loop.sock_sendall(sock, P.encode(P.AUTH, self.token)
-                                    + P.encode(P.FORWARD_REQ, json.dumps({"port": port}).encode()))
+            await loop.sock_sendall(
+                sock, P.encode(P.AUTH, self.token) + P.encode(P.FORWARD_REQ, json.dumps({"port": port}).encode())
+            )
             ftype, n = P.parse_header(await recv_exactly(P.HEADER.size))
             payload = await recv_exactly(n) if n else b""
             if ftype == P.ERROR:
@@ -188,7 +189,7 @@ class AgentClient:
         try:
             if stdin is not None:
                 for i in range(0, len(stdin), P.MAX_FRAME):
-                    conn.writer.write(P.encode(P.STDIN, stdin[i:i + P.MAX_FRAME]))
+                    conn.writer.write(P.encode(P.STDIN, stdin[i : i + P.MAX_FRAME]))
                 await conn.send(P.STDIN, b"")
             while True:
                 ftype, payload = await conn.read_frame()
@@ -245,7 +246,7 @@ class AgentClient:
             try:
                 async for chunk in chunks:
                     for i in range(0, len(chunk), P.MAX_FRAME):
-                        await conn.send(P.STDIN, chunk[i:i + P.MAX_FRAME])  # drain: memory stays bounded
+                        await conn.send(P.STDIN, chunk[i : i + P.MAX_FRAME])  # drain: memory stays bounded
             except (ConnectionError, OSError):
                 pass  # the agent refused and hung up: its ERROR frame says why
             while True:

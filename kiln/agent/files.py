@@ -4,8 +4,10 @@ Paths are resolved by the sandbox's own kernel (gVisor): `..` and symlinks can o
 places inside the sandbox. Reads and writes stream in chunks; writes are atomic (temp file in the
 same directory, fsync, rename) and owned by uid 1000.
 """
+
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 
@@ -27,8 +29,12 @@ class FileError(Exception):
 
 
 def info(st: os.stat_result) -> dict:
-    return {"size": st.st_size, "mode": f"{stat.S_IMODE(st.st_mode):04o}", "is_dir": stat.S_ISDIR(st.st_mode),
-            "mtime": int(st.st_mtime)}
+    return {
+        "size": st.st_size,
+        "mode": f"{stat.S_IMODE(st.st_mode):04o}",
+        "is_dir": stat.S_ISDIR(st.st_mode),
+        "mtime": int(st.st_mtime),
+    }
 
 
 def path_error(path: str, e: OSError) -> FileError:
@@ -92,7 +98,7 @@ def read_lines(f, offset: int, limit: int, max_bytes: int, send) -> None:
         if not line.endswith(b"\n"):
             line += b"\n"
         if max_bytes > 0 and sent + len(out) + len(line) > max_bytes:
-            out += line[:max_bytes - sent - len(out)]
+            out += line[: max_bytes - sent - len(out)]
             break
         out += line
         lines += 1
@@ -140,10 +146,8 @@ def write_file(req: dict, receive) -> dict:
         os.chown(tmp, OWNER, OWNER)
         os.rename(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     return {"exit_code": 0}
 
@@ -181,6 +185,13 @@ def list_dir(req: dict) -> list[dict]:
                 continue
             entries.append({"name": entry.name, **info(st)})
     if total > LS_CAP:
-        entries.append({"name": f"... truncated at {LS_CAP} entries ({total} total)", "size": 0, "mode": "",
-                        "is_dir": False, "mtime": 0})
+        entries.append(
+            {
+                "name": f"... truncated at {LS_CAP} entries ({total} total)",
+                "size": 0,
+                "mode": "",
+                "is_dir": False,
+                "mtime": 0,
+            }
+        )
     return entries

@@ -2,13 +2,16 @@
 
     python3 guest.py CONFIG_JSON
 
-CONFIG_JSON holds {"token", "env", "init"} and optionally "port" and "bind" (tests run it on the host). PID 1 only reaps orphans; it forks the server,
+CONFIG_JSON holds {"token", "env", "init"} and optionally "port" and "bind" (tests run it on the host).
+PID 1 only reaps orphans; it forks the server,
 which listens on the sandbox's address and serves one authenticated request per connection
 (see protocol.py): one-shot exec (buffered or streamed by the host), PTY sessions with scrollback
 (the `init` session among them), the activity clock. The server is re-forked if it ever dies.
 """
+
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hmac
@@ -59,6 +62,7 @@ class RequestError(Exception):
 
 # ---------------------------------------------------------------- framing over a blocking socket
 
+
 def recv_exact(sock: socket.socket, n: int) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
@@ -104,22 +108,18 @@ class Conn:
         return self.send(ftype, json.dumps(obj, separators=(",", ":")).encode())
 
     def send_chunks(self, ftype: int, data: bytes) -> bool:
-        for i in range(0, len(data), P.MAX_FRAME):
-            if not self.send(ftype, data[i:i + P.MAX_FRAME]):
-                return False
-        return True
+        return all(self.send(ftype, data[i : i + P.MAX_FRAME]) for i in range(0, len(data), P.MAX_FRAME))
 
     def close(self) -> None:
         with self.lock:
             self.closed = True
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 
 # ---------------------------------------------------------------- starting processes fast
+
 
 @dataclass
 class Launch:
@@ -191,6 +191,7 @@ class Child:
 
 # ---------------------------------------------------------------- the agent state
 
+
 class Agent:
     def __init__(self, config: dict):
         self.token = config["token"].encode()
@@ -236,14 +237,19 @@ class Agent:
             raise RequestError(f"unknown user: {user}")
 
     def build_env(self, pw, uid: int, extra: dict | None) -> dict:
-        env = {"PATH": DEFAULT_PATH, "TERM": "xterm-256color", "LANG": "C.UTF-8",
-               "HOME": pw.pw_dir if pw else "/", "USER": pw.pw_name if pw else str(uid)}
+        env = {
+            "PATH": DEFAULT_PATH,
+            "TERM": "xterm-256color",
+            "LANG": "C.UTF-8",
+            "HOME": pw.pw_dir if pw else "/",
+            "USER": pw.pw_name if pw else str(uid),
+        }
         env.update(self.sandbox_env)
         env.update(self.secret_env)
         env.update({str(k): str(v) for k, v in (extra or {}).items()})
         return env
 
-    def launch_spec(self, req: dict) -> "Launch":
+    def launch_spec(self, req: dict) -> Launch:
         """Who, where and with what environment a requested process runs."""
         pw = self.identity(req.get("user"))
         uid = pw.pw_uid if pw else int(req["user"])
@@ -272,7 +278,7 @@ class Agent:
             self.session_counter += 1
             return f"s{self.session_counter}"
 
-    def add_session(self, session: "Session") -> None:
+    def add_session(self, session: Session) -> None:
         with self.sessions_lock:
             self.reap_sessions_locked()
             if len(self.sessions) >= MAX_SESSIONS:
@@ -289,7 +295,7 @@ class Agent:
         with self.sessions_lock:
             self.sessions.pop(sid, None)
 
-    def get_session(self, sid: str) -> "Session":
+    def get_session(self, sid: str) -> Session:
         with self.sessions_lock:
             self.reap_sessions_locked()
             s = self.sessions.get(sid)
@@ -305,9 +311,12 @@ class Agent:
     def activity(self) -> dict:
         with self.sessions_lock:
             sessions = list(self.sessions.values())
-        return {"last_activity_unix": self.last_activity, "agent_restarts": max(0, self.started - 1),
-                "active_sessions": sum(1 for s in sessions if s.running),
-                "attached_sessions": sum(1 for s in sessions if s.client is not None)}
+        return {
+            "last_activity_unix": self.last_activity,
+            "agent_restarts": max(0, self.started - 1),
+            "active_sessions": sum(1 for s in sessions if s.running),
+            "attached_sessions": sum(1 for s in sessions if s.client is not None),
+        }
 
     def start_init(self) -> None:
         """Run the create-time `init` script once per sandbox (not again after a reboot)."""
@@ -457,9 +466,8 @@ class Agent:
             raise RequestError(str(e), e.kind)
 
 
-
-
 # ---------------------------------------------------------------- one-shot exec
+
 
 def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
     """Run argv to completion, streaming stdout/stderr frames, then EXIT.
@@ -483,7 +491,8 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
             if fd >= 0:
                 os.close(fd)
         code, why = {errno.ENOENT: (127, "command not found"), errno.EACCES: (126, "permission denied")}.get(
-            e.errno, (126, e.strerror))
+            e.errno, (126, e.strerror)
+        )
         conn.send(P.STDERR, f"exec: {argv[0]}: {why}\n".encode())
         conn.send_json(P.EXIT, {"exit_code": code})
         return
@@ -511,7 +520,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
                 break
             if stdin:
                 stdin.register(sel)
-            for key, events in sel.select(wait):
+            for key, _events in sel.select(wait):
                 if key.fileobj is conn.sock:
                     data = conn.sock.recv(READ_CHUNK)  # readable: does not block
                     inbuf += data
@@ -630,11 +639,11 @@ class StdinFeeder:
 def apply_host_frames(buf: bytearray, stdin: StdinFeeder | None) -> bool:
     """Apply complete frames from the host to a running exec; False means kill it."""
     while len(buf) >= P.HEADER.size:
-        ftype, n = P.parse_header(bytes(buf[:P.HEADER.size]))
+        ftype, n = P.parse_header(bytes(buf[: P.HEADER.size]))
         if len(buf) < P.HEADER.size + n:
             break
-        payload = bytes(buf[P.HEADER.size:P.HEADER.size + n])
-        del buf[:P.HEADER.size + n]
+        payload = bytes(buf[P.HEADER.size : P.HEADER.size + n])
+        del buf[: P.HEADER.size + n]
         if ftype == P.KILL:
             return False
         if ftype == P.STDIN and stdin:
@@ -644,11 +653,11 @@ def apply_host_frames(buf: bytearray, stdin: StdinFeeder | None) -> bool:
 
 # ---------------------------------------------------------------- PTY sessions
 
+
 class Session:
     """A process on a PTY with a 64 KiB scrollback ring; one attached client at a time."""
 
-    def __init__(self, agent: Agent, sid: str, argv: list[str], proc: subprocess.Popen, master: int,
-                 max_idle: float):
+    def __init__(self, agent: Agent, sid: str, argv: list[str], proc: subprocess.Popen, master: int, max_idle: float):
         self.agent = agent
         self.id = sid
         self.argv = argv
@@ -665,7 +674,7 @@ class Session:
         self.detached_at = time.monotonic()
 
     @classmethod
-    def start(cls, agent: Agent, sid: str, req: dict) -> "Session":
+    def start(cls, agent: Agent, sid: str, req: dict) -> Session:
         # a new shell: bash as a login shell where the image has it
         argv = req.get("argv") or (["/bin/bash", "-li"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"])
         kw = agent.popen_identity(req)
@@ -676,8 +685,16 @@ class Session:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
         try:
-            proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-                                    preexec_fn=make_controlling_tty, close_fds=True, **kw)
+            proc = subprocess.Popen(
+                argv,
+                stdin=slave,
+                stdout=slave,
+                stderr=slave,
+                start_new_session=True,
+                preexec_fn=make_controlling_tty,
+                close_fds=True,
+                **kw,
+            )
         except OSError as e:
             os.close(master)
             raise RequestError(f"start {argv[0]}: {e.strerror}")
@@ -690,8 +707,14 @@ class Session:
         return session
 
     def info(self) -> dict:
-        d = {"session_id": self.id, "argv": " ".join(self.argv), "tty": True, "running": self.running,
-             "attached": self.client is not None, "created_at": self.created_at}
+        d = {
+            "session_id": self.id,
+            "argv": " ".join(self.argv),
+            "tty": True,
+            "running": self.running,
+            "attached": self.client is not None,
+            "created_at": self.created_at,
+        }
         if not self.running:
             d["exit_code"] = self.exit_code
         return d
@@ -722,15 +745,14 @@ class Session:
                     pass
                 self.finish(self.proc.wait())
                 return
-            if (self.max_idle and self.client is None
-                    and time.monotonic() - self.detached_at > self.max_idle):
+            if self.max_idle and self.client is None and time.monotonic() - self.detached_at > self.max_idle:
                 self.kill(signal.SIGKILL)
 
     def output(self, data: bytes) -> None:
         with self.lock:
             self.scrollback += data
             if len(self.scrollback) > SCROLLBACK:
-                del self.scrollback[:len(self.scrollback) - SCROLLBACK]
+                del self.scrollback[: len(self.scrollback) - SCROLLBACK]
             if self.client and not self.client.send(P.STDOUT, data):
                 self.client = None
                 self.detached_at = time.monotonic()
@@ -749,10 +771,8 @@ class Session:
                 self.agent.remove_session(self.id)
 
     def kill(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def attach(self, conn: Conn, force: bool) -> None:
         """Replay the scrollback, then relay live output and the client's keystrokes."""
@@ -807,6 +827,7 @@ def select_read(fd: int, timeout: float) -> bool:
 
 
 # ---------------------------------------------------------------- PID 1
+
 
 def reap_forever(server_pid: int, start_server) -> None:
     """PID 1 duty: reap every orphan; restart the server if it dies."""

@@ -4,8 +4,10 @@ Ports come from /proc/net/tcp and tcp6 (gVisor implements both): every socket in
 A forward connects to 127.0.0.1:<port> from inside, so services bound to loopback only are
 reachable too, then relays bytes both ways until both sides are done.
 """
+
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 
@@ -70,12 +72,8 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
     except OSError:
         # One side broke: tear both down so the other pump ends too.
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         return
-    try:
+    with contextlib.suppress(OSError):
         dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass

@@ -5,6 +5,7 @@ One request per TCP connection. Every frame is: 4-byte big-endian length (= 1 + 
 second is the request (EXEC_REQ, EXEC_LIST_REQ, ACTIVITY_REQ, FILE_*, PORTS_REQ, ...). JSON
 payloads are UTF-8. Unknown frame types are ignored by both sides (forward compatibility).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,34 +16,34 @@ MAX_FRAME = 1 << 20  # payload bytes
 HEADER = struct.Struct(">IB")
 
 # Stream frames
-STDIN = 0x01          # host -> guest bytes; an empty payload closes the child's stdin
+STDIN = 0x01  # host -> guest bytes; an empty payload closes the child's stdin
 STDOUT = 0x02
 STDERR = 0x03
-RESIZE = 0x04         # JSON {"rows","cols"}
-EXIT = 0x05           # JSON {"exit_code", "timed_out"?}
-ERROR = 0x06          # JSON {"error": message, "kind": "invalid" | "failed"}
-KILL = 0x07           # host asks the guest to kill the process group
-STARTED = 0x08        # JSON {"pid"}: the command was spawned (sent before any output)
+RESIZE = 0x04  # JSON {"rows","cols"}
+EXIT = 0x05  # JSON {"exit_code", "timed_out"?}
+ERROR = 0x06  # JSON {"error": message, "kind": "invalid" | "failed"}
+KILL = 0x07  # host asks the guest to kill the process group
+STARTED = 0x08  # JSON {"pid"}: the command was spawned (sent before any output)
 # Requests / responses
-EXEC_REQ = 0x10       # JSON, see guest.handle_exec
-AUTH = 0x11           # token bytes
+EXEC_REQ = 0x10  # JSON, see guest.handle_exec
+AUTH = 0x11  # token bytes
 EXEC_LIST_REQ = 0x30
 EXEC_LIST_RESP = 0x31
 EXEC_KILL = 0x32
 SESSION_INFO = 0x33
 ACTIVITY_REQ = 0x40
 ACTIVITY_RESP = 0x41
-FILE_READ = 0x50       # JSON {"path","offset","limit","max_bytes"} -> FILE_INFO, STDOUT chunks, EXIT
-FILE_INFO = 0x51       # JSON {"size","mode","is_dir","mtime"}
-FILE_WRITE = 0x52      # JSON {"path","size","mode"}, then STDIN chunks -> EXIT
-FILE_STAT = 0x54       # JSON {"path"} -> FILE_INFO
-FILE_LS = 0x56         # JSON {"path"} -> FILE_LS_RESP
+FILE_READ = 0x50  # JSON {"path","offset","limit","max_bytes"} -> FILE_INFO, STDOUT chunks, EXIT
+FILE_INFO = 0x51  # JSON {"size","mode","is_dir","mtime"}
+FILE_WRITE = 0x52  # JSON {"path","size","mode"}, then STDIN chunks -> EXIT
+FILE_STAT = 0x54  # JSON {"path"} -> FILE_INFO
+FILE_LS = 0x56  # JSON {"path"} -> FILE_LS_RESP
 FILE_LS_RESP = 0x57
-PORTS_REQ = 0x60       # -> PORTS_RESP JSON [{"port", "loopback_only"}] (the agent's own port left out)
+PORTS_REQ = 0x60  # -> PORTS_RESP JSON [{"port", "loopback_only"}] (the agent's own port left out)
 PORTS_RESP = 0x61
-FORWARD_REQ = 0x62     # JSON {"port"} -> FORWARD_OK, then the connection is a raw byte relay to that port
+FORWARD_REQ = 0x62  # JSON {"port"} -> FORWARD_OK, then the connection is a raw byte relay to that port
 FORWARD_OK = 0x63
-SECRETS_SET = 0x70     # JSON {"env": {...}}: secret environment for every exec and session -> EXIT
+SECRETS_SET = 0x70  # JSON {"env": {...}}: secret environment for every exec and session -> EXIT
 
 # ERROR kinds: "invalid" is the caller's fault (maps to HTTP 400), "not_found" to 404, "failed" is not.
 INVALID = "invalid"

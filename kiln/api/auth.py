@@ -1,4 +1,5 @@
 """Bearer-token authentication, and the headers and limits every API response shares."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ from fastapi import Request
 from .. import __version__
 from ..core.errors import TooManyRequests, Unauthorized
 from ..store.db import User
+from .deps import services
 
 MAX_JSON_BODY = 1 << 20
 # Routes whose bodies are raw bytes for the sandbox, not API JSON: file uploads and proxied requests.
@@ -24,10 +26,10 @@ async def require_user(request: Request) -> User:
     header = request.headers.get("authorization", "")
     if not header.startswith("Bearer ") or not header[7:].strip():
         raise Unauthorized("authorization required")
-    user = request.app.state.store.user_by_key(header[7:].strip())
+    user = services(request).store.user_by_key(header[7:].strip())
     if user is None:
         raise Unauthorized("invalid api key")
-    if not request.app.state.rate_limits.allow(user.id, request.method, request.url.path):
+    if not services(request).rate_limits.allow(user.id, request.method, request.url.path):
         raise TooManyRequests("rate limit exceeded")
     return user
 
@@ -61,13 +63,17 @@ class CommonHeaders:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > MAX_JSON_BODY and not raw_body:
             body = json.dumps({"error": "request body too large (max 1 MiB)"}).encode() + b"\n"
-            await send_with_headers({"type": "http.response.start", "status": 413,
-                                     "headers": [(b"content-type", b"application/json"),
-                                                 (b"content-length", str(len(body)).encode())]})
+            await send_with_headers(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         if not raw_body:
             # Every API body is JSON whatever Content-Type says (`curl -d` sends a form type).
             headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
         await self.app(scope, receive, send_with_headers)

@@ -1,4 +1,5 @@
 """Maps kiln's exceptions and the framework's own errors to `{"error": ...}` JSON with the right status."""
+
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import Internal, KilnError
+from .deps import services
 
 log = logging.getLogger("kiln.api")
 
@@ -34,7 +36,7 @@ def describe_validation(exc: RequestValidationError) -> str:
 
 def authenticated(request: Request) -> bool:
     header = request.headers.get("authorization", "")
-    return header.startswith("Bearer ") and request.app.state.store.user_by_key(header[7:].strip()) is not None
+    return header.startswith("Bearer ") and services(request).store.user_by_key(header[7:].strip()) is not None
 
 
 def install(app: FastAPI) -> None:

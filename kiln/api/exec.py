@@ -1,18 +1,23 @@
 """Route: POST /sandboxes/:id/exec, buffered JSON or NDJSON streamed line by line."""
+
 from __future__ import annotations
 
 import codecs
 import json
+import logging
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictStr
 
-from ..core.sandboxes import ExecRequest
+from ..core.errors import KilnError
+from ..core.exec import ExecRequest
 from ..store.db import User
 from .auth import require_user
+from .deps import services
 
 router = APIRouter()
+log = logging.getLogger("kiln.exec")
 NDJSON = "application/x-ndjson"
 
 
@@ -32,16 +37,16 @@ def line(obj: dict) -> bytes:
 
 @router.post("/sandboxes/{sandbox_id}/exec")
 async def exec_command(sandbox_id: str, body: ExecBody, request: Request, user: User = Depends(require_user)):
-    sandboxes = request.app.state.sandboxes
+    execs = services(request).exec
     req = ExecRequest(**body.model_dump())
     if request.headers.get("accept") != NDJSON:
-        result = await sandboxes.exec_buffered(user, sandbox_id, req)
+        result = await execs.buffered(user, sandbox_id, req)
         out = {"exit_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr}
         if result.timed_out:
             out["timed_out"] = True
         return out
 
-    events = await sandboxes.exec_events(user, sandbox_id, req)
+    events = await execs.events(user, sandbox_id, req)
 
     async def stream():
         # a UTF-8 character may be split across chunks: decode each stream incrementally
@@ -57,8 +62,9 @@ async def exec_command(sandbox_id: str, body: ExecBody, request: Request, user: 
                     text = decoders[ev.kind].decode(ev.data)
                     if text:
                         yield line({"type": ev.kind, "data": text})
-        except Exception as e:  # headers are sent: the error goes in the stream
+        except Exception as e:  # headers are sent: the error goes in the stream (and the log)
             msg = getattr(e, "message", None) or "internal error"
+            log.error("streamed exec in sandbox %s failed: %s", sandbox_id, e, exc_info=not isinstance(e, KilnError))
             yield line({"type": "error", "data": msg})
         finally:
             await events.aclose()

@@ -1,4 +1,5 @@
 """Routes: GET/PUT/HEAD /sandboxes/:id/files?path=… (raw bytes; `ls=true` lists a directory)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -7,6 +8,7 @@ from fastapi.responses import StreamingResponse
 from ..core.errors import BadRequest
 from ..store.db import User
 from .auth import require_user
+from .deps import services
 
 router = APIRouter()
 
@@ -34,14 +36,19 @@ def parse_mode(value: str | None) -> int:
 # HEAD before GET: Starlette's GET routes answer HEAD too
 @router.head("/sandboxes/{sandbox_id}/files")
 async def stat_file(sandbox_id: str, request: Request, path: str = "", user: User = Depends(require_user)):
-    info = await request.app.state.files.stat(user, sandbox_id, path)
-    return Response(headers={"X-File-Size": str(info["size"]), "X-File-Mode": info["mode"],
-                             "X-File-IsDir": "true" if info["is_dir"] else "false"})
+    info = await services(request).files.stat(user, sandbox_id, path)
+    return Response(
+        headers={
+            "X-File-Size": str(info["size"]),
+            "X-File-Mode": info["mode"],
+            "X-File-IsDir": "true" if info["is_dir"] else "false",
+        }
+    )
 
 
 @router.get("/sandboxes/{sandbox_id}/files")
 async def read_file(sandbox_id: str, request: Request, path: str = "", user: User = Depends(require_user)):
-    files = request.app.state.files
+    files = services(request).files
     if request.query_params.get("ls") == "true":
         return await files.ls(user, sandbox_id, path)
     offset, limit, max_bytes = (int_param(request, k) for k in ("offset", "limit", "max_bytes"))
@@ -53,10 +60,11 @@ async def read_file(sandbox_id: str, request: Request, path: str = "", user: Use
 
 
 @router.put("/sandboxes/{sandbox_id}/files")
-async def write_file(sandbox_id: str, request: Request, path: str = "", mode: str | None = None,
-                     user: User = Depends(require_user)):
+async def write_file(
+    sandbox_id: str, request: Request, path: str = "", mode: str | None = None, user: User = Depends(require_user)
+):
     length = request.headers.get("content-length")
     if length is None or not length.isdigit() or "chunked" in request.headers.get("transfer-encoding", ""):
         raise BadRequest("Content-Length header required for file upload")
-    await request.app.state.files.write(user, sandbox_id, path, int(length), parse_mode(mode), request.stream())
+    await services(request).files.write(user, sandbox_id, path, int(length), parse_mode(mode), request.stream())
     return {"status": "ok"}

@@ -1,9 +1,12 @@
 """Route: GET /health (no auth)."""
+
 from __future__ import annotations
 
 import time
 
 from fastapi import APIRouter, Request
+
+from .deps import services
 
 router = APIRouter()
 
@@ -21,5 +24,8 @@ def go_duration(seconds: float) -> str:
 
 @router.api_route("/health", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
 async def health(request: Request):
-    return {"status": "ok", "sandboxes": request.app.state.sandboxes.count(),
-            "uptime": go_duration(time.monotonic() - request.app.state.started)}
+    return {
+        "status": "ok",
+        "sandboxes": services(request).sandboxes.count(),
+        "uptime": go_duration(time.monotonic() - services(request).started),
+    }

@@ -6,9 +6,11 @@ Order per request: resolve the alias (unknown -> 404, before any rate limit), ra
 per sandbox through ensure_hot; at most `max_concurrent_wakes` at once -> 503 + Retry-After: 2), then
 the HTTP or WebSocket proxy (app down -> 502). Each HTTP request has a hard 5-minute deadline.
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
@@ -16,7 +18,8 @@ from fastapi.responses import JSONResponse
 from ..config import PublishConfig
 from ..core.errors import KilnError
 from ..core.ratelimit import KeyedLimiter, TokenBucket
-from ..core.sandboxes import RUNNING
+from ..states import Status
+from .deps import Services, services_of
 from .proxy import Target, json_reply, proxy_http, proxy_websocket
 
 REQUEST_DEADLINE = 300.0
@@ -44,26 +47,25 @@ class PublicProxy:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        state = scope["app"].state
+        state = services_of(scope["app"])
         host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
         alias = state.publish.alias_of_host(host)
         if alias is None:
             return await self.app(scope, receive, send)
         if scope["type"] == "websocket":  # WebSockets end by their idle timeout instead
             return await self.serve(state, alias, scope, receive, send)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.serve(state, alias, scope, receive, send), REQUEST_DEADLINE)
-        except asyncio.TimeoutError:
-            pass
 
-    async def serve(self, state, alias: str, scope, receive, send) -> None:
+    async def serve(self, state: Services, alias: str, scope, receive, send) -> None:
         websocket = WebSocket(scope, receive, send) if scope["type"] == "websocket" else None
 
         async def refuse(status: int, message: str, retry_after: str | None = None):
             headers = [("retry-after", retry_after)] if retry_after else []
             if websocket is not None:
                 await websocket.send_denial_response(
-                    JSONResponse({"error": message}, status_code=status, headers=dict(headers)))
+                    JSONResponse({"error": message}, status_code=status, headers=dict(headers))
+                )
             else:
                 await json_reply(send, status, {"error": message}, headers)
 
@@ -76,21 +78,30 @@ class PublicProxy:
         if not limits.allow(client_ip, alias):
             return await refuse(429, "rate limit exceeded", "1")
         sandboxes = state.sandboxes
-        if row.status != RUNNING or sandboxes.is_warm(row.id):
+        woken = row.status != Status.RUNNING or sandboxes.waker.is_warm(row.id)
+        if woken:
             if limits.waking >= limits.max_wakes:
                 return await refuse(503, "server busy, retry shortly", "2")
             limits.waking += 1
-            try:
-                await sandboxes.ready_handle(row)
-            except KilnError:
-                state.publish.cache.pop(alias, None)
-                return await refuse(502, "sandbox unavailable")
-            finally:
+        try:
+            async with sandboxes.using(row):  # awake, and pinned while the request runs
+                if woken:
+                    limits.waking -= 1
+                    woken = False
+                row = state.store.sandbox_by_id(row.id) or row
+                target = Target(
+                    row, rule.port, (scope.get("raw_path") or b"/").decode("latin-1") or "/", strip_credentials=False
+                )
+                await self.forward(state, target, websocket, scope, receive, send)
+        except KilnError:
+            state.publish.cache.pop(alias, None)
+            return await refuse(502, "sandbox unavailable")
+        finally:
+            if woken:
                 limits.waking -= 1
-            row = state.store.sandbox_by_id(row.id) or row
-        sandboxes.thermal.touch(row.id)
-        target = Target(row, rule.port, (scope.get("raw_path") or b"/").decode("latin-1") or "/",
-                        strip_credentials=False)
+
+    @staticmethod
+    async def forward(state: Services, target: Target, websocket: WebSocket | None, scope, receive, send) -> None:
         if websocket is not None:
             await proxy_websocket(state.upstreams, target, websocket, bad_gateway="bad gateway")
         else:

@@ -1,14 +1,16 @@
 """Routes: /sandboxes create, list, get, delete, start."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
 from ..core.errors import BadRequest
-from ..core.sandboxes import CreateRequest
+from ..core.lifecycle import CreateRequest, SandboxService
 from ..core.volumes import VolumeRequest
 from ..store.db import SandboxRow, User
 from .auth import require_user
+from .deps import services
 
 router = APIRouter()
 
@@ -43,12 +45,20 @@ class CreateBody(BaseModel):
 
     def request(self) -> CreateRequest:
         return CreateRequest(
-            name=self.name, template_id=self.template_id, cpus=self.cpus, memory_mb=self.memory_mb,
+            name=self.name,
+            template_id=self.template_id,
+            cpus=self.cpus,
+            memory_mb=self.memory_mb,
             disk_size_mb=self.disk_size_mb,
-            env=dict(self.env), init=self.init, keep_hot=self.keep_hot, secrets=list(self.secrets),
-            volumes=None if self.volumes is None else [VolumeRequest(v.name, v.mount, v.read_only)
-                                                       for v in self.volumes],
-            new_volumes=[VolumeRequest(v.name, v.mount, False, v.size_mb) for v in self.new_volumes])
+            env=dict(self.env),
+            init=self.init,
+            keep_hot=self.keep_hot,
+            secrets=list(self.secrets),
+            volumes=None
+            if self.volumes is None
+            else [VolumeRequest(v.name, v.mount, v.read_only) for v in self.volumes],
+            new_volumes=[VolumeRequest(v.name, v.mount, False, v.size_mb) for v in self.new_volumes],
+        )
 
 
 class StartBody(BaseModel):
@@ -65,9 +75,21 @@ class PatchBody(BaseModel):
 
 
 def sandbox_json(row: SandboxRow, engine: str, agent_restarts: int = 0) -> dict:
-    d = {"id": row.id, "name": row.name, "template_id": "", "engine": engine, "status": row.status,
-         "ip": row.ip, "created_by": row.owner_id, "created_at": row.created_at, "keep_hot": row.keep_hot,
-         "cpus": row.cpus, "memory_mb": row.memory_mb, "disk_size_mb": row.disk_mb, "image": row.image}
+    d = {
+        "id": row.id,
+        "name": row.name,
+        "template_id": "",
+        "engine": engine,
+        "status": row.status,
+        "ip": row.ip,
+        "created_by": row.owner_id,
+        "created_at": row.created_at,
+        "keep_hot": row.keep_hot,
+        "cpus": row.cpus,
+        "memory_mb": row.memory_mb,
+        "disk_size_mb": row.disk_mb,
+        "image": row.image,
+    }
     if row.reason:
         d["reason"] = row.reason
     if row.stopped_at:
@@ -83,28 +105,27 @@ def sandbox_json(row: SandboxRow, engine: str, agent_restarts: int = 0) -> dict:
     return d
 
 
-def service(request: Request):
-    return request.app.state.sandboxes
+def service(request: Request) -> SandboxService:
+    return services(request).sandboxes
 
 
 @router.post("/sandboxes", status_code=201)
-async def create_sandbox(body: CreateBody, request: Request, response: Response,
-                         user: User = Depends(require_user)):
+async def create_sandbox(body: CreateBody, request: Request, response: Response, user: User = Depends(require_user)):
     row, existed = await service(request).create(user, body.request())
     if existed:
         response.status_code = 200
         response.headers["X-Bhatti-Existing"] = "true"
-    return sandbox_json(row, request.app.state.engine.name)
+    return sandbox_json(row, service(request).engine.name)
 
 
 @router.get("/sandboxes")
 async def list_sandboxes(request: Request, user: User = Depends(require_user)):
-    engine = request.app.state.engine.name
+    engine = service(request).engine.name
     sandboxes = service(request)
     out = []
     for row in sandboxes.list(user):
-        d = sandbox_json(row, engine, sandboxes.agent_restarts.get(row.id, 0))
-        thermal = sandboxes.thermal_state(row)
+        d = sandbox_json(row, engine, sandboxes.agent_restarts(row.id))
+        thermal = sandboxes.tier(row)
         if thermal:
             d["thermal"] = thermal
         out.append(d)
@@ -120,7 +141,7 @@ async def missing_id(user: User = Depends(require_user)):
 async def get_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
     sandboxes = service(request)
     row = sandboxes.get(user, sandbox_id)
-    return sandbox_json(row, request.app.state.engine.name, sandboxes.agent_restarts.get(row.id, 0))
+    return sandbox_json(row, service(request).engine.name, sandboxes.agent_restarts(row.id))
 
 
 @router.delete("/sandboxes/{sandbox_id}")
@@ -131,19 +152,19 @@ async def delete_sandbox(sandbox_id: str, request: Request, user: User = Depends
 
 @router.patch("/sandboxes/{sandbox_id}")
 async def patch_sandbox(sandbox_id: str, body: PatchBody, request: Request, user: User = Depends(require_user)):
-    row = await service(request).update(user, sandbox_id, body.name, body.labels_add, body.labels_remove,
-                                        body.keep_hot)
-    return sandbox_json(row, request.app.state.engine.name)
+    row = await service(request).update(user, sandbox_id, body.name, body.labels_add, body.labels_remove, body.keep_hot)
+    return sandbox_json(row, service(request).engine.name)
 
 
 @router.post("/sandboxes/{sandbox_id}/start")
-async def start_sandbox(sandbox_id: str, request: Request, body: StartBody | None = None,
-                        user: User = Depends(require_user)):
+async def start_sandbox(
+    sandbox_id: str, request: Request, body: StartBody | None = None, user: User = Depends(require_user)
+):
     row = await service(request).start(user, sandbox_id, force=bool(body and body.force))
-    return sandbox_json(row, request.app.state.engine.name)
+    return sandbox_json(row, service(request).engine.name)
 
 
 @router.post("/sandboxes/{sandbox_id}/stop")
 async def stop_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
     row = await service(request).stop(user, sandbox_id)
-    return sandbox_json(row, request.app.state.engine.name)
+    return sandbox_json(row, service(request).engine.name)

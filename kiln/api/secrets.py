@@ -1,4 +1,5 @@
 """Routes: POST /secrets (upsert), GET /secrets (names and times only), DELETE /secrets/:name."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
@@ -6,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 
 from ..store.db import SecretRow, User
 from .auth import require_user
+from .deps import services
 
 router = APIRouter()
 
@@ -22,15 +24,15 @@ def secret_json(row: SecretRow) -> dict:
 
 @router.post("/secrets", status_code=201)
 async def set_secret(body: SecretBody, request: Request, user: User = Depends(require_user)):
-    return secret_json(request.app.state.secrets.set(user, body.name, body.value))
+    return secret_json(services(request).secrets.set(user, body.name, body.value))
 
 
 @router.get("/secrets")
 async def list_secrets(request: Request, user: User = Depends(require_user)):
-    return [secret_json(r) for r in request.app.state.secrets.list(user)]
+    return [secret_json(r) for r in services(request).secrets.list(user)]
 
 
 @router.delete("/secrets/{name}")
 async def delete_secret(name: str, request: Request, user: User = Depends(require_user)):
-    request.app.state.secrets.delete(user, name)
+    services(request).secrets.delete(user, name)
     return {"status": "deleted"}

@@ -1,14 +1,16 @@
 """Route: GET /sandboxes/:id/sessions."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
 from ..store.db import User
 from .auth import require_user
+from .deps import services
 
 router = APIRouter()
 
 
 @router.get("/sandboxes/{sandbox_id}/sessions")
 async def list_sessions(sandbox_id: str, request: Request, user: User = Depends(require_user)):
-    return await request.app.state.sandboxes.sessions(user, sandbox_id)
+    return await services(request).terminals.sessions(user, sandbox_id)

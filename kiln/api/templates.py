@@ -1,4 +1,5 @@
 """Routes: POST/GET /templates, GET/DELETE /templates/:id (by id or name, the caller's own)."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
@@ -8,6 +9,7 @@ from ..core.templates import TemplateSpec, template_json
 from ..core.volumes import VolumeRequest
 from ..store.db import User
 from .auth import require_user
+from .deps import services
 from .sandboxes import VolumeBody
 
 router = APIRouter()
@@ -27,23 +29,30 @@ class TemplateBody(BaseModel):
 
 @router.post("/templates", status_code=201)
 async def create_template(body: TemplateBody, request: Request, user: User = Depends(require_user)):
-    spec = TemplateSpec(name=body.name, cpus=body.cpus, memory_mb=body.memory_mb, env=dict(body.env),
-                        init=body.init, secrets=list(body.secrets), keep_hot=body.keep_hot,
-                        volumes=[VolumeRequest(v.name, v.mount, v.read_only) for v in body.volumes])
-    return template_json(request.app.state.templates.create(user, spec))
+    spec = TemplateSpec(
+        name=body.name,
+        cpus=body.cpus,
+        memory_mb=body.memory_mb,
+        env=dict(body.env),
+        init=body.init,
+        secrets=list(body.secrets),
+        keep_hot=body.keep_hot,
+        volumes=[VolumeRequest(v.name, v.mount, v.read_only) for v in body.volumes],
+    )
+    return template_json(services(request).templates.create(user, spec))
 
 
 @router.get("/templates")
 async def list_templates(request: Request, user: User = Depends(require_user)):
-    return [template_json(t) for t in request.app.state.templates.list(user)]
+    return [template_json(t) for t in services(request).templates.list(user)]
 
 
 @router.get("/templates/{template_id}")
 async def get_template(template_id: str, request: Request, user: User = Depends(require_user)):
-    return template_json(request.app.state.templates.get(user, template_id, message="not found"))
+    return template_json(services(request).templates.get(user, template_id, message="not found"))
 
 
 @router.delete("/templates/{template_id}")
 async def delete_template(template_id: str, request: Request, user: User = Depends(require_user)):
-    request.app.state.templates.delete(user, template_id)
+    services(request).templates.delete(user, template_id)
     return {"status": "deleted"}

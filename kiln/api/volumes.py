@@ -1,4 +1,5 @@
 """Routes: POST/GET /volumes, GET/DELETE /volumes/:name."""
+
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
@@ -6,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
 from ..store.db import User
 from .auth import require_user
+from .deps import services
 
 router = APIRouter()
 
@@ -18,23 +20,23 @@ class VolumeCreateBody(BaseModel):
 
 @router.post("/volumes", status_code=201)
 async def create_volume(body: VolumeCreateBody, request: Request, user: User = Depends(require_user)):
-    volumes = request.app.state.volumes
+    volumes = services(request).volumes
     return volumes.volume_json(await volumes.create(user, body.name, body.size_mb))
 
 
 @router.get("/volumes")
 async def list_volumes(request: Request, user: User = Depends(require_user)):
-    volumes = request.app.state.volumes
+    volumes = services(request).volumes
     return [volumes.volume_json(v) for v in volumes.list(user)]
 
 
 @router.get("/volumes/{name}")
 async def get_volume(name: str, request: Request, user: User = Depends(require_user)):
-    volumes = request.app.state.volumes
+    volumes = services(request).volumes
     return volumes.volume_json(volumes.get(user, name))
 
 
 @router.delete("/volumes/{name}")
 async def delete_volume(name: str, request: Request, user: User = Depends(require_user)):
-    await request.app.state.volumes.delete(user, name)
+    await services(request).volumes.delete(user, name)
     return {"status": "deleted"}

@@ -1,5 +1,6 @@
 """The web page at / and its static files under /static/* (no auth to load: the page asks for a key),
 and /docs, a plain page over /openapi.json that needs nothing from the internet."""
+
 from __future__ import annotations
 
 from pathlib import Path

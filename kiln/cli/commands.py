@@ -1,11 +1,11 @@
 """The client commands of `kiln` (everything but serve/image/user), built on the SDK."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 import os
 import sys
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -27,10 +27,12 @@ for sub, name in ((secret_app, "secret"), (volume_app, "volume"), (template_app,
 
 def run(coro_fn):
     """Run coro_fn(kiln) with a client; API errors become a red message and exit status 1."""
+
     async def go():
         url, token = client_settings()
         async with AsyncKiln(url, token) as kiln:
             return await coro_fn(kiln)
+
     try:
         return asyncio.run(go())
     except KilnError as e:
@@ -65,16 +67,20 @@ def kv(pairs: list[str], what: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- sandboxes
 
+
 @app.command()
-def create(name: Optional[str] = typer.Argument(None), cpus: Optional[float] = typer.Option(None),
-           memory: Optional[int] = typer.Option(None, help="MB"),
-           env: List[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeat)"),
-           init: Optional[str] = typer.Option(None, help="script run once after boot (session `init`)"),
-           keep_hot: Optional[bool] = typer.Option(None, "--keep-hot/--allow-cold"),
-           template: Optional[str] = typer.Option(None, help="template id or name"),
-           secret: List[str] = typer.Option([], "--secret", help="secret name (repeat)"),
-           volume: List[str] = typer.Option([], "--volume", "-v", help="NAME:/mount[:ro] (repeat)"),
-           as_json: bool = JsonOpt):
+def create(
+    name: str | None = typer.Argument(None),
+    cpus: float | None = typer.Option(None),
+    memory: int | None = typer.Option(None, help="MB"),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeat)"),
+    init: str | None = typer.Option(None, help="script run once after boot (session `init`)"),
+    keep_hot: bool | None = typer.Option(None, "--keep-hot/--allow-cold"),
+    template: str | None = typer.Option(None, help="template id or name"),
+    secret: list[str] = typer.Option([], "--secret", help="secret name (repeat)"),
+    volume: list[str] = typer.Option([], "--volume", "-v", help="NAME:/mount[:ro] (repeat)"),
+    as_json: bool = JsonOpt,
+):
     """Create a sandbox (or show the existing one of that name)."""
     volumes = []
     for spec in volume:
@@ -85,10 +91,19 @@ def create(name: Optional[str] = typer.Argument(None), cpus: Optional[float] = t
 
     async def go(kiln):
         with console.status("creating sandbox...", spinner="dots") if not as_json else _nothing():
-            sb = await kiln.sandboxes.create(name, cpus=cpus, memory_mb=memory, env=kv(env, "--env") or None,
-                                             init=init, keep_hot=keep_hot, template=template,
-                                             secrets=secret or None, volumes=volumes or None)
+            sb = await kiln.sandboxes.create(
+                name,
+                cpus=cpus,
+                memory_mb=memory,
+                env=kv(env, "--env") or None,
+                init=init,
+                keep_hot=keep_hot,
+                template=template,
+                secrets=secret or None,
+                volumes=volumes or None,
+            )
         return sb.info
+
     emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['id']}\t{d['status']}\t{d['ip']}"))
 
 
@@ -117,34 +132,48 @@ def inspect(sandbox: str, as_json: bool = JsonOpt):
 
 
 @app.command()
-def edit(sandbox: str, name: Optional[str] = typer.Option(None, "--name"),
-         keep_hot: Optional[bool] = typer.Option(None, "--keep-hot/--allow-cold"),
-         label: List[str] = typer.Option([], "--label", help="KEY=VALUE (repeat)"),
-         label_delete: List[str] = typer.Option([], "--label-delete"), as_json: bool = JsonOpt):
+def edit(
+    sandbox: str,
+    name: str | None = typer.Option(None, "--name"),
+    keep_hot: bool | None = typer.Option(None, "--keep-hot/--allow-cold"),
+    label: list[str] = typer.Option([], "--label", help="KEY=VALUE (repeat)"),
+    label_delete: list[str] = typer.Option([], "--label-delete"),
+    as_json: bool = JsonOpt,
+):
     """Rename, (un)pin hot, or label a sandbox."""
+
     async def go(kiln):
         sb = await AsyncSandbox.connect(sandbox, kiln)
-        await sb.update(name=name, keep_hot=keep_hot, labels=kv(label, "--label") or None,
-                        remove_labels=label_delete or None)
+        await sb.update(
+            name=name, keep_hot=keep_hot, labels=kv(label, "--label") or None, remove_labels=label_delete or None
+        )
         return sb.info
+
     emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['status']}\tkeep_hot={d['keep_hot']}"))
 
 
 @app.command()
 def stop(sandbox: str, as_json: bool = JsonOpt):
     """Snapshot to disk and free its memory."""
+
     async def go(kiln):
         with console.status(f"stopping {sandbox}...") if not as_json else _nothing():
             return (await (await AsyncSandbox.connect(sandbox, kiln)).stop()).info
+
     emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['status']}"))
 
 
 @app.command()
-def start(sandbox: str, force: bool = typer.Option(False, "--force", help="boot on its disk if the restore fails"),
-          as_json: bool = JsonOpt):
+def start(
+    sandbox: str,
+    force: bool = typer.Option(False, "--force", help="boot on its disk if the restore fails"),
+    as_json: bool = JsonOpt,
+):
     """Bring a stopped sandbox back (memory intact)."""
+
     async def go(kiln):
         return (await (await AsyncSandbox.connect(sandbox, kiln)).start(force=force)).info
+
     emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['status']}"))
 
 
@@ -161,11 +190,15 @@ app.command("rm", hidden=True)(destroy)
 
 
 @app.command("exec")
-def exec_(sandbox: str, cmd: List[str] = typer.Argument(..., help="the command: kiln exec dev -- ls -la"),
-         timeout: Optional[int] = typer.Option(None, help="seconds"),
-         env: List[str] = typer.Option([], "--env", "-e", help="KEY=VALUE"),
-         cwd: Optional[str] = typer.Option(None), user: Optional[str] = typer.Option(None),
-         as_json: bool = JsonOpt):
+def exec_(
+    sandbox: str,
+    cmd: list[str] = typer.Argument(..., help="the command: kiln exec dev -- ls -la"),
+    timeout: int | None = typer.Option(None, help="seconds"),
+    env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE"),
+    cwd: str | None = typer.Option(None),
+    user: str | None = typer.Option(None),
+    as_json: bool = JsonOpt,
+):
     """Run a command; exits with its exit code. Output streams when stdout is a terminal."""
     stream = not as_json and (sys.stdout.isatty() or os.environ.get("KILN_FORCE_STREAM") == "1")
 
@@ -179,8 +212,16 @@ def exec_(sandbox: str, cmd: List[str] = typer.Argument(..., help="the command: 
 
     async def go(kiln):
         sb = AsyncSandbox(kiln, {"id": sandbox, "name": sandbox, "status": ""})
-        return await sb.commands.run(list(cmd), env=kv(env, "--env") or None, cwd=cwd, user=user, timeout=timeout,
-                                     on_stdout=out if stream else None, on_stderr=err if stream else None)
+        return await sb.commands.run(
+            list(cmd),
+            env=kv(env, "--env") or None,
+            cwd=cwd,
+            user=user,
+            timeout=timeout,
+            on_stdout=out if stream else None,
+            on_stderr=err if stream else None,
+        )
+
     result = run(go)
     if as_json:
         emit(result.__dict__, True)
@@ -191,14 +232,17 @@ def exec_(sandbox: str, cmd: List[str] = typer.Argument(..., help="the command: 
 
 
 @app.command()
-def shell(sandbox: str, new: bool = typer.Option(False, "--new", help="a new shell instead of reattaching"),
-          session: Optional[str] = typer.Option(None, help="attach to this session id")):
+def shell(
+    sandbox: str,
+    new: bool = typer.Option(False, "--new", help="a new shell instead of reattaching"),
+    session: str | None = typer.Option(None, help="attach to this session id"),
+):
     """An interactive shell. Ctrl+\\ detaches (the shell keeps running; run `kiln shell` again to return)."""
     from .shell import interactive_shell
 
     async def go(kiln):
-        return await interactive_shell(AsyncSandbox(kiln, {"id": sandbox, "name": sandbox, "status": ""}),
-                                       session, new)
+        return await interactive_shell(AsyncSandbox(kiln, {"id": sandbox, "name": sandbox, "status": ""}), session, new)
+
     how = run(go)
     typer.echo(f"\r\n[{how}]" if how == "detached" else "", err=True)
 
@@ -211,7 +255,7 @@ def ps(sandbox: str, as_json: bool = JsonOpt):
 
 
 @app.command()
-def ports(sandbox: Optional[str] = typer.Argument(None), as_json: bool = JsonOpt):
+def ports(sandbox: str | None = typer.Argument(None), as_json: bool = JsonOpt):
     """Listening ports (of one sandbox, which wakes it; or of all, from the last scan)."""
     path = f"/sandboxes/{sandbox}/ports" if sandbox else "/ports"
     rows = run(lambda k: k.json("GET", path))
@@ -220,11 +264,18 @@ def ports(sandbox: Optional[str] = typer.Argument(None), as_json: bool = JsonOpt
 
 
 @app.command()
-def publish(sandbox: str, port: int = typer.Option(..., "--port", "-p"),
-            alias: Optional[str] = typer.Option(None, "--alias", "-a"), as_json: bool = JsonOpt):
+def publish(
+    sandbox: str,
+    port: int = typer.Option(..., "--port", "-p"),
+    alias: str | None = typer.Option(None, "--alias", "-a"),
+    as_json: bool = JsonOpt,
+):
     """Make a port public at http://<alias>.<domain>/ (no auth)."""
-    rule = run(lambda k: k.json("POST", f"/sandboxes/{sandbox}/publish",
-                                json={"port": port} | ({"alias": alias} if alias else {})))
+    rule = run(
+        lambda k: k.json(
+            "POST", f"/sandboxes/{sandbox}/publish", json={"port": port} | ({"alias": alias} if alias else {})
+        )
+    )
     emit(rule, as_json, lambda d: typer.echo(d["url"]))
 
 
@@ -237,6 +288,7 @@ def unpublish(sandbox: str, port: int = typer.Option(..., "--port", "-p"), as_js
 
 # ---------------------------------------------------------------- files
 
+
 @file_app.command("read")
 def file_read(sandbox: str, path: str):
     """Print a file's bytes to stdout."""
@@ -245,13 +297,17 @@ def file_read(sandbox: str, path: str):
 
 
 @file_app.command("write")
-def file_write(sandbox: str, path: str, source: Optional[str] = typer.Option(None, "--from", help="local file "
-               "(default: stdin)"), mode: Optional[str] = typer.Option(None, help="octal, e.g. 0755"),
-               as_json: bool = JsonOpt):
+def file_write(
+    sandbox: str,
+    path: str,
+    source: str | None = typer.Option(None, "--from", help="local file (default: stdin)"),
+    mode: str | None = typer.Option(None, help="octal, e.g. 0755"),
+    as_json: bool = JsonOpt,
+):
     """Write stdin (or --from FILE) to a file, atomically; a progress bar for large files."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    f = open(source, "rb") if source else sys.stdin.buffer
+    f = open(source, "rb") if source else sys.stdin.buffer  # noqa: SIM115 (closed by the process exit)
     size = os.fstat(f.fileno()).st_size if source else None
     data = None if source else f.read()
     show = source is not None and size > 8 * 1024 * 1024 and not as_json and sys.stderr.isatty()
@@ -260,16 +316,30 @@ def file_write(sandbox: str, path: str, source: Optional[str] = typer.Option(Non
         params = {"path": path} | ({"mode": mode} if mode else {})
         if data is not None:
             return await kiln.request("PUT", f"/sandboxes/{sandbox}/files", params=params, content=data)
-        with Progress("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                      disable=not show, console=Console(stderr=True)) as bar:
+        with Progress(
+            "{task.description}",
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            disable=not show,
+            console=Console(stderr=True),
+        ) as bar:
             task = bar.add_task(f"upload {os.path.basename(source)}", total=size)
 
             async def chunks():
                 while chunk := f.read(1 << 20):
                     bar.update(task, advance=len(chunk))
                     yield chunk
-            return await kiln.request("PUT", f"/sandboxes/{sandbox}/files", params=params, content=chunks(),
-                                      headers={"Content-Length": str(size)}, timeout=3600)
+
+            return await kiln.request(
+                "PUT",
+                f"/sandboxes/{sandbox}/files",
+                params=params,
+                content=chunks(),
+                headers={"Content-Length": str(size)},
+                timeout=3600,
+            )
+
     run(go)
     emit({"status": "ok"}, as_json, lambda d: None)
 
@@ -283,9 +353,11 @@ def file_ls(sandbox: str, path: str, as_json: bool = JsonOpt):
 
 # ---------------------------------------------------------------- secrets, volumes, templates
 
+
 @secret_app.command("set")
-def secret_set(name: str, value: Optional[str] = typer.Option(None, help="default: read from stdin"),
-               as_json: bool = JsonOpt):
+def secret_set(
+    name: str, value: str | None = typer.Option(None, help="default: read from stdin"), as_json: bool = JsonOpt
+):
     """Create or replace a secret (the value is read from stdin unless --value is given)."""
     value = value if value is not None else sys.stdin.read().rstrip("\n")
     emit(run(lambda k: k.secrets.set(name, value)), as_json, lambda d: typer.echo(f"set {d['name']}"))
@@ -303,16 +375,20 @@ def secret_delete(name: str, as_json: bool = JsonOpt):
 
 
 @volume_app.command("create")
-def volume_create(name: str, size: Optional[int] = typer.Option(None, "--size", help="MB (default 1024)"),
-                  as_json: bool = JsonOpt):
+def volume_create(
+    name: str, size: int | None = typer.Option(None, "--size", help="MB (default 1024)"), as_json: bool = JsonOpt
+):
     emit(run(lambda k: k.volumes.create(name, size)), as_json, lambda d: typer.echo(f"{d['name']}\t{d['size_mb']} MB"))
 
 
 @volume_app.command("list")
 def volume_list(as_json: bool = JsonOpt):
     def text(rows):
-        table([dict(r, attached=len(r.get("attachments") or [])) for r in rows],
-              ["name", "size_mb", "attached", "created_at"])
+        table(
+            [dict(r, attached=len(r.get("attachments") or [])) for r in rows],
+            ["name", "size_mb", "attached", "created_at"],
+        )
+
     emit(run(lambda k: k.volumes.list()), as_json, text)
 
 
@@ -323,15 +399,29 @@ def volume_delete(name: str, as_json: bool = JsonOpt):
 
 
 @template_app.command("create")
-def template_create(name: str, cpus: Optional[float] = typer.Option(None),
-                    memory: Optional[int] = typer.Option(None, help="MB"),
-                    env: List[str] = typer.Option([], "--env", "-e"), init: str = typer.Option(""),
-                    secret: List[str] = typer.Option([], "--secret"), keep_hot: bool = typer.Option(False),
-                    as_json: bool = JsonOpt):
-    spec = {"cpus": cpus, "memory_mb": memory, "env": kv(env, "--env"), "init": init, "secrets": secret,
-            "keep_hot": keep_hot}
-    emit(run(lambda k: k.templates.create(name, **{k2: v for k2, v in spec.items() if v is not None})), as_json,
-         lambda d: typer.echo(f"{d['name']}\t{d['id']}"))
+def template_create(
+    name: str,
+    cpus: float | None = typer.Option(None),
+    memory: int | None = typer.Option(None, help="MB"),
+    env: list[str] = typer.Option([], "--env", "-e"),
+    init: str = typer.Option(""),
+    secret: list[str] = typer.Option([], "--secret"),
+    keep_hot: bool = typer.Option(False),
+    as_json: bool = JsonOpt,
+):
+    spec = {
+        "cpus": cpus,
+        "memory_mb": memory,
+        "env": kv(env, "--env"),
+        "init": init,
+        "secrets": secret,
+        "keep_hot": keep_hot,
+    }
+    emit(
+        run(lambda k: k.templates.create(name, **{k2: v for k2, v in spec.items() if v is not None})),
+        as_json,
+        lambda d: typer.echo(f"{d['name']}\t{d['id']}"),
+    )
 
 
 @template_app.command("list")

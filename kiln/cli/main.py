@@ -1,5 +1,6 @@
 """Entry point of the `kiln` command (see server.py for the app and commands.py for the client side)."""
-from . import commands  # noqa: F401  (the client commands register themselves on the app)
+
+from . import commands
 from .server import app
 
 __all__ = ["app", "commands", "main"]

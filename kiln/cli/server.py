@@ -8,21 +8,27 @@ The client finds the daemon and key from --url/--token, else $KILN_URL/$KILN_TOK
 ~/.kiln/config.yaml (written by `kiln setup`), else http://127.0.0.1:8080 and, on the server host
 as root, the admin key in <data_dir>/admin.token.
 """
+
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 import yaml
 
 from ..config import ConfigError, load_config
 
-app = typer.Typer(name="kiln", help="kiln: isolated Linux sandboxes behind an API.", no_args_is_help=True,
-                  add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(
+    name="kiln",
+    help="kiln: isolated Linux sandboxes behind an API.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 image_app = typer.Typer(help="Images (server host).", no_args_is_help=True)
 user_app = typer.Typer(help="API users and keys (server host).", no_args_is_help=True)
 app.add_typer(image_app, name="image")
@@ -41,8 +47,10 @@ settings = Settings()
 
 
 @app.callback()
-def main_options(url: Optional[str] = typer.Option(None, "--url", help="daemon URL (default $KILN_URL)"),
-                 token: Optional[str] = typer.Option(None, "--token", help="API key (default $KILN_TOKEN)")):
+def main_options(
+    url: str | None = typer.Option(None, "--url", help="daemon URL (default $KILN_URL)"),
+    token: str | None = typer.Option(None, "--token", help="API key (default $KILN_TOKEN)"),
+):
     settings.url, settings.token = url, token
 
 
@@ -53,10 +61,8 @@ def client_settings() -> tuple[str, str]:
     url = settings.url or os.environ.get("KILN_URL") or saved.get("url") or "http://127.0.0.1:8080"
     token = settings.token or os.environ.get("KILN_TOKEN") or saved.get("token") or ""
     if not token:
-        try:  # on the server host, as root: the admin key
+        with contextlib.suppress(OSError, ConfigError):  # on the server host, as root: the admin key
             token = (load_config().data_dir / "admin.token").read_text().strip()
-        except (OSError, ConfigError):
-            pass
     return url, token
 
 
@@ -67,25 +73,34 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 # ---------------------------------------------------------------- server host
 
+
 @app.command()
-def serve(config: Optional[str] = ConfigOpt):
+def serve(config: str | None = ConfigOpt):
     """Run the daemon (HTTP API, thermal manager, proxy) in the foreground."""
     import uvicorn
 
     from ..app import build_app
 
     cfg = load_or_exit(config)
-    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(build_app(cfg), host=cfg.host, port=cfg.port, log_level=cfg.log_level,
-                access_log=False, timeout_graceful_shutdown=10,
-                # proxied responses carry the app's own Date and Server; the API adds Date itself
-                server_header=False, date_header=False,
-                # the client address is the socket's: a forged X-Forwarded-For must not dodge rate limits
-                proxy_headers=False,
-                # longer than clients keep idle connections (httpx: 5 s), so a client never reuses
-                # a connection the server is closing at that very moment
-                timeout_keep_alive=65)
+    logging.basicConfig(
+        level=cfg.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        build_app(cfg),
+        host=cfg.host,
+        port=cfg.port,
+        log_level=cfg.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+        # proxied responses carry the app's own Date and Server; the API adds Date itself
+        server_header=False,
+        date_header=False,
+        # the client address is the socket's: a forged X-Forwarded-For must not dodge rate limits
+        proxy_headers=False,
+        # longer than clients keep idle connections (httpx: 5 s), so a client never reuses
+        # a connection the server is closing at that very moment
+        timeout_keep_alive=65,
+    )
 
 
 def load_or_exit(path: str | None):
@@ -96,7 +111,7 @@ def load_or_exit(path: str | None):
 
 
 @image_app.command("build")
-def image_build(config: Optional[str] = ConfigOpt):
+def image_build(config: str | None = ConfigOpt):
     """Build the default image (Debian bookworm + python3) if it is missing."""
     from ..images.default import ensure_default_image
 
@@ -112,11 +127,14 @@ def open_store(config: str | None):
 
 
 @user_app.command("create")
-def user_create(name: str, max_sandboxes: Optional[int] = typer.Option(None),
-                max_cpus: Optional[float] = typer.Option(None, help="per sandbox"),
-                max_memory: Optional[int] = typer.Option(None, help="MB per sandbox"),
-                max_volume_storage: Optional[int] = typer.Option(None, help="MB of volumes in total"),
-                config: Optional[str] = ConfigOpt):
+def user_create(
+    name: str,
+    max_sandboxes: int | None = typer.Option(None),
+    max_cpus: float | None = typer.Option(None, help="per sandbox"),
+    max_memory: int | None = typer.Option(None, help="MB per sandbox"),
+    max_volume_storage: int | None = typer.Option(None, help="MB of volumes in total"),
+    config: str | None = ConfigOpt,
+):
     """Create a user and print its API key (shown once)."""
     from ..core.users import new_key, new_user
 
@@ -130,13 +148,15 @@ def user_create(name: str, max_sandboxes: Optional[int] = typer.Option(None),
 
 
 @user_app.command("list")
-def user_list(config: Optional[str] = ConfigOpt):
+def user_list(config: str | None = ConfigOpt):
     """Users and their quotas."""
     _, store = open_store(config)
     for u in store.list_users():
-        typer.echo(f"{u.id}\t{u.name}\tmax_sandboxes={u.max_sandboxes}\tmax_cpus={u.max_cpus_per_sandbox:g}"
-                   f"\tmax_memory_mb={u.max_memory_mb_per_sandbox}\tmax_volume_storage_mb={u.max_volume_storage_mb}"
-                   f"\tcreated {u.created_at}")
+        typer.echo(
+            f"{u.id}\t{u.name}\tmax_sandboxes={u.max_sandboxes}\tmax_cpus={u.max_cpus_per_sandbox:g}"
+            f"\tmax_memory_mb={u.max_memory_mb_per_sandbox}\tmax_volume_storage_mb={u.max_volume_storage_mb}"
+            f"\tcreated {u.created_at}"
+        )
 
 
 def existing_user(store, name: str):
@@ -147,7 +167,7 @@ def existing_user(store, name: str):
 
 
 @user_app.command("delete")
-def user_delete(name: str, config: Optional[str] = ConfigOpt):
+def user_delete(name: str, config: str | None = ConfigOpt):
     """Delete a user that owns nothing any more."""
     _, store = open_store(config)
     user = existing_user(store, name)
@@ -159,7 +179,7 @@ def user_delete(name: str, config: Optional[str] = ConfigOpt):
 
 
 @user_app.command("rotate-key")
-def user_rotate_key(name: str, config: Optional[str] = ConfigOpt):
+def user_rotate_key(name: str, config: str | None = ConfigOpt):
     """Replace a user's API key (the old one stops working at once)."""
     from ..core.users import new_key, write_token
 
@@ -174,8 +194,10 @@ def user_rotate_key(name: str, config: Optional[str] = ConfigOpt):
 
 
 @app.command()
-def setup(url: str = typer.Option(..., prompt="kiln URL", help="e.g. http://127.0.0.1:8080"),
-          token: str = typer.Option(..., prompt="API key", hide_input=True)):
+def setup(
+    url: str = typer.Option(..., prompt="kiln URL", help="e.g. http://127.0.0.1:8080"),
+    token: str = typer.Option(..., prompt="API key", hide_input=True),
+):
     """Save the daemon URL and API key in ~/.kiln/config.yaml (checked against the daemon first)."""
     from ..client import Kiln, KilnError
 
@@ -189,5 +211,3 @@ def setup(url: str = typer.Option(..., prompt="kiln URL", help="e.g. http://127.
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump({"url": url, "token": token}, f)
     typer.echo(f"saved to {CLIENT_CONFIG}")
-
-

@@ -4,6 +4,7 @@ Keystrokes go to the sandbox as they are typed; output is written as it arrives;
 size follows the local one (SIGWINCH). Ctrl+\\ detaches: the shell keeps running in the sandbox
 and `kiln shell` attaches to it again.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,9 +42,12 @@ async def interactive_shell(sandbox: AsyncSandbox, session: str | None, new: boo
                 return
             keys.put_nowait(data)
 
+        resizes: set[asyncio.Future] = set()
+
         def on_resize() -> None:
             c, r = shutil.get_terminal_size()
-            asyncio.ensure_future(term.resize(r, c))
+            resizes.add(task := asyncio.ensure_future(term.resize(r, c)))
+            task.add_done_callback(resizes.discard)
 
         async def pump_keys() -> None:
             while True:

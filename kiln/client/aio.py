@@ -9,13 +9,15 @@
 Timeouts are in seconds. Every failure the API reports raises a typed exception from
 kiln.client.errors (NotFound, Unauthorized, RateLimited, InvalidArgument, Conflict, Timeout, ...).
 """
+
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import httpx
 from websockets.asyncio.client import connect as ws_connect
@@ -45,14 +47,15 @@ class AsyncKiln:
         self.url = (url or os.environ.get("KILN_URL") or DEFAULT_URL).rstrip("/")
         self.token = token or os.environ.get("KILN_TOKEN") or ""
         self.timeout = timeout
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=timeout,
-                                      headers={"Authorization": f"Bearer {self.token}"} if self.token else {})
+        self.http = httpx.AsyncClient(
+            base_url=self.url, timeout=timeout, headers={"Authorization": f"Bearer {self.token}"} if self.token else {}
+        )
         self.sandboxes = AsyncSandboxes(self)
         self.secrets = AsyncSecrets(self)
         self.volumes = AsyncVolumes(self)
         self.templates = AsyncTemplates(self)
 
-    async def __aenter__(self) -> "AsyncKiln":
+    async def __aenter__(self) -> AsyncKiln:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -98,21 +101,44 @@ class AsyncSandboxes:
     def __init__(self, kiln: AsyncKiln):
         self.kiln = kiln
 
-    async def create(self, name: str | None = None, *, cpus: float | None = None, memory_mb: int | None = None,
-                     env: dict[str, str] | None = None, init: str | None = None, keep_hot: bool | None = None,
-                     template: str | None = None, secrets: list[str] | None = None,
-                     volumes: list[dict] | None = None, new_volumes: list[dict] | None = None,
-                     timeout: float = 120.0) -> "AsyncSandbox":
+    async def create(
+        self,
+        name: str | None = None,
+        *,
+        cpus: float | None = None,
+        memory_mb: int | None = None,
+        env: dict[str, str] | None = None,
+        init: str | None = None,
+        keep_hot: bool | None = None,
+        template: str | None = None,
+        secrets: list[str] | None = None,
+        volumes: list[dict] | None = None,
+        new_volumes: list[dict] | None = None,
+        timeout: float = 120.0,
+    ) -> AsyncSandbox:
         """Create a sandbox (or get the existing one of that name)."""
-        body = {k: v for k, v in {"name": name, "cpus": cpus, "memory_mb": memory_mb, "env": env, "init": init,
-                                  "keep_hot": keep_hot, "template_id": template, "secrets": secrets,
-                                  "volumes": volumes, "new_volumes": new_volumes}.items() if v is not None}
+        body = {
+            k: v
+            for k, v in {
+                "name": name,
+                "cpus": cpus,
+                "memory_mb": memory_mb,
+                "env": env,
+                "init": init,
+                "keep_hot": keep_hot,
+                "template_id": template,
+                "secrets": secrets,
+                "volumes": volumes,
+                "new_volumes": new_volumes,
+            }.items()
+            if v is not None
+        }
         return AsyncSandbox(self.kiln, await self.kiln.json("POST", "/sandboxes", json=body, timeout=timeout))
 
-    async def list(self) -> list["AsyncSandbox"]:
+    async def list(self) -> list[AsyncSandbox]:
         return [AsyncSandbox(self.kiln, d) for d in await self.kiln.json("GET", "/sandboxes")]
 
-    async def get(self, id_or_name: str) -> "AsyncSandbox":
+    async def get(self, id_or_name: str) -> AsyncSandbox:
         return await AsyncSandbox.connect(id_or_name, self.kiln)
 
 
@@ -126,7 +152,7 @@ class AsyncSandbox:
         self.files = AsyncFiles(self)
 
     @classmethod
-    async def connect(cls, id_or_name: str, kiln: AsyncKiln | None = None) -> "AsyncSandbox":
+    async def connect(cls, id_or_name: str, kiln: AsyncKiln | None = None) -> AsyncSandbox:
         kiln = kiln or AsyncKiln()
         return cls(kiln, await kiln.json("GET", f"/sandboxes/{id_or_name}"))
 
@@ -149,23 +175,37 @@ class AsyncSandbox:
     def path(self) -> str:
         return f"/sandboxes/{self.id}"
 
-    async def refresh(self) -> "AsyncSandbox":
+    async def refresh(self) -> AsyncSandbox:
         self.info = await self.kiln.json("GET", self.path)
         return self
 
-    async def update(self, *, name: str | None = None, keep_hot: bool | None = None,
-                     labels: dict[str, str] | None = None, remove_labels: list[str] | None = None) -> "AsyncSandbox":
-        body = {k: v for k, v in {"name": name, "keep_hot": keep_hot, "labels_add": labels,
-                                  "labels_remove": remove_labels}.items() if v is not None}
+    async def update(
+        self,
+        *,
+        name: str | None = None,
+        keep_hot: bool | None = None,
+        labels: dict[str, str] | None = None,
+        remove_labels: list[str] | None = None,
+    ) -> AsyncSandbox:
+        body = {
+            k: v
+            for k, v in {
+                "name": name,
+                "keep_hot": keep_hot,
+                "labels_add": labels,
+                "labels_remove": remove_labels,
+            }.items()
+            if v is not None
+        }
         self.info = await self.kiln.json("PATCH", self.path, json=body)
         return self
 
-    async def stop(self, timeout: float = 300.0) -> "AsyncSandbox":
+    async def stop(self, timeout: float = 300.0) -> AsyncSandbox:
         """Snapshot to disk and free its memory (the next request wakes it)."""
         self.info = await self.kiln.json("POST", f"{self.path}/stop", timeout=timeout)
         return self
 
-    async def start(self, force: bool = False, timeout: float = 300.0) -> "AsyncSandbox":
+    async def start(self, force: bool = False, timeout: float = 300.0) -> AsyncSandbox:
         self.info = await self.kiln.json("POST", f"{self.path}/start", json={"force": force}, timeout=timeout)
         return self
 
@@ -189,8 +229,9 @@ class AsyncSandbox:
     async def unpublish(self, port: int) -> None:
         await self.kiln.request("DELETE", f"{self.path}/publish/{port}")
 
-    def pty(self, session: str | None = None, new: bool = False, rows: int | None = None,
-            cols: int | None = None) -> "AsyncPty":
+    def pty(
+        self, session: str | None = None, new: bool = False, rows: int | None = None, cols: int | None = None
+    ) -> AsyncPty:
         """An interactive terminal: `async with sb.pty() as term: await term.send(b"ls\\n")`."""
         return AsyncPty(self, session, new, rows, cols)
 
@@ -199,10 +240,18 @@ class AsyncCommands:
     def __init__(self, sandbox: AsyncSandbox):
         self.sandbox = sandbox
 
-    async def run(self, cmd: str | list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-                  user: str | int | None = None, stdin: str | None = None, timeout: float | None = None,
-                  on_stdout: Callable[[str], Any] | None = None,
-                  on_stderr: Callable[[str], Any] | None = None) -> CommandResult:
+    async def run(
+        self,
+        cmd: str | list[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        user: str | int | None = None,
+        stdin: str | None = None,
+        timeout: float | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+    ) -> CommandResult:
         """Run a command to completion. With on_stdout/on_stderr the output streams to them as it comes."""
         body: dict[str, Any] = {"cmd": _argv(cmd)}
         for key, value in (("env", env), ("cwd", cwd), ("user", user), ("stdin", stdin)):
@@ -231,8 +280,9 @@ class AsyncCommands:
     async def stream(self, body: dict, timeout: float) -> AsyncIterator[dict]:
         kiln = self.sandbox.kiln
         try:
-            async with kiln.http.stream("POST", f"{self.sandbox.path}/exec", json=body, timeout=timeout,
-                                        headers={"Accept": NDJSON}) as r:
+            async with kiln.http.stream(
+                "POST", f"{self.sandbox.path}/exec", json=body, timeout=timeout, headers={"Accept": NDJSON}
+            ) as r:
                 if r.status_code >= 400:
                     await r.aread()
                     raise_for(r)
@@ -265,8 +315,11 @@ class AsyncFiles:
 
     async def stat(self, path: str) -> dict:
         r = await self.sandbox.kiln.request("HEAD", self.path, params={"path": path})
-        return {"size": int(r.headers["x-file-size"]), "mode": r.headers["x-file-mode"],
-                "is_dir": r.headers["x-file-isdir"] == "true"}
+        return {
+            "size": int(r.headers["x-file-size"]),
+            "mode": r.headers["x-file-mode"],
+            "is_dir": r.headers["x-file-isdir"] == "true",
+        }
 
     async def list(self, path: str) -> list[dict]:
         return await self.sandbox.kiln.json("GET", self.path, params={"path": path, "ls": "true"})
@@ -280,13 +333,13 @@ class AsyncPty:
         self.ws = None
         self.session_id: str | None = None
 
-    async def __aenter__(self) -> "AsyncPty":
+    async def __aenter__(self) -> AsyncPty:
         return await self.open()
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def open(self) -> "AsyncPty":
+    async def open(self) -> AsyncPty:
         kiln = self.sandbox.kiln
         url = kiln.url.replace("http://", "ws://").replace("https://", "wss://") + f"{self.sandbox.path}/ws"
         query = [f"session={self.session}"] if self.session else []
@@ -294,8 +347,9 @@ class AsyncPty:
             query.append("new=true")
         if query:
             url += "?" + "&".join(query)
-        self.ws = await ws_connect(url, additional_headers={"Authorization": f"Bearer {kiln.token}"},
-                                   max_size=None, proxy=None)
+        self.ws = await ws_connect(
+            url, additional_headers={"Authorization": f"Bearer {kiln.token}"}, max_size=None, proxy=None
+        )
         first = json.loads(await self.ws.recv())
         if first.get("type") == "error":
             raise KilnError(first.get("error", "terminal failed"))
@@ -316,7 +370,7 @@ class AsyncPty:
             data = await asyncio.wait_for(self.ws.recv(), timeout)
         except ConnectionClosed:
             return b""
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise Timeout("no terminal output in time") from e
         return data if isinstance(data, bytes) else data.encode()
 

@@ -1,4 +1,5 @@
 """Exceptions of the kiln SDK, one per kind of failure, mapped from HTTP status codes."""
+
 from __future__ import annotations
 
 
@@ -31,8 +32,9 @@ class Conflict(KilnError):
 class RateLimited(KilnError):
     """429: a rate limit or quota; `retry_after` seconds when the server said."""
 
-    def __init__(self, message: str, status: int | None = None, request_id: str | None = None,
-                 retry_after: float | None = None):
+    def __init__(
+        self, message: str, status: int | None = None, request_id: str | None = None, retry_after: float | None = None
+    ):
         super().__init__(message, status, request_id)
         self.retry_after = retry_after
 
@@ -45,8 +47,14 @@ class ServerError(KilnError):
     """5xx: the daemon failed; `request_id` finds the cause in its log."""
 
 
-BY_STATUS = {400: InvalidArgument, 401: Unauthorized, 404: NotFound, 409: Conflict, 413: InvalidArgument,
-             429: RateLimited}
+BY_STATUS = {
+    400: InvalidArgument,
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    413: InvalidArgument,
+    429: RateLimited,
+}
 
 
 def error_for(status: int, message: str, request_id: str | None = None, retry_after: str | None = None) -> KilnError:

@@ -3,6 +3,7 @@
 Each `Kiln` runs the async client on an event loop in a background thread; every method call
 runs there and waits. Streaming callbacks (on_stdout, on_stderr) are called from that thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -36,13 +37,17 @@ class _Sync:
     def __getattr__(self, name: str):
         attr = getattr(self._target, name)
         if inspect.iscoroutinefunction(attr):
+
             def call(*args, **kwargs):
                 return _wrap(self._loop.run(attr(*args, **kwargs)), self._loop)
+
             call.__doc__ = attr.__doc__
             return call
         if callable(attr) and not isinstance(attr, type):
+
             def call_plain(*args, **kwargs):
                 return _wrap(attr(*args, **kwargs), self._loop)
+
             call_plain.__doc__ = attr.__doc__
             return call_plain
         return _wrap(attr, self._loop)
@@ -69,7 +74,7 @@ class Kiln(_Sync):
     def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 60.0):
         super().__init__(AsyncKiln(url, token, timeout), _Loop())
 
-    def __enter__(self) -> "Kiln":
+    def __enter__(self) -> Kiln:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -82,11 +87,11 @@ class Kiln(_Sync):
 
 class Sandbox(_Sync):
     @classmethod
-    def _from(cls, target: AsyncSandbox, loop: _Loop) -> "Sandbox":
+    def _from(cls, target: AsyncSandbox, loop: _Loop) -> Sandbox:
         return cls(target, loop)
 
     @classmethod
-    def connect(cls, id_or_name: str, kiln: Kiln | None = None) -> "Sandbox":
+    def connect(cls, id_or_name: str, kiln: Kiln | None = None) -> Sandbox:
         kiln = kiln or Kiln()
         return kiln.sandboxes.get(id_or_name)
 
@@ -94,7 +99,7 @@ class Sandbox(_Sync):
 class Pty(_Sync):
     """`with sb.pty() as term: term.send("ls\\n"); term.read_until("$ ")`."""
 
-    def __enter__(self) -> "Pty":
+    def __enter__(self) -> Pty:
         self._loop.run(self._target.open())
         return self
 

@@ -1,4 +1,5 @@
 """The one exception hierarchy of kiln; the API layer maps each class to its status code in one place."""
+
 from __future__ import annotations
 
 
@@ -32,6 +33,7 @@ class TooManyRequests(KilnError):
 
 class Internal(KilnError):
     """A failure whose cause is logged but never shown to the caller."""
+
     status = 500
 
     def __init__(self, cause: str = ""):
@@ -41,6 +43,7 @@ class Internal(KilnError):
 
 class BadGateway(KilnError):
     """Nothing answers on the sandbox port a request was meant for."""
+
     status = 502
 
 
@@ -50,4 +53,5 @@ class Unavailable(KilnError):
 
 class InsufficientStorage(KilnError):
     """The server's disk is full: nothing was changed."""
+
     status = 507

@@ -1,11 +1,12 @@
 """Files inside a sandbox: read (whole or truncated), write (atomic), stat and list, all streamed."""
+
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from ..store.db import User
 from .errors import BadRequest
-from .sandboxes import SandboxService
+from .lifecycle import SandboxService
 
 
 class FileService:
@@ -19,7 +20,8 @@ class FileService:
             raise BadRequest("path must be absolute")
         if "\x00" in path:
             raise BadRequest("path must not contain NUL characters")
-        return await self.sandboxes.with_agent(user, id_or_name, op)
+        async with self.sandboxes.using_named(user, id_or_name) as handle:
+            return await op(handle.agent)
 
     async def stat(self, user: User, id_or_name: str, path: str) -> dict:
         return await self._call(user, id_or_name, path, lambda agent: agent.stat(path))
@@ -27,11 +29,12 @@ class FileService:
     async def ls(self, user: User, id_or_name: str, path: str) -> list[dict]:
         return await self._call(user, id_or_name, path, lambda agent: agent.ls(path))
 
-    async def read(self, user: User, id_or_name: str, path: str, offset: int, limit: int,
-                   max_bytes: int) -> tuple[dict, AsyncIterator[bytes]]:
-        return await self._call(user, id_or_name, path,
-                                lambda agent: agent.read(path, offset, limit, max_bytes))
+    async def read(
+        self, user: User, id_or_name: str, path: str, offset: int, limit: int, max_bytes: int
+    ) -> tuple[dict, AsyncIterator[bytes]]:
+        return await self._call(user, id_or_name, path, lambda agent: agent.read(path, offset, limit, max_bytes))
 
-    async def write(self, user: User, id_or_name: str, path: str, size: int, mode: int,
-                    chunks: AsyncIterator[bytes]) -> None:
+    async def write(
+        self, user: User, id_or_name: str, path: str, size: int, mode: int, chunks: AsyncIterator[bytes]
+    ) -> None:
         await self._call(user, id_or_name, path, lambda agent: agent.write(path, size, mode, chunks))

@@ -6,6 +6,7 @@ sandbox, and scanning is not guest activity). Each port seen gets a PortRelay: a
 The last scan and the host ports are kept in the store, so after a daemon restart paused and cold
 sandboxes still list their ports and keep their host ports (when those are still free).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,11 @@ import logging
 
 from ..agent.client import AgentError
 from ..config import PortsConfig
+from ..states import Status
 from ..store.db import SandboxRow, User
+from ..tasks import cancel_and_wait
 from .errors import KilnError
+from .lifecycle import SandboxService
 from .upstream import Upstreams
 
 log = logging.getLogger("kiln.ports")
@@ -33,12 +37,15 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle:
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
-    except (asyncio.TimeoutError, ConnectionError, OSError):
+    except (TimeoutError, ConnectionError, OSError):
         writer.transport.abort()
 
 
-async def relay(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                b: tuple[asyncio.StreamReader, asyncio.StreamWriter], idle: float = RELAY_IDLE_TIMEOUT) -> None:
+async def relay(
+    a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    idle: float = RELAY_IDLE_TIMEOUT,
+) -> None:
     """Bytes both ways until both directions are done (or one breaks); closes both."""
     try:
         await asyncio.gather(pipe(a[0], b[1], idle), pipe(b[0], a[1], idle))
@@ -52,7 +59,7 @@ async def relay(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
 class PortRelay:
     """host_bind:host_port -> sandbox:container_port, one relay per connection."""
 
-    def __init__(self, tracker: "PortTracker", sandbox_id: str, container_port: int):
+    def __init__(self, tracker: PortTracker, sandbox_id: str, container_port: int):
         self.tracker = tracker
         self.sandbox_id = sandbox_id
         self.container_port = container_port
@@ -86,15 +93,22 @@ class PortRelay:
             writer.close()
 
 
+def listening_ports(found: object) -> list[int]:
+    """The valid ports of an agent's PORTS reply (anything else in it is ignored)."""
+    if not isinstance(found, list):
+        return []
+    ports = {p.get("port") for p in found if isinstance(p, dict)}
+    return sorted(p for p in ports if isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535)
+
+
 class PortTracker:
-    def __init__(self, sandboxes, upstreams: Upstreams, config: PortsConfig):
+    def __init__(self, sandboxes: SandboxService, upstreams: Upstreams, config: PortsConfig):
         self.sandboxes = sandboxes
         self.store = sandboxes.store
         self.upstreams = upstreams
         self.config = config
         self.relays: dict[str, dict[int, PortRelay]] = {}
         self.task: asyncio.Task | None = None
-        sandboxes.after_destroy.append(self.forget)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -105,10 +119,7 @@ class PortTracker:
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        await cancel_and_wait(self.task)
         for relays in self.relays.values():
             for r in relays.values():
                 await r.close()
@@ -130,16 +141,17 @@ class PortTracker:
 
     async def scan(self, row: SandboxRow) -> None:
         """Ask a hot sandbox's agent for its ports; paused and cold sandboxes keep their last scan."""
-        async with self.sandboxes.lock(row.id):  # never while a pause or snapshot is under way
+        async with self.sandboxes.runtimes.lock(row.id):  # never while a pause or snapshot is under way
             fresh = self.store.sandbox_by_id(row.id)
             handle = self.sandboxes.engine.handle(row.id)
-            if fresh is None or fresh.status != "running" or handle is None or self.sandboxes.is_warm(row.id):
+            hot = fresh is not None and fresh.status == Status.RUNNING and not self.sandboxes.waker.is_warm(row.id)
+            if not hot or handle is None:
                 return
             try:
                 found = await asyncio.wait_for(handle.agent.ports(), SCAN_TIMEOUT)
-            except (AgentError, asyncio.TimeoutError):
+            except (TimeoutError, AgentError):
                 return
-        await self.apply(row.id, [p["port"] for p in found])
+        await self.apply(row.id, listening_ports(found))
 
     async def apply(self, sandbox_id: str, ports: list[int], wanted: dict[int, int] | None = None) -> None:
         """Make the relays match the listening ports: open new ones, close those that went away."""
@@ -170,11 +182,11 @@ class PortTracker:
         """GET /sandboxes/:id/ports: wake the sandbox and scan it now (an agent that cannot answer
         leaves the last scan in place, as bhatti answers [] rather than an error)."""
         row = self.sandboxes.get(user, id_or_name)
-        handle = await self.sandboxes.ready_handle(row)
-        try:
-            found = await asyncio.wait_for(handle.agent.ports(), SCAN_TIMEOUT)
-        except (AgentError, asyncio.TimeoutError) as e:
-            log.warning("port scan of %s failed: %s", row.id, e)
-            return row
-        await self.apply(row.id, [p["port"] for p in found])
+        async with self.sandboxes.using(row) as handle:
+            try:
+                found = await asyncio.wait_for(handle.agent.ports(), SCAN_TIMEOUT)
+            except (TimeoutError, AgentError) as e:
+                log.warning("port scan of %s failed: %s", row.id, e)
+                return row
+        await self.apply(row.id, listening_ports(found))
         return row

@@ -3,6 +3,7 @@
 Aliases are global (one namespace across users). Rules never wake a sandbox; the public proxy's
 requests do. Resolving an alias goes through a bounded in-memory cache in front of the store.
 """
+
 from __future__ import annotations
 
 import re
@@ -12,8 +13,8 @@ from collections import OrderedDict
 from ..config import Config
 from ..store.db import NameTaken, PublishRule, SandboxRow, Store, User, now
 from .errors import BadRequest, Conflict, KilnError, NotFound
+from .names import ALIAS_RE
 
-ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 RESERVED = {"www", "mail", "admin", "status", "ns1", "ns2", "api", "app", "_acme-challenge"}
 CACHE_SIZE = 10_000
 AUTO_ALIAS_ATTEMPTS = 4
@@ -48,7 +49,7 @@ class PublishService:
         name = name.strip().lower().rstrip(".")
         suffix = "." + self.domain
         if name.endswith(suffix) and len(name) > len(suffix):
-            return name[:-len(suffix)]
+            return name[: -len(suffix)]
         return None
 
     def publish(self, user: User, row: SandboxRow, port: int, alias: str | None) -> tuple[PublishRule, bool]:
@@ -62,8 +63,14 @@ class PublishService:
                 return rule, True
         candidates = [alias] if alias is not None else [auto_alias(row.name) for _ in range(AUTO_ALIAS_ATTEMPTS)]
         for candidate in candidates:
-            rule = PublishRule(id="pub_" + secrets.token_hex(8), sandbox_id=row.id, user_id=user.id, port=port,
-                               alias=candidate, created_at=now())
+            rule = PublishRule(
+                id="pub_" + secrets.token_hex(8),
+                sandbox_id=row.id,
+                user_id=user.id,
+                port=port,
+                alias=candidate,
+                created_at=now(),
+            )
             try:
                 self.store.insert_publish_rule(rule)
                 return rule, False

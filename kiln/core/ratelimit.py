@@ -1,5 +1,6 @@
 """Token buckets: `burst` requests at once, refilled at `per_minute`; keyed limiters forget the
 least recently used keys beyond a bound so memory stays flat whoever calls."""
+
 from __future__ import annotations
 
 import time

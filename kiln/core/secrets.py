@@ -6,11 +6,11 @@ its owner and name, so a value copied to another row does not open. A sandbox cr
 secrets keeps their values, sealed the same way, in its own row: later edits or deletes of the
 secret do not change it, and it can be handed to the sandbox again after a reboot.
 """
+
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..store.db import SecretRow, Store, User
 from .errors import BadRequest, Internal, NotFound
+from .names import SECRET_NAME_RE
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 MAX_VALUE = 64 * 1024
 NONCE = 12
 
@@ -50,9 +50,10 @@ class SecretService:
     def set(self, user: User, name: str, value: str) -> SecretRow:
         if not name or not value:
             raise BadRequest("name and value required")
-        if not NAME_RE.match(name):
-            raise BadRequest("invalid secret name: it becomes an environment variable, so it must match "
-                             "[A-Za-z_][A-Za-z0-9_]*")
+        if not SECRET_NAME_RE.match(name):
+            raise BadRequest(
+                "invalid secret name: it becomes an environment variable, so it must match [A-Za-z_][A-Za-z0-9_]*"
+            )
         if len(value.encode()) > MAX_VALUE:
             raise BadRequest("secret value too large (max 64 KiB)")
         return self.store.upsert_secret(user.id, name, self.box.seal(value.encode(), f"secret:{user.id}:{name}"))

@@ -3,16 +3,17 @@
 A create with `template_id` starts from the template; every field the request gives overrides it
 (env maps are merged key by key, secrets are the union, volumes are replaced).
 """
+
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 
 from ..store.db import NameTaken, Store, Template, User, now
 from .errors import BadRequest, Conflict, NotFound
+from .names import check_env_keys, check_name
 from .volumes import VolumeRequest, validate_mount
-
-NAME_RE_TEXT = "[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}"
 
 
 @dataclass
@@ -27,9 +28,15 @@ class TemplateSpec:
     keep_hot: bool = False
 
     def to_dict(self) -> dict:
-        return {"cpus": self.cpus, "memory_mb": self.memory_mb, "env": self.env, "init": self.init,
-                "secrets": self.secrets, "keep_hot": self.keep_hot,
-                "volumes": [{"name": v.name, "mount": v.mount, "read_only": v.read_only} for v in self.volumes]}
+        return {
+            "cpus": self.cpus,
+            "memory_mb": self.memory_mb,
+            "env": self.env,
+            "init": self.init,
+            "secrets": self.secrets,
+            "keep_hot": self.keep_hot,
+            "volumes": [{"name": v.name, "mount": v.mount, "read_only": v.read_only} for v in self.volumes],
+        }
 
 
 class TemplateService:
@@ -37,20 +44,15 @@ class TemplateService:
         self.store = store
 
     def create(self, user: User, spec: TemplateSpec) -> Template:
-        from .sandboxes import ENV_KEY_RE, NAME_RE
-        if not NAME_RE.match(spec.name or ""):
-            raise BadRequest(f"invalid template name: must match {NAME_RE_TEXT}")
-        if spec.cpus is not None and spec.cpus <= 0:
-            raise BadRequest("cpus must be greater than 0")
+        check_name("template", spec.name or "")
+        if spec.cpus is not None and (not math.isfinite(spec.cpus) or spec.cpus <= 0):
+            raise BadRequest("cpus must be a number greater than 0")
         if spec.memory_mb is not None and spec.memory_mb <= 0:
             raise BadRequest("memory_mb must be greater than 0")
-        for key in list(spec.env) + spec.secrets:
-            if not ENV_KEY_RE.match(key):
-                raise BadRequest(f"invalid env var or secret name: {key!r}")
+        check_env_keys(list(spec.env) + spec.secrets, what="env var or secret")
         for v in spec.volumes:
             validate_mount(v.mount)
-        t = Template(id=secrets.token_hex(8), owner_id=user.id, name=spec.name, spec=spec.to_dict(),
-                     created_at=now())
+        t = Template(id=secrets.token_hex(8), owner_id=user.id, name=spec.name, spec=spec.to_dict(), created_at=now())
         try:
             self.store.insert_template(t)
         except NameTaken:

@@ -1,131 +1,119 @@
-"""The thermal manager: idle sandboxes go warm (frozen) and then cold (on disk).
+"""The thermal policy: idle sandboxes go warm (frozen) and then cold (on disk).
 
-Two clocks decide. The host clock (here, in memory) is touched by every waking request, by a
-pause, and while a client is pinned (a running exec, an attached terminal, a proxied WebSocket).
-The guest clock is the agent's: the last exec, keystroke or file access inside the sandbox.
-hot -> warm needs both idle for `warm_after` and no attached session; warm -> cold needs the
-host clock idle for `cold_after` since the pause (a frozen agent cannot be asked).
+Two clocks decide. The host clock (SandboxRuntime.last_activity) is touched by every request that
+uses a sandbox, by a pause, and while a client is pinned (a running exec, an attached terminal, a
+proxied WebSocket). The guest clock is the agent's: the last exec, keystroke or file access inside.
+hot -> warm needs both idle for `warm_after` and no attached session; warm -> cold needs the host
+clock idle for `cold_after` since the pause (a frozen agent cannot be asked). A tier the engine
+cannot do is skipped. One sandbox's failure never stops the loop for the others.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from ..agent.client import AgentError
 from ..config import ThermalConfig
 from ..engine.base import EngineError
-
-if TYPE_CHECKING:
-    from .sandboxes import SandboxService
+from ..store.db import SandboxRow
+from ..tasks import cancel_and_wait
+from .lifecycle import SandboxService
 
 log = logging.getLogger("kiln.thermal")
 
 AGENT_FAILURES_BEFORE_FORCE_PAUSE = 10
 SNAPSHOT_FAILURES_BEFORE_UNKNOWN = 3
+ACTIVITY_TIMEOUT = 2.0  # one slow agent must not stretch every tick
 
 
-class ThermalManager:
-    def __init__(self, config: ThermalConfig):
+def guest_idle_for(activity: dict) -> tuple[float, int] | None:
+    """(seconds idle, attached sessions) from an agent's ACTIVITY reply, or None if it is malformed."""
+    last, attached = activity.get("last_activity_unix"), activity.get("attached_sessions")
+    if not isinstance(last, int | float) or isinstance(last, bool) or not isinstance(attached, int):
+        return None
+    return time.time() - last, attached
+
+
+class ThermalPolicy:
+    def __init__(self, config: ThermalConfig, sandboxes: SandboxService):
         self.config = config
-        self.sandboxes: SandboxService | None = None
-        self.host_activity: dict[str, float] = {}
-        self.pins: dict[str, int] = {}
-        self.agent_failures: dict[str, int] = {}
-        self.snapshot_failures: dict[str, int] = {}
+        self.sandboxes = sandboxes
+        self.runtimes = sandboxes.runtimes
         self.task: asyncio.Task | None = None
 
-    # ------------------------------------------------------------ clocks and pins
-
-    def touch(self, sandbox_id: str) -> None:
-        self.host_activity[sandbox_id] = time.monotonic()
-        self.agent_failures.pop(sandbox_id, None)
-
-    def idle_for(self, sandbox_id: str) -> float:
-        return time.monotonic() - self.host_activity.setdefault(sandbox_id, time.monotonic())
-
-    @contextlib.contextmanager
-    def pin(self, sandbox_id: str):
-        """Keep a sandbox hot while a client is using it (a running exec, an attached shell)."""
-        self.pins[sandbox_id] = self.pins.get(sandbox_id, 0) + 1
-        self.touch(sandbox_id)
-        try:
-            yield
-        finally:
-            self.pins[sandbox_id] -= 1
-            if not self.pins[sandbox_id]:
-                del self.pins[sandbox_id]
-            self.touch(sandbox_id)
-
-    def forget(self, sandbox_id: str) -> None:
-        for d in (self.host_activity, self.pins, self.agent_failures, self.snapshot_failures):
-            d.pop(sandbox_id, None)
-
-    # ------------------------------------------------------------ the loop
-
-    def start(self, sandboxes: "SandboxService") -> None:
-        self.sandboxes = sandboxes
+    def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
 
     async def stop(self) -> None:
-        if self.task:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+        await cancel_and_wait(self.task)
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.config.tick)
-            try:
-                await self.tick()
-            except Exception:
-                log.exception("thermal tick failed")
+            await self.tick()
 
     async def tick(self) -> None:
-        assert self.sandboxes is not None
+        caps = self.sandboxes.caps
+        if not caps.pause:
+            return
         for row in self.sandboxes.running_rows():
-            if row.keep_hot:
-                continue
-            if self.pins.get(row.id):
-                self.touch(row.id)
-                continue
-            if self.sandboxes.is_warm(row.id):
-                if self.idle_for(row.id) > self.config.cold_after:
-                    await self.cool(row)
-            elif self.idle_for(row.id) > self.config.warm_after:
-                await self.maybe_pause(row)
+            try:
+                await self.step(row)
+            except Exception:
+                log.exception("thermal step of sandbox %s failed", row.id)
 
-    async def maybe_pause(self, row) -> None:
+    async def step(self, row: SandboxRow) -> None:
+        if row.keep_hot:
+            return
+        rt = self.runtimes[row.id]
+        if rt.pins:
+            rt.touch()
+            return
+        if self.sandboxes.waker.is_warm(row.id):
+            if self.sandboxes.caps.snapshot and rt.idle_for() > self.config.cold_after:
+                await self.cool(row)
+        elif rt.idle_for() > self.config.warm_after:
+            await self.maybe_pause(row)
+
+    async def maybe_pause(self, row: SandboxRow) -> None:
+        rt = self.runtimes[row.id]
+        handle = self.sandboxes.engine.handle(row.id)
+        if handle is None:
+            return
         try:
-            activity = await self.sandboxes.agent_activity(row)
-        except AgentError as e:
-            n = self.agent_failures[row.id] = self.agent_failures.get(row.id, 0) + 1
-            if n < AGENT_FAILURES_BEFORE_FORCE_PAUSE:
-                log.warning("agent of %s did not answer the activity poll (%d): %s", row.id, n, e)
+            activity = await asyncio.wait_for(handle.agent.activity(timeout=ACTIVITY_TIMEOUT), ACTIVITY_TIMEOUT)
+            idle = guest_idle_for(activity) if isinstance(activity, dict) else None
+            if idle is None:
+                raise AgentError(f"malformed activity reply: {str(activity)[:200]}")
+        except (AgentError, TimeoutError) as e:
+            rt.agent_failures += 1
+            if rt.agent_failures < AGENT_FAILURES_BEFORE_FORCE_PAUSE:
+                log.warning("agent of %s did not answer the activity poll (%d): %s", row.id, rt.agent_failures, e)
                 return
-            log.warning("agent of %s unresponsive %d times: pausing it anyway", row.id, n)
-            activity = None
-        if activity is not None:
-            self.sandboxes.note_agent_restarts(row.id, activity.get("agent_restarts", 0))
-            guest_idle = time.time() - activity["last_activity_unix"]
-            if guest_idle < self.config.warm_after or activity["attached_sessions"]:
+            log.warning("agent of %s unresponsive %d times: pausing it anyway", row.id, rt.agent_failures)
+        else:
+            self.runtimes.note_agent_restarts(row.id, activity.get("agent_restarts", 0))
+            guest_idle, attached = idle
+            if guest_idle < self.config.warm_after or attached:
                 return
         await self.sandboxes.pause(row)
-        self.touch(row.id)  # the cold timer starts at the pause
+        rt.touch()  # the cold timer starts at the pause
         log.info("sandbox %s is warm (paused)", row.id)
 
-    async def cool(self, row) -> None:
+    async def cool(self, row: SandboxRow) -> None:
+        rt = self.runtimes[row.id]
         try:
             await self.sandboxes.snapshot(row, reason="thermal")
-            self.snapshot_failures.pop(row.id, None)
+            rt.snapshot_failures = 0
             log.info("sandbox %s is cold (on disk)", row.id)
         except EngineError as e:
-            n = self.snapshot_failures[row.id] = self.snapshot_failures.get(row.id, 0) + 1
-            log.error("snapshot of %s failed (%d): %s", row.id, n, e)
-            if n >= SNAPSHOT_FAILURES_BEFORE_UNKNOWN:
-                self.snapshot_failures.pop(row.id, None)
+            rt.snapshot_failures += 1
+            log.error("snapshot of %s failed (%d): %s", row.id, rt.snapshot_failures, e)
+            if rt.snapshot_failures >= SNAPSHOT_FAILURES_BEFORE_UNKNOWN:
+                rt.snapshot_failures = 0
                 self.sandboxes.mark_unknown(row.id)
             # back to warm without touching the clock, so the next tick tries again
             with contextlib.suppress(EngineError):

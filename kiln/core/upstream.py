@@ -6,16 +6,19 @@ listens on loopback only refuses that, and is reached through the agent, which d
 inside the sandbox. Every open connection is tracked, so a stop or a destroy can cut them before
 the checkpoint instead of leaving them to be reset inside it.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import socket
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from ..agent.client import AgentError
+from ..engine.base import SandboxHandle
 from ..store.db import SandboxRow
 from .errors import BadGateway, BadRequest
+from .lifecycle import SandboxService
 
 CONNECT_TIMEOUT = 5.0
 
@@ -31,15 +34,12 @@ def parse_port(text: str | int) -> int:
 
 
 class Upstreams:
-    def __init__(self, sandboxes):
+    def __init__(self, sandboxes: SandboxService):
         self.sandboxes = sandboxes
         self.open_sockets: dict[str, set[socket.socket]] = {}
-        self.on_cut: list = []  # e.g. the proxy forgets its idle keep-alive connections
-        sandboxes.before_stop.append(self.cut)
 
-    async def dial(self, row: SandboxRow, port: int) -> socket.socket:
-        """Wake the sandbox and connect to its port; BadGateway when nothing listens there."""
-        handle = await self.sandboxes.ready_handle(row)
+    async def dial(self, handle: SandboxHandle, port: int) -> socket.socket:
+        """Connect to a port of a hot sandbox; BadGateway when nothing listens there."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -49,7 +49,7 @@ class Upstreams:
             return sock
         except ConnectionRefusedError:
             sock.close()
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             sock.close()
             raise BadGateway(f"bad gateway: connect to port {port}: {e or 'timed out'}") from e
         try:
@@ -57,10 +57,10 @@ class Upstreams:
         except AgentError as e:
             raise BadGateway(f"bad gateway: {e}") from e
 
-    async def open(self, row: SandboxRow, port: int) -> socket.socket:
+    async def open(self, handle: SandboxHandle, port: int) -> socket.socket:
         """A tracked connection (cut on stop or destroy); give it back with release()."""
-        sock = await self.dial(row, port)
-        self.open_sockets.setdefault(row.id, set()).add(sock)
+        sock = await self.dial(handle, port)
+        self.open_sockets.setdefault(handle.id, set()).add(sock)
         return sock
 
     def release(self, sandbox_id: str, sock: socket.socket) -> None:
@@ -73,8 +73,8 @@ class Upstreams:
     @contextlib.asynccontextmanager
     async def connection(self, row: SandboxRow, port: int) -> AsyncIterator[socket.socket]:
         """A tracked connection for as long as the block runs; the sandbox stays hot meanwhile."""
-        with self.sandboxes.thermal.pin(row.id):
-            sock = await self.open(row, port)
+        async with self.sandboxes.using(row) as handle:
+            sock = await self.open(handle, port)
             try:
                 yield sock
             finally:
@@ -85,5 +85,3 @@ class Upstreams:
         for sock in self.open_sockets.pop(sandbox_id, set()):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        for forget in self.on_cut:
-            forget(sandbox_id)

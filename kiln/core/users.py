@@ -1,4 +1,5 @@
 """Users and API keys: the admin user and its key file on first start."""
+
 from __future__ import annotations
 
 import os
@@ -15,15 +16,25 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_hex(32)
 
 
-def new_user(name: str, config: Config, max_sandboxes: int | None = None, max_cpus: float | None = None,
-             max_memory_mb: int | None = None, max_volume_storage_mb: int | None = None) -> User:
+def new_user(
+    name: str,
+    config: Config,
+    max_sandboxes: int | None = None,
+    max_cpus: float | None = None,
+    max_memory_mb: int | None = None,
+    max_volume_storage_mb: int | None = None,
+) -> User:
     """A user with quotas; anything not given takes the config's limit."""
     lim = config.limits
-    return User(id="usr_" + secrets.token_hex(4), name=name,
-                max_sandboxes=max_sandboxes or lim.max_sandboxes,
-                max_cpus_per_sandbox=max_cpus or lim.max_cpus_per_sandbox,
-                max_memory_mb_per_sandbox=max_memory_mb or lim.max_memory_mb_per_sandbox, created_at=now(),
-                max_volume_storage_mb=max_volume_storage_mb or lim.max_volume_storage_mb)
+    return User(
+        id="usr_" + secrets.token_hex(4),
+        name=name,
+        max_sandboxes=max_sandboxes or lim.max_sandboxes,
+        max_cpus_per_sandbox=max_cpus or lim.max_cpus_per_sandbox,
+        max_memory_mb_per_sandbox=max_memory_mb or lim.max_memory_mb_per_sandbox,
+        created_at=now(),
+        max_volume_storage_mb=max_volume_storage_mb or lim.max_volume_storage_mb,
+    )
 
 
 def ensure_admin(store: Store, config: Config) -> str | None:

@@ -1,41 +1,57 @@
 """Volumes: named, size-capped filesystems that outlive sandboxes.
 
 Each volume is a sparse ext4 image under `<data_dir>/volumes/<owner>/<id>.ext4` (ext4 itself caps
-the size: writing past it is "No space left on device" inside the sandbox). While any sandbox uses
-it (hot, warm or cold) it is loop-mounted on the host at `<data_dir>/volumes/mnt/<id>` and
-bind-mounted into each such sandbox at its mount path; the last detach unmounts it.
-One read-write user at a time, or any number of read-only ones.
+the size: writing past it is "No space left on device" inside the sandbox). Core records who uses
+it and hands the engine a VolumeAttachment (the image, the mount path, read-only or not); how it gets
+into the sandbox is the engine's business. One read-write user at a time, or any number of read-only.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.base import Mount
-from ..proc import run
+from .. import diskimage
+from ..engine.base import VolumeAttachment
 from ..store.db import Attachment, NameTaken, Store, User, Volume, now
 from .errors import BadRequest, Conflict, Internal, NotFound, TooManyRequests
+from .names import NAME_RE, check_name
 
 log = logging.getLogger("kiln.volumes")
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$")
 DEFAULT_SIZE_MB = 1024
-PROTECTED = {"/", "/proc", "/sys", "/dev", "/dev/pts", "/run", "/tmp", "/etc", "/bin", "/sbin", "/lib",
-             "/lib64", "/usr", "/usr/local/bin", "/boot", "/root", "/opt/kiln"}
+PROTECTED = {
+    "/",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/dev/pts",
+    "/run",
+    "/tmp",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib64",
+    "/usr",
+    "/usr/local/bin",
+    "/boot",
+    "/root",
+    "/opt/kiln",
+}
 
 
 @dataclass
 class VolumeRequest:
     """One entry of `volumes` (existing) or `new_volumes` (created now) in a create request."""
+
     name: str
     mount: str
     read_only: bool = False
-    size_mb: int | None = None   # only for new volumes
+    size_mb: int | None = None  # only for new volumes
 
 
 def validate_mount(path: str) -> None:
@@ -45,8 +61,13 @@ def validate_mount(path: str) -> None:
     if ".." in parts or "." in parts:
         raise BadRequest(f"volume mount must not contain . or ..: {path!r}")
     clean = "/" + "/".join(p for p in parts if p)
-    if clean in PROTECTED or clean.startswith("/opt/kiln/") or clean.startswith("/proc/") \
-            or clean.startswith("/sys/") or clean.startswith("/dev/"):
+    if (
+        clean in PROTECTED
+        or clean.startswith("/opt/kiln/")
+        or clean.startswith("/proc/")
+        or clean.startswith("/sys/")
+        or clean.startswith("/dev/")
+    ):
         raise BadRequest(f"volume mount {clean!r} is a protected path")
 
 
@@ -59,9 +80,6 @@ class VolumeService:
 
     def image(self, v: Volume) -> Path:
         return self.root / v.owner_id / f"{v.id}.ext4"
-
-    def mountpoint(self, v: Volume) -> Path:
-        return self.root / "mnt" / v.id
 
     # ------------------------------------------------------------ CRUD
 
@@ -81,8 +99,7 @@ class VolumeService:
         size_mb = DEFAULT_SIZE_MB if size_mb is None else size_mb
         if not name or not isinstance(size_mb, int) or size_mb <= 0:
             raise BadRequest("name and size_mb (> 0) required")
-        if not NAME_RE.match(name):
-            raise BadRequest("invalid volume name: must match [a-zA-Z0-9][a-zA-Z0-9._-]{0,62}")
+        check_name("volume", name)
         if self.store.get_volume(user.id, name) is not None:
             raise Conflict(f'volume "{name}" already exists')
         used = self.store.volume_storage_mb(user.id) + extra_mb
@@ -95,12 +112,8 @@ class VolumeService:
         size_mb = self.check_new(user, name, size_mb)
         v = Volume(id=secrets.token_hex(8), owner_id=user.id, name=name, size_mb=size_mb, created_at=now())
         path = self.image(v)
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with open(path, "wb") as f:
-                f.truncate(size_mb * 1024 * 1024)  # sparse: takes space only as it fills
-            # no reserved blocks (all of size_mb is usable), root dir owned by the sandbox user
-            await run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "root_owner=1000:1000", str(path)])
+            await diskimage.make_ext4(path, size_mb, root_owner=(1000, 1000))  # owned by the sandbox user
             self.store.insert_volume(v)
         except NameTaken:
             path.unlink(missing_ok=True)
@@ -119,9 +132,8 @@ class VolumeService:
             n = len(self.store.attachments(volume_id=v.id))
             if n:
                 raise Conflict(f'volume "{name}" has {n} active attachment(s)')
-            await self.unmount(v)
             self.store.delete_volume(v.id)
-            self.image(v).unlink(missing_ok=True)
+            await asyncio.to_thread(self.image(v).unlink, missing_ok=True)  # a large sparse file: off the loop
         log.info("deleted volume %s (%s)", v.id, name)
 
     # ------------------------------------------------------------ attaching
@@ -151,9 +163,10 @@ class VolumeService:
         if read_only and rw:
             raise Conflict(f'volume "{v.name}" has a read-write attachment')
 
-    async def attach(self, user: User, sandbox_id: str, wanted: list[VolumeRequest],
-                     new: list[VolumeRequest]) -> tuple[Mount, ...]:
-        """Create the new volumes, record every attachment and mount them on the host."""
+    async def attach(
+        self, user: User, sandbox_id: str, wanted: list[VolumeRequest], new: list[VolumeRequest]
+    ) -> tuple[VolumeAttachment, ...]:
+        """Create the new volumes and record every attachment; the engine attaches them."""
         plan: list[tuple[Volume, VolumeRequest]] = []
         for req in new:
             plan.append((await self.create(user, req.name, req.size_mb), req))
@@ -162,54 +175,25 @@ class VolumeService:
                 v = self.get(user, req.name)
                 self.check_attachable(v, req.read_only)  # again: another create may have won meanwhile
                 plan.append((v, req))
-            mounts = []
+            out = []
             for v, req in plan:
-                await self.ensure_mounted(v)
                 self.store.attach_volume(Attachment(v.id, sandbox_id, req.mount, req.read_only))
-                mounts.append(Mount(str(self.mountpoint(v)), req.mount, req.read_only))
-        return tuple(mounts)
-
-    async def release(self, sandbox_id: str) -> None:
-        """After a sandbox is gone (its attachment rows went with it): unmount what nobody uses."""
-        async with self.lock:
-            attached = {a.volume_id for a in self.store.attachments()}
-            mnt = self.root / "mnt"
-            for d in (mnt.iterdir() if mnt.is_dir() else []):
-                if d.name not in attached:
-                    v = self.store.volume_by_id(d.name)
-                    if v is not None:
-                        await self.unmount(v)
-
-    async def mount_all(self) -> None:
-        """At daemon start, before any sandbox boots or restores: mount every attached volume."""
-        for volume_id in sorted({a.volume_id for a in self.store.attachments()}):
-            v = self.store.volume_by_id(volume_id)
-            if v is not None:
-                await self.ensure_mounted(v)
-
-    async def ensure_mounted(self, v: Volume) -> None:
-        target = self.mountpoint(v)
-        if os.path.ismount(target):
-            return
-        target.mkdir(parents=True, exist_ok=True)
-        try:
-            await run(["mount", "-o", "loop,noatime", str(self.image(v)), str(target)])
-        except Exception as e:
-            raise Internal(f"mount volume {v.id}: {e}") from e
-
-    async def unmount(self, v: Volume) -> None:
-        target = self.mountpoint(v)
-        if os.path.ismount(target):
-            await run(["umount", str(target)], check=False)
-            if os.path.ismount(target):
-                await run(["umount", "-l", str(target)], check=False)
-        if target.is_dir():
-            target.rmdir()
+                out.append(VolumeAttachment(str(self.image(v)), req.mount, req.read_only))
+        return tuple(out)
 
     def volume_json(self, v: Volume, with_attachments: bool = True) -> dict:
         attachments = None
         if with_attachments:
-            attachments = [{"sandbox_id": a.sandbox_id, "mount": a.mount, "read_only": a.read_only}
-                           for a in self.store.attachments(volume_id=v.id)]
-        return {"id": v.id, "user_id": v.owner_id, "name": v.name, "size_mb": v.size_mb, "status": "ready",
-                "attachments": attachments, "created_at": v.created_at}
+            attachments = [
+                {"sandbox_id": a.sandbox_id, "mount": a.mount, "read_only": a.read_only}
+                for a in self.store.attachments(volume_id=v.id)
+            ]
+        return {
+            "id": v.id,
+            "user_id": v.owner_id,
+            "name": v.name,
+            "size_mb": v.size_mb,
+            "status": "ready",
+            "attachments": attachments,
+            "created_at": v.created_at,
+        }

@@ -4,6 +4,7 @@ The image is a plain read-only directory tree used as the overlayfs lower layer 
 It is built once into `<images_dir>/default` and reused; a half-built tree never becomes visible
 because the build goes to a temporary directory that is renamed into place at the end.
 """
+
 from __future__ import annotations
 
 import fcntl

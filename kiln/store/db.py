@@ -3,15 +3,19 @@
 Schema changes are numbered migrations applied in order at open; `PRAGMA user_version` records
 how far a database has come. Every query that reads user-owned rows takes the owner.
 """
+
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+
+from ..states import DELETABLE, Reason, Status, check_transition
 
 MIGRATIONS: list[str] = [
     # 1: users, API keys, sandboxes
@@ -112,12 +116,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sandboxes ADD COLUMN disk_mb INTEGER NOT NULL DEFAULT 0;
     """,
+    # 6: one spelling for every reason (snake_case)
+    """
+    UPDATE sandboxes SET reason='snapshot_failed' WHERE reason='snapshot failed';
+    """,
 ]
 
 
 def now() -> str:
     """RFC 3339 UTC with nanosecond-style precision, like bhatti's Go timestamps."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def hash_key(key: str) -> str:
@@ -140,12 +148,12 @@ class SandboxRow:
     id: str
     owner_id: str
     name: str
-    status: str          # creating | running | stopped | unknown
+    status: Status
     cpus: float
     memory_mb: int
     image: str
     created_at: str
-    reason: str = ""
+    reason: Reason = Reason.NONE
     ip: str = ""
     env: dict = field(default_factory=dict)
     init: str = ""
@@ -154,7 +162,7 @@ class SandboxRow:
     stopped_at: str | None = None
     snapshot: dict | None = None
     template_id: str = ""
-    sealed_env: bytes | None = None   # secrets given at create, encrypted; never in API output
+    sealed_env: bytes | None = None  # secrets given at create, encrypted; never in API output
     disk_mb: int = 0
 
 
@@ -222,16 +230,22 @@ class Store:
     def migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            with self.lock:
-                self.db.execute("BEGIN")
-                try:
-                    for stmt in filter(str.strip, script.split(";")):
-                        self.db.execute(stmt)
-                    self.db.execute(f"PRAGMA user_version={i}")
-                    self.db.execute("COMMIT")
-                except BaseException:
-                    self.db.execute("ROLLBACK")
-                    raise
+            with self.transaction() as db:
+                for stmt in filter(str.strip, script.split(";")):
+                    db.execute(stmt)
+                db.execute(f"PRAGMA user_version={i}")
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """BEGIN ... COMMIT under the store's lock; any exception rolls back and propagates."""
+        with self.lock:
+            self.db.execute("BEGIN")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     def close(self) -> None:
         self.db.close()
@@ -243,27 +257,30 @@ class Store:
     # ------------------------------------------------------------ users and keys
 
     def create_user(self, user: User, key: str) -> None:
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                self.db.execute(
-                    "INSERT INTO users (id, name, max_sandboxes, max_cpus_per_sandbox, max_memory_mb_per_sandbox,"
-                    " created_at, max_volume_storage_mb) VALUES (?,?,?,?,?,?,?)",
-                    (user.id, user.name, user.max_sandboxes, user.max_cpus_per_sandbox,
-                     user.max_memory_mb_per_sandbox, user.created_at, user.max_volume_storage_mb))
-                self.db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user.id, now()))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO users (id, name, max_sandboxes, max_cpus_per_sandbox, max_memory_mb_per_sandbox,"
+                " created_at, max_volume_storage_mb) VALUES (?,?,?,?,?,?,?)",
+                (
+                    user.id,
+                    user.name,
+                    user.max_sandboxes,
+                    user.max_cpus_per_sandbox,
+                    user.max_memory_mb_per_sandbox,
+                    user.created_at,
+                    user.max_volume_storage_mb,
+                ),
+            )
+            db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user.id, now()))
 
     def user_by_name(self, name: str) -> User | None:
         row = self._exec("SELECT * FROM users WHERE name=?", (name,)).fetchone()
         return User(**dict(row)) if row else None
 
     def user_by_key(self, key: str) -> User | None:
-        row = self._exec("SELECT u.* FROM users u JOIN api_keys k ON k.user_id=u.id WHERE k.key_hash=?",
-                         (hash_key(key),)).fetchone()
+        row = self._exec(
+            "SELECT u.* FROM users u JOIN api_keys k ON k.user_id=u.id WHERE k.key_hash=?", (hash_key(key),)
+        ).fetchone()
         return User(**dict(row)) if row else None
 
     def list_users(self) -> list[User]:
@@ -271,20 +288,16 @@ class Store:
 
     def rotate_key(self, user_id: str, key: str) -> None:
         """Replace every key of a user with one new key (the old ones stop working at once)."""
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                self.db.execute("DELETE FROM api_keys WHERE user_id=?", (user_id,))
-                self.db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user_id, now()))
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            db.execute("DELETE FROM api_keys WHERE user_id=?", (user_id,))
+            db.execute("INSERT INTO api_keys VALUES (?,?,?)", (hash_key(key), user_id, now()))
 
     def user_holdings(self, user_id: str) -> dict[str, int]:
         """What a user still owns (a user is deleted only when this is all zeros)."""
-        return {t: self._exec(f"SELECT COUNT(*) FROM {t} WHERE owner_id=?", (user_id,)).fetchone()[0]
-                for t in ("sandboxes", "secrets", "volumes", "templates")}
+        return {
+            t: self._exec(f"SELECT COUNT(*) FROM {t} WHERE owner_id=?", (user_id,)).fetchone()[0]
+            for t in ("sandboxes", "secrets", "volumes", "templates")
+        }
 
     def delete_user(self, user_id: str) -> None:
         self._exec("DELETE FROM users WHERE id=?", (user_id,))
@@ -298,6 +311,7 @@ class Store:
         d["labels"] = json.loads(d["labels"])
         d["keep_hot"] = bool(d["keep_hot"])
         d["snapshot"] = json.loads(d["snapshot"]) if d["snapshot"] else None
+        d["status"], d["reason"] = Status(d["status"]), Reason(d["reason"])
         return SandboxRow(**d)
 
     def insert_sandbox(self, s: SandboxRow) -> None:
@@ -306,37 +320,93 @@ class Store:
                 "INSERT INTO sandboxes (id, owner_id, name, status, reason, ip, cpus, memory_mb, image, env, init,"
                 " keep_hot, labels, created_at, stopped_at, template_id, sealed_env, disk_mb)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (s.id, s.owner_id, s.name, s.status, s.reason, s.ip, s.cpus, s.memory_mb, s.image,
-                 json.dumps(s.env), s.init, int(s.keep_hot), json.dumps(s.labels), s.created_at, s.stopped_at,
-                 s.template_id, s.sealed_env, s.disk_mb))
+                (
+                    s.id,
+                    s.owner_id,
+                    s.name,
+                    s.status,
+                    s.reason,
+                    s.ip,
+                    s.cpus,
+                    s.memory_mb,
+                    s.image,
+                    json.dumps(s.env),
+                    s.init,
+                    int(s.keep_hot),
+                    json.dumps(s.labels),
+                    s.created_at,
+                    s.stopped_at,
+                    s.template_id,
+                    s.sealed_env,
+                    s.disk_mb,
+                ),
+            )
         except sqlite3.IntegrityError as e:
             raise NameTaken(s.name) from e
 
-    def update_sandbox(self, sandbox_id: str, **fields) -> None:
-        for k in ("env", "labels", "snapshot"):
-            if k in fields:
-                fields[k] = json.dumps(fields[k])
-        if "keep_hot" in fields:
-            fields["keep_hot"] = int(fields["keep_hot"])
-        cols = ", ".join(f"{k}=?" for k in fields)
+    # Status changes: one intent method per move of the state machine (kiln/states.py), each checked
+    # against its table inside one transaction.
+
+    def _transition(self, sandbox_id: str, to: Status, reason: Reason, **fields) -> None:
+        with self.transaction() as db:
+            row = db.execute("SELECT status FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+            if row is None:
+                return  # destroyed meanwhile: nothing to record
+            check_transition(row["status"], to)
+            fields = {"status": str(to), "reason": str(reason), **fields}
+            cols = ", ".join(f"{k}=?" for k in fields)
+            db.execute(f"UPDATE sandboxes SET {cols} WHERE id=?", (*fields.values(), sandbox_id))
+
+    def mark_running(self, sandbox_id: str, ip: str) -> None:
+        self._transition(sandbox_id, Status.RUNNING, Reason.NONE, ip=ip)
+
+    def mark_stopped(self, sandbox_id: str, reason: Reason, snapshot: dict | None = None) -> None:
+        """Stopped to disk (reason NONE, with the snapshot's summary) or died (a death reason)."""
+        fields: dict = {"stopped_at": now()}
+        if snapshot is not None:
+            fields["snapshot"] = json.dumps(snapshot)
+        self._transition(sandbox_id, Status.STOPPED, reason, **fields)
+
+    def mark_restore_failed(self, sandbox_id: str) -> None:
+        self._transition(sandbox_id, Status.STOPPED, Reason.RESTORE_FAILED)
+
+    def mark_unknown(self, sandbox_id: str, reason: Reason) -> None:
+        self._transition(sandbox_id, Status.UNKNOWN, reason)
+
+    def mark_destroying(self, sandbox_id: str) -> None:
+        self._transition(sandbox_id, Status.DESTROYING, Reason.NONE)
+
+    # Changes that are not status moves.
+
+    def rename_sandbox(self, sandbox_id: str, name: str) -> None:
         try:
-            self._exec(f"UPDATE sandboxes SET {cols} WHERE id=?", (*fields.values(), sandbox_id))
+            self._exec("UPDATE sandboxes SET name=? WHERE id=?", (name, sandbox_id))
         except sqlite3.IntegrityError as e:
-            raise NameTaken(fields.get("name", "")) from e
+            raise NameTaken(name) from e
+
+    def set_sandbox_labels(self, sandbox_id: str, labels: dict[str, str]) -> None:
+        self._exec("UPDATE sandboxes SET labels=? WHERE id=?", (json.dumps(labels), sandbox_id))
+
+    def set_keep_hot(self, sandbox_id: str, keep_hot: bool) -> None:
+        self._exec("UPDATE sandboxes SET keep_hot=? WHERE id=?", (int(keep_hot), sandbox_id))
 
     def sandbox_by_id(self, sandbox_id: str) -> SandboxRow | None:
         row = self._exec("SELECT * FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
         return self._sandbox(row) if row else None
 
     def delete_sandbox(self, sandbox_id: str) -> None:
-        self._exec("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
+        """Only rows being created (a failed create) or destroyed leave the store."""
+        with self.transaction() as db:
+            row = db.execute("SELECT status FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
+            if row is not None and row["status"] not in DELETABLE:
+                check_transition(row["status"], Status.DESTROYING)  # raises: a live row is never deleted
+            db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
 
     def get_sandbox(self, owner_id: str, id_or_name: str) -> SandboxRow | None:
         """Exact id first, then name; only the owner's sandboxes."""
         row = self._exec("SELECT * FROM sandboxes WHERE owner_id=? AND id=?", (owner_id, id_or_name)).fetchone()
         if row is None:
-            row = self._exec("SELECT * FROM sandboxes WHERE owner_id=? AND name=?",
-                             (owner_id, id_or_name)).fetchone()
+            row = self._exec("SELECT * FROM sandboxes WHERE owner_id=? AND name=?", (owner_id, id_or_name)).fetchone()
         return self._sandbox(row) if row else None
 
     def list_sandboxes(self, owner_id: str | None = None) -> list[SandboxRow]:
@@ -364,22 +434,17 @@ class Store:
         return found
 
     def set_sandbox_ports(self, sandbox_id: str, ports: dict[int, int]) -> None:
-        with self.lock:
-            self.db.execute("BEGIN")
-            try:
-                self.db.execute("DELETE FROM sandbox_ports WHERE sandbox_id=?", (sandbox_id,))
-                self.db.executemany("INSERT INTO sandbox_ports VALUES (?,?,?)",
-                                    [(sandbox_id, p, h) for p, h in ports.items()])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            db.execute("DELETE FROM sandbox_ports WHERE sandbox_id=?", (sandbox_id,))
+            db.executemany("INSERT INTO sandbox_ports VALUES (?,?,?)", [(sandbox_id, p, h) for p, h in ports.items()])
 
     def insert_publish_rule(self, rule: PublishRule) -> None:
         """Raises NameTaken if the alias, or this sandbox's port, is already published."""
         try:
-            self._exec("INSERT INTO publish_rules VALUES (?,?,?,?,?,?)",
-                       (rule.id, rule.sandbox_id, rule.user_id, rule.port, rule.alias, rule.created_at))
+            self._exec(
+                "INSERT INTO publish_rules VALUES (?,?,?,?,?,?)",
+                (rule.id, rule.sandbox_id, rule.user_id, rule.port, rule.alias, rule.created_at),
+            )
         except sqlite3.IntegrityError as e:
             raise NameTaken(rule.alias) from e
 
@@ -392,8 +457,9 @@ class Store:
         return PublishRule(**dict(row)) if row else None
 
     def delete_publish_rule(self, sandbox_id: str, port: int) -> PublishRule | None:
-        row = self._exec("DELETE FROM publish_rules WHERE sandbox_id=? AND port=? RETURNING *",
-                         (sandbox_id, port)).fetchone()
+        row = self._exec(
+            "DELETE FROM publish_rules WHERE sandbox_id=? AND port=? RETURNING *", (sandbox_id, port)
+        ).fetchone()
         return PublishRule(**dict(row)) if row else None
 
     # ------------------------------------------------------------ templates
@@ -406,14 +472,17 @@ class Store:
 
     def insert_template(self, t: Template) -> None:
         try:
-            self._exec("INSERT INTO templates VALUES (?,?,?,?,?)",
-                       (t.id, t.owner_id, t.name, json.dumps(t.spec), t.created_at))
+            self._exec(
+                "INSERT INTO templates VALUES (?,?,?,?,?)", (t.id, t.owner_id, t.name, json.dumps(t.spec), t.created_at)
+            )
         except sqlite3.IntegrityError as e:
             raise NameTaken(t.name) from e
 
     def get_template(self, owner_id: str, id_or_name: str) -> Template | None:
-        row = self._exec("SELECT * FROM templates WHERE owner_id=? AND (id=? OR name=?) ORDER BY id=? DESC",
-                         (owner_id, id_or_name, id_or_name, id_or_name)).fetchone()
+        row = self._exec(
+            "SELECT * FROM templates WHERE owner_id=? AND (id=? OR name=?) ORDER BY id=? DESC",
+            (owner_id, id_or_name, id_or_name, id_or_name),
+        ).fetchone()
         return self._template(row) if row else None
 
     def list_templates(self, owner_id: str) -> list[Template]:
@@ -427,8 +496,11 @@ class Store:
 
     def upsert_secret(self, owner_id: str, name: str, sealed: bytes) -> SecretRow:
         ts = now()
-        self._exec("INSERT INTO secrets VALUES (?,?,?,?,?) ON CONFLICT (owner_id, name) DO UPDATE"
-                   " SET sealed=excluded.sealed, updated_at=excluded.updated_at", (owner_id, name, sealed, ts, ts))
+        self._exec(
+            "INSERT INTO secrets VALUES (?,?,?,?,?) ON CONFLICT (owner_id, name) DO UPDATE"
+            " SET sealed=excluded.sealed, updated_at=excluded.updated_at",
+            (owner_id, name, sealed, ts, ts),
+        )
         return self.get_secret(owner_id, name)
 
     def get_secret(self, owner_id: str, name: str) -> SecretRow | None:
@@ -436,8 +508,10 @@ class Store:
         return SecretRow(**dict(row)) if row else None
 
     def list_secrets(self, owner_id: str) -> list[SecretRow]:
-        return [SecretRow(**dict(r)) for r in
-                self._exec("SELECT * FROM secrets WHERE owner_id=? ORDER BY name", (owner_id,))]
+        return [
+            SecretRow(**dict(r))
+            for r in self._exec("SELECT * FROM secrets WHERE owner_id=? ORDER BY name", (owner_id,))
+        ]
 
     def delete_secret(self, owner_id: str, name: str) -> bool:
         return self._exec("DELETE FROM secrets WHERE owner_id=? AND name=?", (owner_id, name)).rowcount > 0
@@ -459,25 +533,28 @@ class Store:
         return Volume(**dict(row)) if row else None
 
     def list_volumes(self, owner_id: str) -> list[Volume]:
-        return [Volume(**dict(r)) for r in
-                self._exec("SELECT * FROM volumes WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))]
+        return [
+            Volume(**dict(r))
+            for r in self._exec("SELECT * FROM volumes WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
+        ]
 
     def volume_storage_mb(self, owner_id: str) -> int:
-        return self._exec("SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE owner_id=?",
-                          (owner_id,)).fetchone()[0]
+        return self._exec("SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE owner_id=?", (owner_id,)).fetchone()[0]
 
     def delete_volume(self, volume_id: str) -> None:
         self._exec("DELETE FROM volumes WHERE id=?", (volume_id,))
 
     def attach_volume(self, a: Attachment) -> None:
-        self._exec("INSERT INTO volume_attachments VALUES (?,?,?,?)",
-                   (a.volume_id, a.sandbox_id, a.mount, int(a.read_only)))
+        self._exec(
+            "INSERT INTO volume_attachments VALUES (?,?,?,?)", (a.volume_id, a.sandbox_id, a.mount, int(a.read_only))
+        )
 
     def attachments(self, volume_id: str | None = None, sandbox_id: str | None = None) -> list[Attachment]:
         sql, args = "SELECT * FROM volume_attachments WHERE 1=1", []
         if volume_id is not None:
-            sql, args = sql + " AND volume_id=?", args + [volume_id]
+            sql, args = sql + " AND volume_id=?", [*args, volume_id]
         if sandbox_id is not None:
-            sql, args = sql + " AND sandbox_id=?", args + [sandbox_id]
-        return [Attachment(r["volume_id"], r["sandbox_id"], r["mount"], bool(r["read_only"]))
-                for r in self._exec(sql, args)]
+            sql, args = sql + " AND sandbox_id=?", [*args, sandbox_id]
+        return [
+            Attachment(r["volume_id"], r["sandbox_id"], r["mount"], bool(r["read_only"])) for r in self._exec(sql, args)
+        ]

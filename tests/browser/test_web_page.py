@@ -1,4 +1,5 @@
 """The web page in headless Chromium (Debian's, driven by Playwright): key, create, terminal."""
+
 from pathlib import Path
 
 import pytest

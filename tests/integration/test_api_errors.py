@@ -1,4 +1,5 @@
 """Auth, ownership and bad input: clear JSON errors with the right status, and nothing created."""
+
 import httpx
 import pytest
 
@@ -40,43 +41,49 @@ def test_other_users_sandbox_is_404_everywhere(daemon, owned):
         b.delete(f"/sandboxes/{mine.json()['id']}")
 
 
-@pytest.mark.parametrize("body, message", [
-    (b"{not json", "invalid json"),
-    (b'{"cpus": "lots"}', "cpus"),
-    (b'{"memory_mb": "big"}', "memory_mb"),
-    (b'{"memory_mb": 1.5}', "memory_mb"),
-    (b'{"env": ["A=1"]}', "env"),
-    (b'{"env": {"A": 1}}', "env"),
-    (b'{"name": 5}', "name"),
-    (b'{"keep_hot": "yes"}', "keep_hot"),
-    (b'{"name": "-bad"}', "invalid sandbox name"),
-    (b'{"name": "has space"}', "invalid sandbox name"),
-    (b'{"name": "' + b"a" * 64 + b'"}', "invalid sandbox name"),
-    (b'{"cpus": 64}', "max 4 CPUs per sandbox"),
-    (b'{"cpus": 0}', "cpus must be greater than 0"),
-    (b'{"memory_mb": 999999}', "max 4096 MB memory per sandbox"),
-    (b'{"memory_mb": 1}', "memory_mb must be at least"),
-    (b'{"env": {"1BAD": "x"}}', "invalid env var name"),
-    (b"[]", "invalid request"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b"{not json", "invalid json"),
+        (b'{"cpus": "lots"}', "cpus"),
+        (b'{"memory_mb": "big"}', "memory_mb"),
+        (b'{"memory_mb": 1.5}', "memory_mb"),
+        (b'{"env": ["A=1"]}', "env"),
+        (b'{"env": {"A": 1}}', "env"),
+        (b'{"name": 5}', "name"),
+        (b'{"keep_hot": "yes"}', "keep_hot"),
+        (b'{"name": "-bad"}', "invalid sandbox name"),
+        (b'{"name": "has space"}', "invalid sandbox name"),
+        (b'{"name": "' + b"a" * 64 + b'"}', "invalid sandbox name"),
+        (b'{"cpus": 64}', "max 4 CPUs per sandbox"),
+        (b'{"cpus": 0}', "cpus must be greater than 0"),
+        (b'{"memory_mb": 999999}', "max 4096 MB memory per sandbox"),
+        (b'{"memory_mb": 1}', "memory_mb must be at least"),
+        (b'{"env": {"1BAD": "x"}}', "invalid env var name"),
+        (b"[]", "invalid request"),
+    ],
+)
 def test_bad_create_is_400_and_creates_nothing(daemon, api, body, message):
     before = api.get("/sandboxes").json()
     r = api.post("/sandboxes", content=body)
     assert r.status_code == 400, r.text
     assert message in r.json()["error"]
     assert api.get("/sandboxes").json() == before
-    assert daemon.leftovers()["dirs"] == [s["id"] for s in before]
+    assert daemon.clean(keep={s["id"] for s in before})
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({}, 400, "cmd required"),
-    ({"cmd": []}, 400, "cmd required"),
-    ({"cmd": "echo hi"}, 400, "cmd"),
-    ({"cmd": ["true"], "user": "nobody-here"}, 400, "unknown user"),
-    ({"cmd": ["true"], "cwd": "relative"}, 400, "cwd must be an absolute path"),
-    ({"cmd": ["true"], "cwd": "/no/such/dir"}, 400, "no such directory"),
-    ({"cmd": ["true"], "env": {"A=B": "x"}}, 400, "invalid env var name"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({}, 400, "cmd required"),
+        ({"cmd": []}, 400, "cmd required"),
+        ({"cmd": "echo hi"}, 400, "cmd"),
+        ({"cmd": ["true"], "user": "nobody-here"}, 400, "unknown user"),
+        ({"cmd": ["true"], "cwd": "relative"}, 400, "cwd must be an absolute path"),
+        ({"cmd": ["true"], "cwd": "/no/such/dir"}, 400, "no such directory"),
+        ({"cmd": ["true"], "env": {"A=B": "x"}}, 400, "invalid env var name"),
+    ],
+)
 def test_bad_exec_is_400(api, owned, body, status, message):
     r = api.post(f"/sandboxes/{owned['id']}/exec", json=body)
     assert r.status_code == status, r.text
@@ -96,9 +103,19 @@ def test_routing_errors(daemon, api):
     assert "X-Kiln-Version" in httpx.get(daemon.url + "/health").headers
 
 
-@pytest.mark.parametrize("path", ["/health/../sandboxes", "/health/%2e%2e/sandboxes", "//sandboxes",
-                                  "/./sandboxes", "/static/../sandboxes", "/health/..%2fsandboxes",
-                                  "/static/%2e%2e/kiln/app.py", "/nothing-here"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/health/../sandboxes",
+        "/health/%2e%2e/sandboxes",
+        "//sandboxes",
+        "/./sandboxes",
+        "/static/../sandboxes",
+        "/health/..%2fsandboxes",
+        "/static/%2e%2e/kiln/app.py",
+        "/nothing-here",
+    ],
+)
 def test_path_tricks_never_skip_auth(daemon, path):
     """Raw request lines (clients would clean the path): 401 without a key, 404 with one, never data."""
     import socket

@@ -1,4 +1,6 @@
 """The `kiln` CLI, run as a real process, in a real terminal (a pty) where it matters."""
+
+import contextlib
 import json
 import os
 import pty
@@ -15,13 +17,19 @@ from tests.conftest import start_web_app
 @pytest.fixture(scope="module")
 def env(daemon, tmp_path_factory):
     home = tmp_path_factory.mktemp("home")  # no ~/.kiln of the machine's
-    return {**os.environ, "HOME": str(home), "KILN_URL": daemon.url, "KILN_TOKEN": daemon.admin_token,
-            "KILN_CONFIG": str(daemon.config_path)}
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "KILN_URL": daemon.url,
+        "KILN_TOKEN": daemon.admin_token,
+        "KILN_CONFIG": str(daemon.config_path),
+    }
 
 
 def kiln(env, *args, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.cli.main", *args], env=env, input=stdin,
-                          capture_output=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kiln.cli.main", *args], env=env, input=stdin, capture_output=True, timeout=120
+    )
 
 
 class Terminal:
@@ -56,10 +64,8 @@ class Terminal:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if select.select([self.fd], [], [], 0.1)[0]:  # keep draining, or the child may block writing
-                try:
+                with contextlib.suppress(OSError):
                     self.out += os.read(self.fd, 65536)
-                except OSError:
-                    pass
             pid, status = os.waitpid(self.pid, os.WNOHANG)
             if pid:
                 os.close(self.fd)

@@ -1,4 +1,5 @@
 """POST /sandboxes/:id/exec against a real sandbox: codes, streams, identity, timeouts."""
+
 import json
 import time
 
@@ -15,13 +16,16 @@ def processes(api, sandbox) -> str:
     return run(api, sandbox, cmd=["ps", "-eo", "pid,pgid,args"], user="root")["stdout"]
 
 
-@pytest.mark.parametrize("cmd, code", [
-    (["true"], 0),
-    (["false"], 1),
-    (["sh", "-c", "exit 42"], 42),
-    (["sh", "-c", "kill -9 $$"], 137),
-    (["sh", "-c", "kill -TERM $$"], 143),
-])
+@pytest.mark.parametrize(
+    "cmd, code",
+    [
+        (["true"], 0),
+        (["false"], 1),
+        (["sh", "-c", "exit 42"], 42),
+        (["sh", "-c", "kill -9 $$"], 137),
+        (["sh", "-c", "kill -TERM $$"], 143),
+    ],
+)
 def test_exit_codes(api, sandbox, cmd, code):
     assert run(api, sandbox, cmd=cmd)["exit_code"] == code
 
@@ -38,7 +42,9 @@ def test_stdout_and_stderr_are_separate(api, sandbox):
 
 
 def test_env_from_create_and_request(api, sandbox):
-    out = run(api, sandbox, cmd=["sh", "-c", 'echo "$FOO $SHARED $EXTRA $HOME $PATH"'], env={"EXTRA": "x", "SHARED": "2"})
+    out = run(
+        api, sandbox, cmd=["sh", "-c", 'echo "$FOO $SHARED $EXTRA $HOME $PATH"'], env={"EXTRA": "x", "SHARED": "2"}
+    )
     foo, shared, extra, home, path = out["stdout"].split()
     assert (foo, shared, extra, home) == ("bar", "2", "x", "/home/kiln")
     assert "/usr/bin" in path
@@ -66,8 +72,9 @@ def test_cwd_and_user(api, sandbox):
 def test_ndjson_streams_lines_before_the_command_ends(daemon, api, sandbox):
     body = {"cmd": ["sh", "-c", "echo a; sleep 2; echo b >&2; echo c"]}
     lines, times = [], []
-    with api.stream("POST", f"/sandboxes/{sandbox['id']}/exec", json=body,
-                    headers={"Accept": "application/x-ndjson"}) as r:
+    with api.stream(
+        "POST", f"/sandboxes/{sandbox['id']}/exec", json=body, headers={"Accept": "application/x-ndjson"}
+    ) as r:
         assert r.status_code == 200
         assert r.headers["content-type"] == "application/x-ndjson"
         for raw in r.iter_lines():
@@ -90,8 +97,9 @@ def test_buffered_timeout_kills_the_process_group(api, sandbox):
 
 def test_stream_timeout_ends_with_timed_out_exit(api, sandbox):
     body = {"cmd": ["sleep", "100"], "timeout_sec": 1}
-    with api.stream("POST", f"/sandboxes/{sandbox['id']}/exec", json=body,
-                    headers={"Accept": "application/x-ndjson"}) as r:
+    with api.stream(
+        "POST", f"/sandboxes/{sandbox['id']}/exec", json=body, headers={"Accept": "application/x-ndjson"}
+    ) as r:
         lines = [json.loads(x) for x in r.iter_lines()]
     assert lines[-1] == {"type": "exit", "exit_code": 124, "timed_out": True}
     assert "sleep 100" not in processes(api, sandbox)
@@ -99,8 +107,9 @@ def test_stream_timeout_ends_with_timed_out_exit(api, sandbox):
 
 def test_client_disconnect_kills_a_streaming_command(api, sandbox):
     body = {"cmd": ["sh", "-c", "echo started; sleep 300"]}
-    with api.stream("POST", f"/sandboxes/{sandbox['id']}/exec", json=body,
-                    headers={"Accept": "application/x-ndjson"}) as r:
+    with api.stream(
+        "POST", f"/sandboxes/{sandbox['id']}/exec", json=body, headers={"Accept": "application/x-ndjson"}
+    ) as r:
         lines = r.iter_lines()  # keep a reference: a collected iterator closes the response
         first = next(lines)
         assert json.loads(first) == {"type": "stdout", "data": "started\n"}
@@ -121,9 +130,12 @@ def test_buffered_output_is_capped_at_10mb(api, sandbox):
 
 def test_large_output_streams_completely(api, sandbox):
     total = 0
-    with api.stream("POST", f"/sandboxes/{sandbox['id']}/exec",
-                    json={"cmd": ["sh", "-c", "head -c 20000000 /dev/zero | tr '\\0' y"]},
-                    headers={"Accept": "application/x-ndjson"}) as r:
+    with api.stream(
+        "POST",
+        f"/sandboxes/{sandbox['id']}/exec",
+        json={"cmd": ["sh", "-c", "head -c 20000000 /dev/zero | tr '\\0' y"]},
+        headers={"Accept": "application/x-ndjson"},
+    ) as r:
         for raw in r.iter_lines():
             ev = json.loads(raw)
             if ev["type"] == "stdout":

@@ -1,4 +1,5 @@
 """/sandboxes/:id/files against a real sandbox: round trips, truncation, atomicity, size, paths."""
+
 import hashlib
 import os
 import secrets
@@ -25,12 +26,15 @@ def put(api, sb, path, data: bytes, **params):
     assert r.status_code == 200 and r.json() == {"status": "ok"}, r.text
 
 
-@pytest.mark.parametrize("data", [
-    b"hello\nworld\n",
-    bytes(range(256)) * 4,
-    b"",
-    "héllo wörld ✓ 日本語\n".encode(),
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"hello\nworld\n",
+        bytes(range(256)) * 4,
+        b"",
+        "héllo wörld ✓ 日本語\n".encode(),
+    ],
+)
 def test_round_trip(api, sb, data):
     put(api, sb, "/workspace/rt/file", data)
     r = api.get(url(sb), params={"path": "/workspace/rt/file"})
@@ -46,19 +50,30 @@ def test_mode_owner_and_head(api, sb):
     assert (h.headers["x-file-size"], h.headers["x-file-mode"], h.headers["x-file-isdir"]) == ("19", "0755", "false")
     assert api.head(url(sb), params={"path": "/workspace/deep"}).headers["x-file-isdir"] == "true"
     assert api.head(url(sb), params={"path": "/nope"}).status_code == 404
-    out = api.post(f"/sandboxes/{sb['id']}/exec",
-                   json={"cmd": ["sh", "-c", "/workspace/deep/new/dir/script.sh; stat -c '%u %g' /workspace/deep/new/dir/script.sh /workspace/deep/new"]}).json()
+    out = api.post(
+        f"/sandboxes/{sb['id']}/exec",
+        json={
+            "cmd": [
+                "sh",
+                "-c",
+                "/workspace/deep/new/dir/script.sh; stat -c '%u %g' /workspace/deep/new/dir/script.sh /workspace/deep/new",
+            ]
+        },
+    ).json()
     assert out["stdout"] == "ran\n1000 1000\n1000 1000\n"
 
 
-@pytest.mark.parametrize("params, body", [
-    ({"offset": "3"}, b"line3\nline4\nlast\n"),                 # offset alone: from that line on
-    ({"limit": "2"}, b"line1\nline2\n"),
-    ({"offset": "2", "limit": "2"}, b"line2\nline3\n"),
-    ({"max_bytes": "8"}, b"line1\nli"),                         # cut mid-line
-    ({"offset": "4", "max_bytes": "100"}, b"line4\nlast\n"),     # a last line gets its newline
-    ({"offset": "99", "limit": "5"}, b""),                      # beyond EOF
-])
+@pytest.mark.parametrize(
+    "params, body",
+    [
+        ({"offset": "3"}, b"line3\nline4\nlast\n"),  # offset alone: from that line on
+        ({"limit": "2"}, b"line1\nline2\n"),
+        ({"offset": "2", "limit": "2"}, b"line2\nline3\n"),
+        ({"max_bytes": "8"}, b"line1\nli"),  # cut mid-line
+        ({"offset": "4", "max_bytes": "100"}, b"line4\nlast\n"),  # a last line gets its newline
+        ({"offset": "99", "limit": "5"}, b""),  # beyond EOF
+    ],
+)
 def test_truncated_reads(api, sb, params, body):
     content = b"line1\nline2\nline3\nline4\nlast"
     put(api, sb, "/workspace/lines.txt", content)
@@ -83,13 +98,26 @@ def test_errors(api, sb):
 
 
 def test_ls_caps_at_10000_with_the_true_total(api, sb):
-    out = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": ["python3", "-c",
-                   "import os\nos.makedirs('/tmp/many')\nfor i in range(10050): open(f'/tmp/many/f{i}', 'w').close()"]})
+    out = api.post(
+        f"/sandboxes/{sb['id']}/exec",
+        json={
+            "cmd": [
+                "python3",
+                "-c",
+                "import os\nos.makedirs('/tmp/many')\nfor i in range(10050): open(f'/tmp/many/f{i}', 'w').close()",
+            ]
+        },
+    )
     assert out.json()["exit_code"] == 0
     entries = api.get(url(sb), params={"path": "/tmp/many", "ls": "true"}).json()
     assert len(entries) == 10001
-    assert entries[-1] == {"name": "... truncated at 10000 entries (10050 total)", "size": 0, "mode": "",
-                           "is_dir": False, "mtime": 0}
+    assert entries[-1] == {
+        "name": "... truncated at 10000 entries (10050 total)",
+        "size": 0,
+        "mode": "",
+        "is_dir": False,
+        "mtime": 0,
+    }
     small = api.get(url(sb), params={"path": "/workspace/deep/new", "ls": "true"}).json()
     assert small[0]["name"] == "dir" and small[0]["is_dir"] is True and small[0]["mode"] == "0755"
 

@@ -1,5 +1,6 @@
 """A hostile sandbox (root inside) against everything around it: each attempt is contained, and the
 daemon and other sandboxes stay responsive. Also: agent crashes, and a full disk under data_dir."""
+
 import contextlib
 import os
 import subprocess
@@ -37,13 +38,17 @@ def responsiveness(daemon, bystander):
     stop = threading.Event()
 
     def watch():
-        with httpx.Client(base_url=daemon.url, timeout=15,
-                          headers={"Authorization": f"Bearer {daemon.admin_token}"}) as c:
+        with httpx.Client(
+            base_url=daemon.url, timeout=15, headers={"Authorization": f"Bearer {daemon.admin_token}"}
+        ) as c:
             while not stop.is_set():
                 t = time.monotonic()
                 try:
-                    ok = c.get("/health").status_code == 200 and c.post(
-                        f"/sandboxes/{bystander['id']}/exec", json={"cmd": ["true"]}).json()["exit_code"] == 0
+                    ok = (
+                        c.get("/health").status_code == 200
+                        and c.post(f"/sandboxes/{bystander['id']}/exec", json={"cmd": ["true"]}).json()["exit_code"]
+                        == 0
+                    )
                     if not ok:
                         failures.append("bad answer")
                 except httpx.HTTPError as e:
@@ -84,8 +89,11 @@ def private_targets():
         sh("ip", "-n", name, "link", "set", ns_if, "up")
         sh("ip", "-n", name, "link", "set", "lo", "up")
         sh("ip", "-n", name, "route", "add", "default", "via", "10.255.231.1")
-        server = subprocess.Popen(["ip", "netns", "exec", name, "python3", "-m", "http.server", "80",
-                                   "--bind", "0.0.0.0"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", name, "python3", "-m", "http.server", "80", "--bind", "0.0.0.0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for a in addrs:  # the host itself reaches them: the targets are live
             for _ in range(50):
                 try:
@@ -115,8 +123,11 @@ def test_metadata_style_and_private_ranges_are_unreachable(api, attacker):
 def test_fork_bomb_is_contained(daemon, api, attacker, bystander):
     bomb = "bomb() { bomb | bomb & }; bomb"
     with responsiveness(daemon, bystander):
-        r = api.post(f"/sandboxes/{attacker['id']}/exec",
-                     json={"cmd": ["bash", "-c", bomb], "user": "root", "timeout_sec": 8}, timeout=60)
+        r = api.post(
+            f"/sandboxes/{attacker['id']}/exec",
+            json={"cmd": ["bash", "-c", bomb], "user": "root", "timeout_sec": 8},
+            timeout=60,
+        )
         # the bomb ends by the timeout (its process group killed until empty), or takes the whole
         # sandbox down with it (past its memory: "oom"; past its cgroup's pid limit, which gVisor's
         # per-process host stubs count against: "exited"). Either way nothing outside it suffers.
@@ -126,8 +137,10 @@ def test_fork_bomb_is_contained(daemon, api, attacker, bystander):
             if r.status_code == 200:
                 break
             got = api.get(f"/sandboxes/{attacker['id']}").json()
-            assert r.status_code == 409 and got["status"] == "stopped" and got["reason"] in ("oom", "exited"), \
-                (r.text, got)
+            assert r.status_code == 409 and got["status"] == "stopped" and got["reason"] in ("oom", "exited"), (
+                r.text,
+                got,
+            )
             assert api.post(f"/sandboxes/{attacker['id']}/start").json()["status"] == "running"
             time.sleep(1)
         assert r.json()["stdout"] == "ok\n"
@@ -157,8 +170,12 @@ def test_flooding_stdout_is_capped_and_cut(daemon, api, attacker, bystander):
         assert r["exit_code"] == 124 and len(r["stdout"]) <= 10 * 1024 * 1024
         assert "[output truncated at 10MB]" in r["stderr"]
         # a streaming reader that goes away: the flood is killed with it
-        with api.stream("POST", f"/sandboxes/{attacker['id']}/exec", json={"cmd": ["yes", "flood"]},
-                        headers={"Accept": "application/x-ndjson"}) as s:
+        with api.stream(
+            "POST",
+            f"/sandboxes/{attacker['id']}/exec",
+            json={"cmd": ["yes", "flood"]},
+            headers={"Accept": "application/x-ndjson"},
+        ) as s:
             lines = s.iter_lines()
             for _ in range(1000):
                 next(lines)
@@ -189,8 +206,9 @@ def test_disk_full_under_data_dir_refuses_creates_cleanly(default_image):
             d.start()
             with d.client() as api:
                 existing = make_sandbox(api, name="existing")
-                free = subprocess.run(["df", "--output=avail", "-B1", str(fs)], capture_output=True,
-                                      text=True).stdout.split()[-1]
+                free = subprocess.run(
+                    ["df", "--output=avail", "-B1", str(fs)], capture_output=True, text=True
+                ).stdout.split()[-1]
                 subprocess.run(["fallocate", "-l", str(int(free) - 30_000_000), str(fs / "filler")], check=True)
                 r = api.post("/sandboxes", json={"name": "no-room"})
                 assert r.status_code == 507 and "not enough disk space" in r.json()["error"], r.text

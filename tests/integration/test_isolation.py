@@ -1,4 +1,5 @@
 """From inside a sandbox, the host, its services and files, and other sandboxes are out of reach."""
+
 import os
 import secrets
 import socket
@@ -85,6 +86,7 @@ def test_other_sandboxes_are_unreachable(api, pair):
                 break
         except OSError:
             import time
+
             time.sleep(0.1)
     else:
         pytest.fail("the server in sandbox b never came up")

@@ -1,4 +1,5 @@
 """Ports, host_port relays and the authenticated reverse proxy, against real servers in real sandboxes."""
+
 import json
 import socket
 import threading
@@ -24,8 +25,16 @@ def sb(api):
     s = make_sandbox(api, name="web", keep_hot=True)
     start_web_app(api, s, 8080)
     start_web_app(api, s, 8081, bind="127.0.0.1")  # loopback only: reached through the agent
-    run(api, s, ["sh", "-c", "mkdir -p /tmp/www && echo hello > /tmp/www/hello.txt && cd /tmp/www && "
-                 "nohup python3 -m http.server 3000 >/dev/null 2>&1 &"])
+    run(
+        api,
+        s,
+        [
+            "sh",
+            "-c",
+            "mkdir -p /tmp/www && echo hello > /tmp/www/hello.txt && cd /tmp/www && "
+            "nohup python3 -m http.server 3000 >/dev/null 2>&1 &",
+        ],
+    )
     wait_for(lambda: 3000 in ports_of(api, s), what="http.server on 3000")
     yield s
     api.delete(f"/sandboxes/{s['id']}")
@@ -66,8 +75,11 @@ def daemon_url(api) -> str:
 
 
 def test_proxy_by_name_keeps_path_and_query_and_rewrites_headers(api, sb, daemon):
-    r = api.get(f"/sandboxes/{sb['name']}/proxy/8080/some/deep/path", params={"a": "1", "b": "two words"},
-                headers={"X-Custom": "kept", "X-Forwarded-For": "203.0.113.9"})
+    r = api.get(
+        f"/sandboxes/{sb['name']}/proxy/8080/some/deep/path",
+        params={"a": "1", "b": "two words"},
+        headers={"X-Custom": "kept", "X-Forwarded-For": "203.0.113.9"},
+    )
     assert r.status_code == 200, r.text
     seen = r.json()
     assert seen["path"] == "/some/deep/path" and seen["query"] == "a=1&b=two+words"
@@ -96,8 +108,9 @@ def test_loopback_only_service_is_reached_through_the_agent(api, sb):
 
 def test_request_and_response_bodies_stream_both_ways(api, sb):
     body = bytes(range(256)) * 8192  # 2 MiB: larger than the API's JSON cap, fine for a proxy
-    r = api.post(f"/sandboxes/{sb['id']}/proxy/8080/echo", content=body,
-                 headers={"Content-Type": "application/octet-stream"})
+    r = api.post(
+        f"/sandboxes/{sb['id']}/proxy/8080/echo", content=body, headers={"Content-Type": "application/octet-stream"}
+    )
     assert r.status_code == 200 and r.content == body
 
     def chunks():
@@ -125,8 +138,9 @@ def test_sse_first_event_arrives_before_the_stream_ends(api, sb):
 
 def test_websocket_echo_through_the_proxy(api, sb, daemon):
     url = f"ws://127.0.0.1:{daemon.port}/sandboxes/{sb['id']}/proxy/8080/ws"
-    with ws_connect(url, additional_headers={"Authorization": f"Bearer {daemon.admin_token}"},
-                    subprotocols=["chat"]) as ws:
+    with ws_connect(
+        url, additional_headers={"Authorization": f"Bearer {daemon.admin_token}"}, subprotocols=["chat"]
+    ) as ws:
         assert ws.subprotocol == "chat"
         ws.send("hello")
         assert ws.recv(timeout=10) == "hello"
@@ -139,6 +153,7 @@ def test_websocket_echo_through_the_proxy(api, sb, daemon):
 
 def test_websocket_proxy_needs_the_header_token(daemon, sb):
     from websockets.exceptions import InvalidStatus
+
     url = f"ws://127.0.0.1:{daemon.port}/sandboxes/{sb['id']}/proxy/8080/ws"
     with pytest.raises(InvalidStatus) as e:
         ws_connect(url + f"?token={daemon.admin_token}")
@@ -169,8 +184,10 @@ def test_host_port_is_released_when_the_port_closes(api, sb):
     host_port = wait_for(lambda: ports_of(api, sb).get(3100, {}).get("host_port"), what="port 3100 listed")
     assert httpx.get(f"http://127.0.0.1:{host_port}/").json()["port"] == 3100
     run(api, sb, ["pkill", "-f", "web_app.py 3100"], user="root")
-    wait_for(lambda: 3100 not in {p["container_port"] for p in api.get("/ports").json()
-                                  if p["sandbox_id"] == sb["id"]}, what="port 3100 dropped by the scan")
+    wait_for(
+        lambda: 3100 not in {p["container_port"] for p in api.get("/ports").json() if p["sandbox_id"] == sb["id"]},
+        what="port 3100 dropped by the scan",
+    )
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{host_port}/")
 
@@ -215,7 +232,7 @@ def test_open_websocket_keeps_the_sandbox_hot_and_stop_cuts_it(default_image):
 
             t = threading.Thread(target=watch)
             t.start()
-            for i in range(6):  # 3 s of warm_after periods with the socket open but quiet
+            for _i in range(6):  # 3 s of warm_after periods with the socket open but quiet
                 stop.wait(0.5)
             ws.send("still here")
             assert ws.recv(timeout=10) == "still here"
@@ -225,6 +242,7 @@ def test_open_websocket_keeps_the_sandbox_hot_and_stop_cuts_it(default_image):
             r = api.post(f"/sandboxes/{s['id']}/stop")
             assert r.status_code == 200 and r.json()["status"] == "stopped"
             from websockets.exceptions import ConnectionClosed
+
             with pytest.raises(ConnectionClosed):
                 ws.recv(timeout=10)
 

@@ -1,4 +1,5 @@
 """Publish rules and the public proxy at http://<alias>.localhost:<port>/, with real apps in real sandboxes."""
+
 import concurrent.futures
 import re
 
@@ -60,8 +61,9 @@ def test_publish_auto_alias_and_the_public_url_serves_the_app(api, sb, daemon):
 def test_an_explicit_alias_a_post_body_and_the_apps_own_auth_header(api, sb, daemon):
     r = publish(api, sb, port=3000)  # existing rule for 3000
     alias = r.json()["alias"]
-    seen = public(daemon, alias, "/form", method="POST", content=b"a=1&b=2",
-                  headers={"Authorization": "Basic dXNlcjpwdw=="}).json()
+    seen = public(
+        daemon, alias, "/form", method="POST", content=b"a=1&b=2", headers={"Authorization": "Basic dXNlcjpwdw=="}
+    ).json()
     assert seen["method"] == "POST" and seen["body_bytes"] == 7
     assert seen["headers"]["authorization"] == "Basic dXNlcjpwdw=="  # the app's own auth passes
 
@@ -127,8 +129,11 @@ def test_published_hosts_never_reach_the_api_or_other_ports(api, sb, daemon):
     r = public(daemon, alias, "/sandboxes", method="POST", json={"name": "sneaky"}, headers=auth)
     assert r.json()["port"] == 3000
     assert all(s["name"] != "sneaky" for s in api.get("/sandboxes").json())
-    for host in (f"unknown-alias.localhost:{daemon.port}", f"a.{alias}.localhost:{daemon.port}",
-                 f"{alias.upper()}x.localhost"):
+    for host in (
+        f"unknown-alias.localhost:{daemon.port}",
+        f"a.{alias}.localhost:{daemon.port}",
+        f"{alias.upper()}x.localhost",
+    ):
         r = httpx.get(daemon.url + "/", headers={"Host": host})
         assert r.status_code == 404 and r.json() == {"error": "not found"}, host
     # the API itself still answers on its own host names

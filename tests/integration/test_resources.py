@@ -1,10 +1,9 @@
 """Limits: memory and CPU are held by the sandbox's cgroup; an OOM is reported and recoverable."""
+
 import time
-from pathlib import Path
 
 import httpx
 
-from kiln.engine.gvisor.engine import CGROUP_ROOT
 from tests.conftest import make_sandbox
 
 HOG = "import time\nchunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 * 1024))\n    time.sleep(0.01)\n"
@@ -50,8 +49,9 @@ def test_memory_hog_kills_only_its_sandbox_which_reports_oom_and_restarts(daemon
 
 
 def cpu_usage_ns(daemon, sandbox_id: str) -> int:
-    path = CGROUP_ROOT / "cpuacct" / f"kiln-{daemon.prefix}" / sandbox_id / "cpuacct.usage"
-    return int(Path(path).read_text())
+    usage = daemon.engine().usage(sandbox_id)
+    assert usage is not None
+    return int(usage.cpu_seconds * 1e9)
 
 
 def test_one_cpu_caps_a_two_process_busy_loop(daemon, api):

@@ -1,9 +1,10 @@
 """The Python SDK, sync and async, against a real daemon and real sandboxes."""
+
 import asyncio
 
 import pytest
 
-from kiln.client import (AsyncKiln, Conflict, InvalidArgument, Kiln, NotFound, Sandbox, Timeout, Unauthorized)
+from kiln.client import AsyncKiln, Conflict, InvalidArgument, Kiln, NotFound, Sandbox, Timeout, Unauthorized
 from tests.conftest import start_web_app
 
 
@@ -95,4 +96,5 @@ def test_async_sdk_end_to_end(daemon):
                 await sb.destroy()
             with pytest.raises(NotFound):
                 await kiln.sandboxes.get("sdk-async")
+
     asyncio.run(go())

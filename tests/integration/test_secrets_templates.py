@@ -1,4 +1,5 @@
 """Secrets (sealed at rest, injected as env) and templates, with real sandboxes."""
+
 import secrets as pysecrets
 from pathlib import Path
 
@@ -32,8 +33,13 @@ def test_secret_round_trip_and_injection(api, daemon):
     listed = api.get("/secrets")
     assert [s["name"] for s in listed.json()] == ["API_KEY"] and VALUE not in listed.text
 
-    sb = make_sandbox(api, name="with-secret", env={"API_KEY": "from-env", "OTHER": "x"}, secrets=["API_KEY"],
-                      init="printenv API_KEY > /tmp/init-saw")
+    sb = make_sandbox(
+        api,
+        name="with-secret",
+        env={"API_KEY": "from-env", "OTHER": "x"},
+        secrets=["API_KEY"],
+        init="printenv API_KEY > /tmp/init-saw",
+    )
     try:
         assert VALUE not in str(sb)
         assert run(api, sb, ["printenv", "API_KEY"])["stdout"] == VALUE + "\n"  # the secret wins over env
@@ -84,8 +90,18 @@ def test_secret_errors_change_nothing(api):
 
 def test_template_round_trip_and_create_from_it(api):
     api.post("/secrets", json={"name": "TPL_SECRET", "value": "from-template"})
-    r = api.post("/templates", json={"name": "small", "cpus": 0.5, "memory_mb": 256, "env": {"A": "1", "B": "b"},
-                                     "init": "touch /tmp/init-ran", "secrets": ["TPL_SECRET"], "keep_hot": True})
+    r = api.post(
+        "/templates",
+        json={
+            "name": "small",
+            "cpus": 0.5,
+            "memory_mb": 256,
+            "env": {"A": "1", "B": "b"},
+            "init": "touch /tmp/init-ran",
+            "secrets": ["TPL_SECRET"],
+            "keep_hot": True,
+        },
+    )
     assert r.status_code == 201, r.text
     t = r.json()
     assert t["name"] == "small" and t["cpus"] == 0.5 and t["memory_mb"] == 256 and t["keep_hot"] is True
@@ -117,10 +133,16 @@ def test_template_round_trip_and_create_from_it(api):
     api.delete("/secrets/TPL_SECRET")
 
 
-@pytest.mark.parametrize("body", [
-    {"name": "bad name"}, {"name": "t", "cpus": 0}, {"name": "t", "env": {"1X": "v"}},
-    {"name": "t", "volumes": [{"name": "v", "mount": "/etc"}]}, {"name": "t", "secrets": ["no-dash"]},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "bad name"},
+        {"name": "t", "cpus": 0},
+        {"name": "t", "env": {"1X": "v"}},
+        {"name": "t", "volumes": [{"name": "v", "mount": "/etc"}]},
+        {"name": "t", "secrets": ["no-dash"]},
+    ],
+)
 def test_template_validation(api, body):
     r = api.post("/templates", json=body)
     assert r.status_code == 400, r.text

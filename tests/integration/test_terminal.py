@@ -1,4 +1,5 @@
 """GET /sandboxes/:id/ws with a real WebSocket client against a real sandbox."""
+
 import asyncio
 import json
 import re

@@ -1,10 +1,10 @@
 """Thermal state across daemon restarts and shutdowns, and snapshot failures that lose nothing."""
+
 import contextlib
 import subprocess
 import tempfile
 import time
 from pathlib import Path
-
 
 from tests.conftest import listed, make_sandbox, run, wait_for
 from tests.daemon import Daemon
@@ -31,7 +31,7 @@ def test_restart_keeps_hot_warm_and_cold_sandboxes_as_they_were(default_image):
             assert got["thermal"] == "cold" and got["status"] == "stopped"
             time.sleep(1.0)
             assert listed(api, cold)["thermal"] == "cold"  # still cold until touched
-            assert cold["id"] not in d.runsc_ids()
+            assert d.engine().usage(cold["id"]) is None  # nothing of it runs
             for sb in (hot, warm, cold):
                 assert run(api, sb, ["cat", "/dev/shm/m"])["stdout"] == f"{sb['name']}\n"
                 assert listed(api, sb)["thermal"] == "hot"
@@ -52,7 +52,7 @@ def test_sigterm_stops_running_sandboxes_to_disk_and_they_come_back(default_imag
         # a clean shutdown (uvicorn re-raises SIGTERM after it, hence -15)
         assert d.proc.returncode in (0, -15) and "Application shutdown complete" in d.log()
         assert "stopped to disk (shutdown)" in d.log()
-        assert d.runsc_ids() == []  # nothing left running, nothing killed unsnapshotted
+        assert d.engine().usage(sb["id"]) is None  # nothing left running, nothing killed unsnapshotted
         d.start()
         with d.client() as api:
             got = listed(api, sb)
@@ -86,7 +86,11 @@ def test_a_failed_snapshot_keeps_the_sandbox_and_the_previous_snapshot(default_i
             d.start()
             with d.client() as api:
                 sb = make_sandbox(api, name="full-disk", keep_hot=True, memory_mb=512)
-                run(api, sb, ["sh", "-c", "head -c 100000000 /dev/urandom > /dev/shm/a; sha256sum /dev/shm/a > /tmp/sums"])
+                run(
+                    api,
+                    sb,
+                    ["sh", "-c", "head -c 100000000 /dev/urandom > /dev/shm/a; sha256sum /dev/shm/a > /tmp/sums"],
+                )
                 first = api.post(f"/sandboxes/{sb['id']}/stop")
                 assert first.status_code == 200 and first.json()["snapshot"]["kind"] == "full"
                 snap_dir = d.data_dir / "sandboxes" / sb["id"] / "snapshot"
@@ -94,10 +98,15 @@ def test_a_failed_snapshot_keeps_the_sandbox_and_the_previous_snapshot(default_i
                 whole = lambda: sorted(p.name for p in snap_dir.rglob("*") if p.suffix != ".idx")  # noqa: E731
                 good = whole()
 
-                run(api, sb, ["sh", "-c", "head -c 80000000 /dev/urandom > /dev/shm/b; sha256sum /dev/shm/b >> /tmp/sums"])
+                run(
+                    api,
+                    sb,
+                    ["sh", "-c", "head -c 80000000 /dev/urandom > /dev/shm/b; sha256sum /dev/shm/b >> /tmp/sums"],
+                )
                 filler = fs / "filler"
-                free = subprocess.run(["df", "--output=avail", "-B1", str(fs)], capture_output=True,
-                                      text=True).stdout.split()[-1]
+                free = subprocess.run(
+                    ["df", "--output=avail", "-B1", str(fs)], capture_output=True, text=True
+                ).stdout.split()[-1]
                 subprocess.run(["fallocate", "-l", str(int(free) - 2_000_000), str(filler)], check=True)
 
                 r = api.post(f"/sandboxes/{sb['id']}/stop")
@@ -125,11 +134,15 @@ def test_three_failed_thermal_snapshots_make_it_unknown_and_a_wake_recovers_it(d
             with d.client() as api:
                 sb = make_sandbox(api, name="no-room", memory_mb=512)
                 run(api, sb, ["sh", "-c", "echo kept > /dev/shm/m"])
-                free = subprocess.run(["df", "--output=avail", "-B1", str(fs)], capture_output=True,
-                                      text=True).stdout.split()[-1]
+                free = subprocess.run(
+                    ["df", "--output=avail", "-B1", str(fs)], capture_output=True, text=True
+                ).stdout.split()[-1]
                 subprocess.run(["fallocate", "-l", str(int(free) - 4_000_000), str(fs / "filler")], check=True)
-                wait_for(lambda: api.get(f"/sandboxes/{sb['id']}").json()["status"] == "unknown",
-                         timeout=30, what="unknown after three failed snapshots")
+                wait_for(
+                    lambda: api.get(f"/sandboxes/{sb['id']}").json()["status"] == "unknown",
+                    timeout=30,
+                    what="unknown after three failed snapshots",
+                )
                 assert d.log().count(f"snapshot of {sb['id']} failed") >= 3
                 # it was never killed: a wake brings it back with its memory
                 assert run(api, sb, ["cat", "/dev/shm/m"])["stdout"] == "kept\n"

@@ -1,4 +1,5 @@
 """Volumes: size-capped ext4 filesystems mounted into real sandboxes, outliving them."""
+
 import pytest
 
 from tests.conftest import make_sandbox, run
@@ -11,7 +12,7 @@ def no_volumes_left(api, daemon):
         api.delete(f"/sandboxes/{s['id']}")
     for v in api.get("/volumes").json():
         assert api.delete(f"/volumes/{v['name']}").status_code == 200
-    assert daemon.leftovers()["mounts"] == []  # every loop mount went with its last user
+    assert daemon.clean()  # every mount went with its last user
 
 
 def test_volume_crud_and_validation(api):
@@ -42,16 +43,21 @@ def test_size_cap_read_only_and_data_across_sandboxes(api):
     attached = api.get("/volumes/shared").json()["attachments"]
     assert attached == [{"sandbox_id": writer["id"], "mount": "/data", "read_only": False}]
     # one writer at a time: a second attach, even read-only, waits for it to go
-    r = api.post("/sandboxes", json={"name": "reader", "volumes": [{"name": "shared", "mount": "/data",
-                                                                     "read_only": True}]})
+    r = api.post(
+        "/sandboxes", json={"name": "reader", "volumes": [{"name": "shared", "mount": "/data", "read_only": True}]}
+    )
     assert r.status_code == 409 and "read-write attachment" in r.json()["error"]
     r = api.delete("/volumes/shared")
     assert r.status_code == 409 and r.json() == {"error": 'volume "shared" has 1 active attachment(s)'}
     api.delete(f"/sandboxes/{writer['id']}")
-    readers = [make_sandbox(api, name=f"reader-{i}", volumes=[{"name": "shared", "mount": "/mnt/in",
-                                                               "read_only": True}]) for i in range(2)]
+    readers = [
+        make_sandbox(api, name=f"reader-{i}", volumes=[{"name": "shared", "mount": "/mnt/in", "read_only": True}])
+        for i in range(2)
+    ]
     for reader in readers:
-        assert run(api, reader, ["cat", "/mnt/in/note", "/mnt/in/owner", "/mnt/in/dir"])["stdout"] == "kept\n1000\n1000\n"
+        assert (
+            run(api, reader, ["cat", "/mnt/in/note", "/mnt/in/owner", "/mnt/in/dir"])["stdout"] == "kept\n1000\n1000\n"
+        )
         denied = run(api, reader, ["sh", "-c", "echo x > /mnt/in/new"], user="root")
         assert denied["exit_code"] != 0 and "Read-only file system" in denied["stderr"]
     r = api.post("/sandboxes", json={"name": "rw-now", "volumes": [{"name": "shared", "mount": "/data"}]})
@@ -72,19 +78,21 @@ def test_new_volumes_outlive_the_sandbox_and_survive_stop_start_and_restart(api,
     assert api.get("/volumes/scratch").json()["attachments"] == []
     again = make_sandbox(api, name="again", volumes=[{"name": "scratch", "mount": "/s"}])
     assert run(api, again, ["cat", "/s/f"])["stdout"] == "one\ntwo\n"
-    r = api.post("/sandboxes", json={"name": "dup", "new_volumes": [{"name": "scratch", "size_mb": 8,
-                                                                        "mount": "/x"}]})
+    r = api.post("/sandboxes", json={"name": "dup", "new_volumes": [{"name": "scratch", "size_mb": 8, "mount": "/x"}]})
     assert r.status_code == 409 and r.json() == {"error": 'volume "scratch" already exists'}
 
 
-@pytest.mark.parametrize("volumes, status", [
-    ([{"name": "missing", "mount": "/data"}], 404),
-    ([{"name": "v", "mount": "relative"}], 400),
-    ([{"name": "v", "mount": "/etc"}], 400),
-    ([{"name": "v", "mount": "/data/../etc"}], 400),
-    ([{"name": "v", "mount": "/opt/kiln/agent"}], 400),
-    ([{"name": "v", "mount": "/a"}, {"name": "v", "mount": "/a"}], 400),
-])
+@pytest.mark.parametrize(
+    "volumes, status",
+    [
+        ([{"name": "missing", "mount": "/data"}], 404),
+        ([{"name": "v", "mount": "relative"}], 400),
+        ([{"name": "v", "mount": "/etc"}], 400),
+        ([{"name": "v", "mount": "/data/../etc"}], 400),
+        ([{"name": "v", "mount": "/opt/kiln/agent"}], 400),
+        ([{"name": "v", "mount": "/a"}, {"name": "v", "mount": "/a"}], 400),
+    ],
+)
 def test_bad_attachments_change_nothing(api, volumes, status):
     api.post("/volumes", json={"name": "v", "size_mb": 8})
     r = api.post("/sandboxes", json={"name": "bad", "volumes": volumes})

@@ -1,4 +1,5 @@
 """The agent protocol without a sandbox: the guest agent runs as a host process on loopback."""
+
 import asyncio
 import json
 import subprocess
@@ -7,9 +8,8 @@ import time
 
 import pytest
 
-from kiln.agent import protocol as P
+from kiln.agent import AGENT_DIR, protocol as P
 from kiln.agent.client import AgentClient, AgentError, AgentRequestError
-from kiln.engine.gvisor.bundle import AGENT_DIR
 from tests.daemon import free_port
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -58,8 +58,12 @@ def test_frame_roundtrip_and_limits():
 
 
 def test_exec_output_exit_and_env(agent):
-    out, err, ex = run(collect(agent, {"argv": ["sh", "-c", "echo $SANDBOX_VAR $REQ; echo e >&2; exit 3"],
-                                       "env": {"REQ": "r"}, "user": "root"}))
+    out, err, ex = run(
+        collect(
+            agent,
+            {"argv": ["sh", "-c", "echo $SANDBOX_VAR $REQ; echo e >&2; exit 3"], "env": {"REQ": "r"}, "user": "root"},
+        )
+    )
     assert (out, err, ex.exit_code) == (b"yes r\n", b"e\n", 3)
 
 
@@ -78,8 +82,12 @@ def test_exec_missing_binary_and_signal(agent):
 
 def test_exec_timeout_kills_group(agent, tmp_path):
     start = time.monotonic()
-    _, _, ex = run(collect(agent, {"argv": ["sh", "-c", f"sleep 30 & echo $! > {tmp_path}/pid; wait"],
-                                   "user": "root", "timeout_sec": 1}))
+    _, _, ex = run(
+        collect(
+            agent,
+            {"argv": ["sh", "-c", f"sleep 30 & echo $! > {tmp_path}/pid; wait"], "user": "root", "timeout_sec": 1},
+        )
+    )
     assert ex.exit_code == 124 and ex.timed_out and time.monotonic() - start < 5
     pid = int((tmp_path / "pid").read_text())
     time.sleep(0.2)
@@ -115,8 +123,9 @@ def test_activity_and_tty_session(agent):
     assert before["attached_sessions"] == 0
 
     async def session():
-        conn = await agent.connect(P.EXEC_REQ, json.dumps({"argv": ["sh"], "tty": True, "user": "root",
-                                                           "rows": 30, "cols": 77}).encode())
+        conn = await agent.connect(
+            P.EXEC_REQ, json.dumps({"argv": ["sh"], "tty": True, "user": "root", "rows": 30, "cols": 77}).encode()
+        )
         ftype, info = await conn.read_frame()
         assert ftype == P.SESSION_INFO and json.loads(info)["tty"] is True
         await conn.send(P.STDIN, b"stty size; exit 5\n")
@@ -136,13 +145,18 @@ def test_activity_and_tty_session(agent):
 
 def test_parse_proc_net_tcp_listen_lines_only():
     from kiln.agent.ports import parse_proc_net_tcp
-    table = (" sl local_address rem_address st\n"
-             " 0: 0100007F:0FA0 00000000:0000 0A 0 0 0\n"
-             " 1: 00000000:0BB8 00000000:0000 0A 0 0 0\n"
-             " 2: 0281D80A:0400 0181D80A:E178 01 0 0 0\n")
+
+    table = (
+        " sl local_address rem_address st\n"
+        " 0: 0100007F:0FA0 00000000:0000 0A 0 0 0\n"
+        " 1: 00000000:0BB8 00000000:0000 0A 0 0 0\n"
+        " 2: 0281D80A:0400 0181D80A:E178 01 0 0 0\n"
+    )
     assert parse_proc_net_tcp(table) == [(4000, True), (3000, False)]
-    v6 = (" sl local_address remote_address st\n"
-          " 0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 0\n")
+    v6 = (
+        " sl local_address remote_address st\n"
+        " 0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 0\n"
+    )
     assert parse_proc_net_tcp(v6) == [(8080, True)]
 
 
@@ -188,6 +202,7 @@ def test_ports_lists_listeners_and_forward_relays_both_ways(agent):
 
 def test_forward_to_a_closed_port_fails_cleanly(agent):
     from tests.daemon import free_port
+
     with pytest.raises(AgentError, match="connect to port"):
         run(agent.forward(free_port()))
     with pytest.raises(AgentRequestError, match="invalid port"):

@@ -1,6 +1,15 @@
 """The SDK's mapping of HTTP answers to exception types."""
-from kiln.client.errors import (Conflict, InvalidArgument, KilnError, NotFound, RateLimited, ServerError,
-                                Unauthorized, error_for)
+
+from kiln.client.errors import (
+    Conflict,
+    InvalidArgument,
+    KilnError,
+    NotFound,
+    RateLimited,
+    ServerError,
+    Unauthorized,
+    error_for,
+)
 
 
 def test_status_codes_map_to_exception_types():

@@ -22,15 +22,18 @@ def test_env_var_chooses_the_file(tmp_path, monkeypatch):
     assert load_config().port == 9999
 
 
-@pytest.mark.parametrize("text, key", [
-    ("listne: 1\n", "listne: unknown key"),
-    ("thermal:\n  warm_afer: 3\n", "thermal.warm_afer: unknown key"),
-    ("thermal:\n  warm_after: -1\n", "thermal.warm_after"),
-    ("network:\n  subnet: 300.1.0.0/16\n", "network.subnet"),
-    ("network:\n  subnet: 10.0.0.0/30\n", "network.subnet"),
-    ("listen: nowhere\n", "listen"),
-    ("limits:\n  max_sandboxes: lots\n", "limits.max_sandboxes"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("listne: 1\n", "listne: unknown key"),
+        ("thermal:\n  warm_afer: 3\n", "thermal.warm_afer: unknown key"),
+        ("thermal:\n  warm_after: -1\n", "thermal.warm_after"),
+        ("network:\n  subnet: 300.1.0.0/16\n", "network.subnet"),
+        ("network:\n  subnet: 10.0.0.0/30\n", "network.subnet"),
+        ("listen: nowhere\n", "listen"),
+        ("limits:\n  max_sandboxes: lots\n", "limits.max_sandboxes"),
+    ],
+)
 def test_invalid_keys_are_named(tmp_path, text, key):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text))

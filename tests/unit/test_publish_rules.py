@@ -1,4 +1,5 @@
 """Pure rules of publishing and proxying: aliases, hosts, rate buckets, path and query rewriting."""
+
 import re
 
 import pytest
@@ -65,9 +66,23 @@ def test_proxy_path_and_query_rewriting():
     t = Target(row=None, port=3000, path="/p", strip_credentials=True)
     assert t.query(b"token=secret&a=1&tok%65n=x&b=&tokens=2") == "a=1&b=&tokens=2"
     assert Target(None, 3000, "/p", strip_credentials=False).query(b"token=t&a=1") == "token=t&a=1"
-    scope = {"headers": [(b"host", b"h:1"), (b"authorization", b"Bearer k"), (b"connection", b"keep-alive, x-hop"),
-                         (b"x-hop", b"1"), (b"keep-alive", b"5"), (b"cookie", b"c=1")],
-             "client": ("10.0.0.9", 5555), "scheme": "http"}
+    scope = {
+        "headers": [
+            (b"host", b"h:1"),
+            (b"authorization", b"Bearer k"),
+            (b"connection", b"keep-alive, x-hop"),
+            (b"x-hop", b"1"),
+            (b"keep-alive", b"5"),
+            (b"cookie", b"c=1"),
+        ],
+        "client": ("10.0.0.9", 5555),
+        "scheme": "http",
+    }
     headers = dict(t.headers(scope))
-    assert headers == {b"host": b"localhost:3000", b"cookie": b"c=1", b"x-forwarded-for": b"10.0.0.9",
-                       b"x-forwarded-proto": b"http", b"x-forwarded-host": b"h:1"}
+    assert headers == {
+        b"host": b"localhost:3000",
+        b"cookie": b"c=1",
+        b"x-forwarded-for": b"10.0.0.9",
+        b"x-forwarded-proto": b"http",
+        b"x-forwarded-host": b"h:1",
+    }

@@ -11,17 +11,20 @@ Layout of a sandbox directory:
     engine.json       what the engine needs to find this sandbox again after a daemon restart
     console.log       runsc's and the agent's stdio (append mode: runsc writes it with its own offset)
 """
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-from ..base import SandboxSpec
+from ... import diskimage
+from ...agent import AGENT_DIR
+from ..base import EngineError, SandboxSpec
 from .network import Link
 from .proc import run
 
-AGENT_DIR = Path(__file__).resolve().parents[2] / "agent"
+Bind = tuple[str, str, bool]  # host source, guest target, read-only
 GUEST_AGENT_DIR = "/opt/kiln/agent"
 GUEST_AGENT_CONFIG = "/opt/kiln/config.json"
 CPU_PERIOD = 100_000
@@ -29,13 +32,25 @@ CPU_PERIOD = 100_000
 # Docker's default capability set plus SYS_PTRACE: the agent runs as root and must be able to
 # switch users and own files; gVisor is the isolation boundary, not capabilities.
 CAPABILITIES = [
-    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
-    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
-    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE", "CAP_SYS_PTRACE",
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+    "CAP_SYS_PTRACE",
 ]
 
 
-def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str) -> dict:
+def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, binds: list[Bind]) -> dict:
     memory = spec.memory_mb * 1024 * 1024
     caps = {k: CAPABILITIES for k in ("bounding", "effective", "permitted")}
     return {
@@ -54,21 +69,36 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "mode=755"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {
+                "destination": "/dev/pts",
+                "type": "devpts",
+                "source": "devpts",
+                "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+            },
             {"destination": "/dev/shm", "type": "tmpfs", "source": "shm", "options": ["nosuid", "nodev", "mode=1777"]},
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
             {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755"]},
             {"destination": GUEST_AGENT_DIR, "type": "bind", "source": str(AGENT_DIR), "options": ["rbind", "ro"]},
-            {"destination": GUEST_AGENT_CONFIG, "type": "bind", "source": str(sandbox_dir / "agent.json"),
-             "options": ["bind", "ro"]},
-            *({"destination": m.target, "type": "bind", "source": m.source,
-               "options": ["rbind", "ro" if m.read_only else "rw"]} for m in spec.mounts),
+            {
+                "destination": GUEST_AGENT_CONFIG,
+                "type": "bind",
+                "source": str(sandbox_dir / "agent.json"),
+                "options": ["bind", "ro"],
+            },
+            *(
+                {"destination": target, "type": "bind", "source": source, "options": ["rbind", "ro" if ro else "rw"]}
+                for source, target, ro in binds
+            ),
         ],
         "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                           {"type": "network", "path": link.netns_path}],
+            "namespaces": [
+                {"type": "pid"},
+                {"type": "ipc"},
+                {"type": "uts"},
+                {"type": "mount"},
+                {"type": "network", "path": link.netns_path},
+            ],
             "cgroupsPath": cgroups_path,
             "resources": {
                 "memory": {"limit": memory, "swap": memory},
@@ -90,24 +120,18 @@ def write_private(path: Path, data: str) -> None:
     os.replace(tmp, path)
 
 
-def write_bundle(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str) -> None:
+def write_bundle(
+    spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str, binds: list[Bind]
+) -> None:
     (sandbox_dir / "rootfs").mkdir(exist_ok=True)
     agent_config = {"token": token, "env": spec.env, "init": spec.init, "secrets_pending": spec.has_secrets}
     write_private(sandbox_dir / "agent.json", json.dumps(agent_config))
-    write_private(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path)))
-
-
-def is_mounted(path: Path) -> bool:
-    return os.path.ismount(path)
+    write_private(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path, binds)))
 
 
 async def make_disk(sandbox_dir: Path, size_mb: int) -> None:
     """The writable disk: sparse (costs only what is written), no reserved blocks, lazy init (~10 ms)."""
-    image = sandbox_dir / "disk.ext4"
-    with open(image, "wb") as f:
-        f.truncate(size_mb * 1024 * 1024)
-    await run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-               str(image)])
+    await diskimage.make_ext4(sandbox_dir / "disk.ext4", size_mb)
 
 
 def layer_dir(sandbox_dir: Path) -> Path:
@@ -117,12 +141,14 @@ def layer_dir(sandbox_dir: Path) -> Path:
 
 async def mount_rootfs(image_dir: Path, sandbox_dir: Path) -> None:
     rootfs = sandbox_dir / "rootfs"
-    if is_mounted(rootfs):
+    if diskimage.is_mounted(rootfs):
         return
     layers = layer_dir(sandbox_dir)
-    if layers != sandbox_dir and not is_mounted(layers):
-        layers.mkdir(exist_ok=True)
-        await run(["mount", "-o", "loop,noatime", str(sandbox_dir / "disk.ext4"), str(layers)])
+    if layers != sandbox_dir:
+        try:
+            await diskimage.mount(sandbox_dir / "disk.ext4", layers)
+        except diskimage.CommandFailed as e:
+            raise EngineError(str(e)) from e
     for d in ("upper", "work"):
         (layers / d).mkdir(exist_ok=True)
     opts = f"lowerdir={image_dir},upperdir={layers / 'upper'},workdir={layers / 'work'}"
@@ -131,10 +157,6 @@ async def mount_rootfs(image_dir: Path, sandbox_dir: Path) -> None:
 
 async def unmount_rootfs(sandbox_dir: Path) -> None:
     rootfs = sandbox_dir / "rootfs"
-    if is_mounted(rootfs):
+    if diskimage.is_mounted(rootfs):
         await run(["umount", "-l", str(rootfs)], check=False)
-    disk = sandbox_dir / "disk"
-    if is_mounted(disk):
-        await run(["umount", str(disk)], check=False)
-        if is_mounted(disk):
-            await run(["umount", "-l", str(disk)], check=False)
+    await diskimage.unmount(sandbox_dir / "disk")

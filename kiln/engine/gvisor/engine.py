@@ -1,29 +1,46 @@
-"""The gVisor engine: each sandbox is a runsc container in its own netns, on an overlay of its image."""
+"""The gVisor engine: each sandbox is a runsc container in its own netns, on an overlay of its image.
+
+Per sandbox it keeps a Record (records.py, on disk), an agent client, the freezer state it last
+set, the pid whose exit means the sandbox died, and background work (container deletes, snapshot
+indexing) that later calls for the same sandbox wait for.
+"""
+
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+import subprocess
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from ...agent.client import AgentClient
 from ...agent.protocol import AGENT_PORT
-from ..base import EngineError, NoSpace, SandboxHandle, SandboxSpec, State, Status
-from . import bundle
+from ..base import (
+    DeathCause,
+    EngineError,
+    ExitListener,
+    NoSpace,
+    SandboxHandle,
+    SandboxSpec,
+    SnapshotSummary,
+    State,
+    Status,
+    Usage,
+)
+from . import bundle, recovery
+from .cgroups import Cgroups
 from .network import Link, Network
 from .reaper import ProcessWatcher
-from .snapshots import PageStore, SnapshotInfo, remove_scratch
+from .records import Record
 from .runsc import Runsc, tail
+from .snapshots import PageStore, remove_scratch
+from .volumes import VolumeMounts
 
 log = logging.getLogger("kiln.engine.gvisor")
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 BOOT_TIMEOUT = 30.0
 SNAPSHOT_MARGIN = 32 << 20
 CREATE_MIN_FREE = 64 << 20
@@ -32,19 +49,6 @@ CREATE_MIN_FREE = 64 << 20
 def host_prefix(data_dir: Path) -> str:
     """6 hex chars derived from the data dir: the namespace of every host-global name we create."""
     return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:6]
-
-
-@dataclass
-class Record:
-    """What the engine keeps about one sandbox (engine.json in its directory)."""
-    id: str
-    slot: int
-    token: str
-    image: str
-    memory_mb: int
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__)
 
 
 class GVisorEngine:
@@ -57,7 +61,8 @@ class GVisorEngine:
         self.prefix = host_prefix(data_dir)
         self.network = Network(self.prefix, subnet)
         self.runsc = Runsc(data_dir / "runsc", runsc_binary)
-        self.cgroup_parent = f"kiln-{self.prefix}"
+        self.cgroups = Cgroups(f"kiln-{self.prefix}")
+        self.volume_mounts = VolumeMounts(data_dir / "volume-mounts")
         self.records: dict[str, Record] = {}
         self.frozen: dict[str, bool] = {}  # freezer state as last read or set (see is_paused)
         self.agents: dict[str, AgentClient] = {}
@@ -65,8 +70,12 @@ class GVisorEngine:
         self.sandbox_pids: dict[str, int] = {}  # sandbox id -> pid whose exit means it died
         self.pending_deletes: dict[str, asyncio.Task] = {}  # container deletes still running
         self.indexing: dict[str, asyncio.Task] = {}  # full snapshots being indexed after their stop
+        self.exit_tasks: set[asyncio.Task] = set()  # exit reports under way (referenced until done)
         self.slot_lock = asyncio.Lock()
-        self.on_exit: Callable[[str], Awaitable[None]] | None = None
+        self.exit_listener: ExitListener | None = None
+
+    def set_exit_listener(self, listener: ExitListener) -> None:
+        self.exit_listener = listener
 
     # ------------------------------------------------------------ engine lifecycle
 
@@ -76,56 +85,18 @@ class GVisorEngine:
         await self.network.install_firewall()
         for d in self.sandboxes_dir.iterdir():
             try:
-                rec = Record(**json.loads((d / "engine.json").read_text()))
+                rec = Record.load(d)
                 self.records[rec.id] = rec
             except (OSError, ValueError, TypeError):
                 log.warning("removing half-made sandbox directory %s", d)
                 await self.remove_leftovers(d.name, None)
-        known = {self.link(r).netns for r in self.records.values()}
-        known_ifs = {self.link(r).host_if for r in self.records.values()}
-        netns, ifs = self.network.leftovers()
-        for ns in netns:
-            if ns not in known:
-                await self.network.remove_netns(ns)
-        for i in ifs:
-            if i not in known_ifs:
-                await self.network.remove_host_if(i)
-        for sandbox_id in self.runsc.list_ids():
-            if sandbox_id not in self.records:
-                await self.delete_container(sandbox_id)
+        await recovery.remove_strays(self)
+        await self.volume_mounts.release_unused(self.volumes_in_use())
         for rec in self.records.values():
-            await self.recover_interrupted_stop(rec.id)
+            await self.volume_mounts.ensure(rec.volume_attachments())  # before any restore or boot
+            await recovery.recover_interrupted_stop(self, rec.id)
             if (await self.status(rec.id)).state in (State.RUNNING, State.PAUSED):
                 await self.watch(rec.id)
-
-    async def recover_interrupted_stop(self, sandbox_id: str) -> None:
-        """A daemon killed during a stop leaves checkpoint.tmp. runsc's checkpoint outlives the daemon:
-        wait for it; if it completed (the sandbox is gone, the image is whole), keep it as the snapshot;
-        if the sandbox still runs, the stop never happened. Memory is never dropped in between."""
-        remove_scratch(self.dir(sandbox_id) / "restore.tmp")
-        image_dir = self.dir(sandbox_id) / "checkpoint.tmp"
-        if not image_dir.exists():
-            return
-        for _ in range(1200):
-            if not self.runsc.checkpoint_running(sandbox_id):
-                break
-            await asyncio.sleep(0.1)
-        taken = (image_dir / "checkpoint.img").exists()
-        state = (await self.status(sandbox_id)).state
-        for _ in range(50):  # a checkpointed sandbox exits just after; runsc may report it running meanwhile
-            if not taken or state not in (State.RUNNING, State.PAUSED):
-                break
-            await asyncio.sleep(0.1)
-            state = (await self.status(sandbox_id)).state
-        if state not in (State.RUNNING, State.PAUSED) and taken:
-            try:
-                info = await asyncio.to_thread(PageStore(self.dir(sandbox_id)).save_interrupted, image_dir)
-                log.warning("sandbox %s: finished the snapshot a crash interrupted (%s, %d bytes)",
-                            sandbox_id, info.kind, info.bytes_written)
-            except OSError as e:
-                log.error("sandbox %s: the snapshot a crash interrupted cannot be kept: %s", sandbox_id, e)
-            await self.delete_container(sandbox_id)
-        remove_scratch(image_dir)
 
     async def close_engine(self) -> None:
         """Finish container deletes, stop watching; remove host-wide objects if no sandbox is left."""
@@ -137,11 +108,7 @@ class GVisorEngine:
         self.processes.close()
         if not self.records:
             await self.network.remove_firewall()
-            for controller in self.cgroup_controllers():
-                try:
-                    (CGROUP_ROOT / controller / self.cgroup_parent).rmdir()
-                except OSError:
-                    pass
+            self.cgroups.remove_parent()
 
     # ------------------------------------------------------------ helpers
 
@@ -151,15 +118,8 @@ class GVisorEngine:
     def link(self, rec: Record) -> Link:
         return self.network.link(rec.id, rec.slot)
 
-    def cgroups_path(self, sandbox_id: str) -> str:
-        return f"/{self.cgroup_parent}/{sandbox_id}"
-
-    @staticmethod
-    def cgroup_controllers() -> list[str]:
-        try:
-            return [c for c in os.listdir(CGROUP_ROOT) if (CGROUP_ROOT / c / "tasks").exists()]
-        except OSError:
-            return []
+    def volumes_in_use(self) -> set[str]:
+        return {v["image"] for r in self.records.values() for v in r.volumes}
 
     def handle(self, sandbox_id: str) -> SandboxHandle | None:
         rec = self.records.get(sandbox_id)
@@ -186,13 +146,21 @@ class GVisorEngine:
             slot = next((s for s in range(self.network.max_slots) if s not in used), None)
             if slot is None:
                 raise EngineError(f"no free address left in {self.network.subnet}")
-            rec = Record(id=spec.id, slot=slot, token=secrets.token_hex(16), image=spec.image,
-                         memory_mb=spec.memory_mb)
+            rec = Record(
+                id=spec.id,
+                slot=slot,
+                token=secrets.token_hex(16),
+                image=spec.image,
+                memory_mb=spec.memory_mb,
+                volumes=[{"image": v.image, "mount": v.mount, "read_only": v.read_only} for v in spec.volumes],
+            )
             self.records[spec.id] = rec
         try:
             sandbox_dir.mkdir(parents=True)
             link = self.link(rec)
-            bundle.write_bundle(spec, sandbox_dir, link, self.cgroups_path(spec.id), rec.token)
+            binds = [(str(self.volume_mounts.mountpoint(v.image)), v.mount, v.read_only) for v in spec.volumes]
+            bundle.write_bundle(spec, sandbox_dir, link, self.cgroups.path_for_runsc(spec.id), rec.token, binds)
+            await self.volume_mounts.ensure(list(spec.volumes))
             await bundle.make_disk(sandbox_dir, spec.disk_mb)
             await self.network.create(link)
             await bundle.mount_rootfs(image_dir, sandbox_dir)
@@ -225,7 +193,9 @@ class GVisorEngine:
         try:
             await handle.agent.wait_ready(loop.time() + BOOT_TIMEOUT, alive)
         except Exception as e:
-            raise EngineError(f"sandbox {rec.id} did not come up: {e}; console: {tail(self.dir(rec.id) / 'console.log')}")
+            raise EngineError(
+                f"sandbox {rec.id} did not come up: {e}; console: {tail(self.dir(rec.id) / 'console.log')}"
+            )
         await self.watch(rec.id)
         return handle
 
@@ -241,6 +211,7 @@ class GVisorEngine:
             await self.network.create(link)
         else:
             await self.network.prepare_for_boot(link)
+        await self.volume_mounts.ensure(rec.volume_attachments())
         await bundle.mount_rootfs(self.images_dir / rec.image, self.dir(sandbox_id))
         return rec
 
@@ -254,16 +225,13 @@ class GVisorEngine:
 
     # ------------------------------------------------------------ thermal: pause / resume
 
-    def freezer_state(self, sandbox_id: str) -> Path:
-        return CGROUP_ROOT / "freezer" / self.cgroup_parent / sandbox_id / "freezer.state"
-
     def is_paused(self, sandbox_id: str) -> bool:
         """Asked on every request: the freezer state is read once and then kept in step by
         _set_freezer (only this engine freezes its sandboxes); lifecycle changes forget it."""
         frozen = self.frozen.get(sandbox_id)
         if frozen is None:
             try:
-                frozen = self.freezer_state(sandbox_id).read_text().strip() != "THAWED"
+                frozen = self.cgroups.freezer_state(sandbox_id).read_text().strip() != "THAWED"
             except OSError:
                 return False
             self.frozen[sandbox_id] = frozen
@@ -271,7 +239,7 @@ class GVisorEngine:
 
     async def _set_freezer(self, sandbox_id: str, want: str) -> None:
         # The freezer cgroup directly: ~1 ms each way here, against ~20 ms for `runsc pause`/`resume`.
-        path = self.freezer_state(sandbox_id)
+        path = self.cgroups.freezer_state(sandbox_id)
         self.frozen.pop(sandbox_id, None)
         try:
             path.write_text(want)
@@ -296,7 +264,7 @@ class GVisorEngine:
 
     # ------------------------------------------------------------ snapshots: stop / restore
 
-    async def stop(self, sandbox_id: str) -> SnapshotInfo:
+    async def stop(self, sandbox_id: str) -> SnapshotSummary:
         """Checkpoint, keep only new pages on disk, free all memory.
 
         Whatever fails, the sandbox stays usable: a failed checkpoint leaves it running, and a
@@ -313,7 +281,7 @@ class GVisorEngine:
         # sandbox's writes to tmpfs count against its memory limit and would OOM-kill it.)
         image_dir = self.dir(sandbox_id) / "checkpoint.tmp"
         self.check_room_for_snapshot(sandbox_id)
-        remove_scratch(image_dir)
+        await asyncio.to_thread(remove_scratch, image_dir)
         image_dir.mkdir(parents=True)
         if self.is_paused(sandbox_id):
             await self.resume(sandbox_id)  # a checkpoint of a frozen sandbox never finishes
@@ -329,26 +297,30 @@ class GVisorEngine:
                 raise
             # runsc delete takes ~150 ms: let it run while the pages are stored
             self.pending_deletes[sandbox_id] = asyncio.get_running_loop().create_task(
-                self._delete_container_now(sandbox_id))
+                self._delete_container_now(sandbox_id)
+            )
             try:
                 info = await asyncio.to_thread(store.save, image_dir)
                 if info.kind == "full":  # the next diff needs the page digests; the caller does not
                     self.indexing[sandbox_id] = asyncio.get_running_loop().create_task(
-                        asyncio.to_thread(store.ensure_index))
+                        asyncio.to_thread(store.ensure_index)
+                    )
                 return info
             except OSError as e:
                 log.error("writing the snapshot of %s failed (%s); restoring it from the image", sandbox_id, e)
                 try:
                     await self.prepare_relaunch(sandbox_id)
-                    await self.restore_detached(sandbox_id, self.dir(sandbox_id),
-                                                      self.dir(sandbox_id) / "console.log", image_dir)
+                    await self.restore_detached(
+                        sandbox_id, self.dir(sandbox_id), self.dir(sandbox_id) / "console.log", image_dir
+                    )
                     await self.until_ready(rec)
                 except EngineError as lost:
-                    raise EngineError(f"writing the snapshot failed ({e.strerror or e}) and the sandbox "
-                                      f"could not be resumed: {lost}") from e
+                    raise EngineError(
+                        f"writing the snapshot failed ({e.strerror or e}) and the sandbox could not be resumed: {lost}"
+                    ) from e
                 raise EngineError(f"writing the snapshot failed: {e.strerror or e}") from e
         finally:
-            remove_scratch(image_dir)
+            await asyncio.to_thread(remove_scratch, image_dir)
 
     def free_bytes(self) -> int:
         """Disk space left for sandboxes (what an unprivileged writer could still use)."""
@@ -358,21 +330,24 @@ class GVisorEngine:
     def check_room_for_snapshot(self, sandbox_id: str) -> None:
         """Refuse a stop up front when the disk cannot hold the sandbox's memory: better than a
         checkpoint that dies half-written."""
-        try:
-            usage = int((CGROUP_ROOT / "memory" / self.cgroup_parent / sandbox_id / "memory.usage_in_bytes").read_text())
-        except (OSError, ValueError):
+        usage = self.cgroups.memory_usage(sandbox_id)
+        if usage is None:
             return
         free = self.free_bytes()
         if free < usage + SNAPSHOT_MARGIN:
-            raise NoSpace(f"not enough disk space for a snapshot: {free >> 20} MB free on the server, the "
-                          f"sandbox uses {usage >> 20} MB of memory")
+            raise NoSpace(
+                f"not enough disk space for a snapshot: {free >> 20} MB free on the server, the "
+                f"sandbox uses {usage >> 20} MB of memory"
+            )
 
     def check_room_for_create(self) -> None:
         """A new sandbox needs a little disk at once (bundle, disk metadata, logs) and room to grow."""
         free = self.free_bytes()
         if free < CREATE_MIN_FREE:
-            raise NoSpace(f"not enough disk space to create a sandbox: {free >> 20} MB free on the server "
-                          f"(at least {CREATE_MIN_FREE >> 20} MB needed)")
+            raise NoSpace(
+                f"not enough disk space to create a sandbox: {free >> 20} MB free on the server "
+                f"(at least {CREATE_MIN_FREE >> 20} MB needed)"
+            )
 
     async def restore_detached(self, sandbox_id: str, *args, **kwargs) -> None:
         self.frozen.pop(sandbox_id, None)  # a restored container starts thawed
@@ -384,18 +359,17 @@ class GVisorEngine:
         if not store.restorable():
             raise EngineError(f"sandbox {sandbox_id} has no snapshot to restore")
         scratch = self.dir(sandbox_id) / "restore.tmp"
-        remove_scratch(scratch)
+        await asyncio.to_thread(remove_scratch, scratch)
         try:
             rec = await self.prepare_relaunch(sandbox_id)
             try:
                 await asyncio.to_thread(store.assemble, scratch)
             except OSError as e:
                 raise EngineError(f"snapshot of {sandbox_id} is unreadable: {e}") from e
-            await self.restore_detached(sandbox_id, self.dir(sandbox_id),
-                                              self.dir(sandbox_id) / "console.log", scratch)
+            await self.restore_detached(sandbox_id, self.dir(sandbox_id), self.dir(sandbox_id) / "console.log", scratch)
             handle = await self.until_ready(rec)
         finally:
-            remove_scratch(scratch)
+            await asyncio.to_thread(remove_scratch, scratch)
         await self.index_done(sandbox_id)
         await asyncio.to_thread(store.mark_consumed)
         return handle
@@ -415,6 +389,7 @@ class GVisorEngine:
         rec = self.records.get(sandbox_id)
         await self.remove_leftovers(sandbox_id, rec)
         self.records.pop(sandbox_id, None)
+        await self.volume_mounts.release_unused(self.volumes_in_use())
 
     async def remove_leftovers(self, sandbox_id: str, rec: Record | None) -> None:
         self.expect_exit(sandbox_id)
@@ -428,8 +403,10 @@ class GVisorEngine:
             await self.network.destroy(self.link(rec))
         else:
             await self.network.remove_netns(self.network.netns_name(sandbox_id))
-        self.remove_cgroups(sandbox_id)
-        shutil.rmtree(sandbox_dir, ignore_errors=True)
+        self.cgroups.remove(sandbox_id)
+        self.frozen.pop(sandbox_id, None)
+        # multi-GB snapshots and disks: never on the event loop
+        await asyncio.to_thread(shutil.rmtree, sandbox_dir, True)
 
     async def delete_container(self, sandbox_id: str) -> None:
         pending = self.pending_deletes.pop(sandbox_id, None)
@@ -441,24 +418,8 @@ class GVisorEngine:
         if self.is_paused(sandbox_id):
             await self.resume(sandbox_id)  # runsc delete talks to the sandbox: it must not be frozen
         await self.runsc.delete(sandbox_id)
-        self.remove_cgroups(sandbox_id)
-
-    def remove_cgroups(self, sandbox_id: str) -> None:
-        """An interrupted runsc delete leaves the per-container cgroup directories behind."""
+        self.cgroups.remove(sandbox_id)
         self.frozen.pop(sandbox_id, None)
-        for controller in self.cgroup_controllers():
-            path = CGROUP_ROOT / controller / self.cgroup_parent / sandbox_id
-            if path.exists():
-                for sub in sorted(path.rglob("*"), reverse=True):
-                    if sub.is_dir():
-                        try:
-                            sub.rmdir()
-                        except OSError:
-                            pass
-                try:
-                    path.rmdir()
-                except OSError:
-                    pass
 
     async def status(self, sandbox_id: str) -> Status:
         if sandbox_id not in self.records:
@@ -476,19 +437,14 @@ class GVisorEngine:
         if PageStore(self.dir(sandbox_id)).restorable():
             return Status(State.STOPPED)
         if st is None:
-            return Status(State.DEAD, "exited")
-        return Status(State.DEAD, "oom" if self.oom_killed(sandbox_id) else "exited")
+            return Status(State.DEAD, DeathCause.EXITED)
+        return Status(State.DEAD, DeathCause.OOM if self.cgroups.oom_killed(sandbox_id) else DeathCause.EXITED)
 
-    def oom_killed(self, sandbox_id: str) -> bool:
-        path = CGROUP_ROOT / "memory" / self.cgroup_parent / sandbox_id / "memory.oom_control"
-        try:
-            for line in path.read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill" and int(value) > 0:
-                    return True
-        except (OSError, ValueError):
-            pass
-        return False
+    def usage(self, sandbox_id: str) -> Usage | None:
+        cpu, memory = self.cgroups.cpu_seconds(sandbox_id), self.cgroups.memory_usage(sandbox_id)
+        if cpu is None or memory is None:
+            return None
+        return Usage(cpu_seconds=cpu, memory_bytes=memory)
 
     # ------------------------------------------------------------ exit watching
 
@@ -508,9 +464,65 @@ class GVisorEngine:
         del self.sandbox_pids[sandbox_id]
         if sandbox_id in self.agents:
             self.agents[sandbox_id].abort()
-        if self.on_exit is not None:
-            asyncio.get_running_loop().create_task(self.on_exit(sandbox_id))
+        if self.exit_listener is not None:
+            task = asyncio.get_running_loop().create_task(self.exit_listener(sandbox_id))
+            self.exit_tasks.add(task)
+            task.add_done_callback(self.exit_tasks.discard)
 
     def expect_exit(self, sandbox_id: str) -> None:
         """We are about to end this sandbox's processes: their exit is not a death to report."""
         self.sandbox_pids.pop(sandbox_id, None)
+
+    # ------------------------------------------------------------ host objects (tests' clean-state checks)
+
+    def leftovers(self, keep: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+        """Every host object of this engine instance that belongs to no sandbox in `keep`."""
+
+        def stray(name: str) -> bool:
+            return not any(i in name for i in keep)
+
+        netns, host_ifs = self.network.leftovers()
+        dirs = list(self.sandboxes_dir.iterdir()) if self.sandboxes_dir.is_dir() else []
+        mounts = [
+            line.split()[1]
+            for line in Path("/proc/mounts").read_text().splitlines()
+            if line.split()[1].startswith(str(self.data_dir))
+        ]
+        kept = [r for r in map(self.record_on_disk, keep) if r is not None]  # works without start_engine
+        kept_ifs = {self.link(r).host_if for r in kept}
+        kept_volumes = {str(self.volume_mounts.mountpoint(v["image"])) for r in kept for v in r.volumes}
+        return {
+            "runsc": [c for c in self.runsc.list_ids() if c not in keep],
+            "netns": [n for n in netns if stray(n)],
+            "veth": [i for i in host_ifs if i not in kept_ifs],
+            "cgroups": [c for c in self.cgroups.leftovers() if stray(c)],
+            "mounts": [m for m in mounts if stray(m) and m not in kept_volumes],
+            "dirs": [d.name for d in dirs if d.name not in keep],
+            "scratch": [str(p) for d in dirs for p in d.glob("*.tmp")],
+            "packs": [p for d in dirs for p in PageStore(d).stray_packs()],
+        }
+
+    def record_on_disk(self, sandbox_id: str) -> Record | None:
+        try:
+            return Record.load(self.dir(sandbox_id))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def scrub(self) -> None:
+        """Force-remove everything `leftovers` reports and the host-wide objects (no daemon running)."""
+        left = self.leftovers()
+        for cid in left["runsc"]:
+            state = self.cgroups.freezer_state(cid)
+            if state.exists():
+                state.write_text("THAWED")  # runsc delete talks to the sandbox
+            subprocess.run(self.runsc.argv("delete", "-force", cid), capture_output=True, timeout=60, check=False)
+        for m in sorted(self.leftovers()["mounts"], reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True, check=False)
+        for ns in left["netns"]:
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
+        for i in left["veth"]:
+            subprocess.run(["ip", "link", "delete", i], capture_output=True, check=False)
+        for cg in sorted(self.cgroups.leftovers(), key=len, reverse=True):
+            self.cgroups.remove(Path(cg).name)
+        self.cgroups.remove_parent()
+        subprocess.run(["nft", "delete", "table", "inet", self.network.table], capture_output=True, check=False)

@@ -5,6 +5,7 @@ host-global name carries the daemon's prefix, so several daemons never touch eac
 objects. An nftables table (also prefixed) keeps sandboxes from reaching the host or each other:
 the host may open connections to a sandbox, a sandbox may not open any to the host.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -18,8 +19,8 @@ NETNS_DIR = "/var/run/netns"
 
 @dataclass(frozen=True)
 class Link:
-    netns: str        # network namespace name (under /var/run/netns)
-    host_if: str      # host side of the veth
+    netns: str  # network namespace name (under /var/run/netns)
+    host_if: str  # host side of the veth
     host_ip: str
     sandbox_ip: str
 
@@ -48,8 +49,12 @@ class Network:
         if not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} outside {self.subnet}")
         base = self.subnet.network_address + 4 * slot
-        return Link(netns=self.netns_name(sandbox_id), host_if=f"k{self.prefix}h{slot}",
-                    host_ip=str(base + 1), sandbox_ip=str(base + 2))
+        return Link(
+            netns=self.netns_name(sandbox_id),
+            host_if=f"k{self.prefix}h{slot}",
+            host_ip=str(base + 1),
+            sandbox_ip=str(base + 2),
+        )
 
     async def install_firewall(self) -> None:
         """Create (or replace) this daemon's nftables table."""
@@ -77,14 +82,12 @@ table inet {self.table} {{
     async def create(self, link: Link) -> None:
         await self.destroy(link)  # leftovers of an interrupted create
         await run(["ip", "netns", "add", link.netns])
-        await run(["ip", "link", "add", link.host_if, "type", "veth", "peer", "name", "eth0",
-                   "netns", link.netns])
-        await run(["ip", "-b", "-"], input=(
-            f"addr add {link.host_ip}/30 dev {link.host_if}\n"
-            f"link set {link.host_if} up\n").encode())
-        await run(["ip", "-n", link.netns, "-b", "-"], input=(
-            "link set lo up\n"
-            "link set eth0 up\n").encode())
+        await run(["ip", "link", "add", link.host_if, "type", "veth", "peer", "name", "eth0", "netns", link.netns])
+        await run(
+            ["ip", "-b", "-"],
+            input=(f"addr add {link.host_ip}/30 dev {link.host_if}\nlink set {link.host_if} up\n").encode(),
+        )
+        await run(["ip", "-n", link.netns, "-b", "-"], input=(b"link set lo up\nlink set eth0 up\n"))
         await self.prepare_for_boot(link)
 
     async def prepare_for_boot(self, link: Link) -> None:

@@ -1,4 +1,5 @@
 """Host commands for the engine: kiln.proc.run, failing with EngineError."""
+
 from __future__ import annotations
 
 from ... import proc

@@ -4,12 +4,14 @@
 child subreaper, so they become its children; it reaps each on exit through a pidfd. Left to
 this host's PID 1 they stay zombies for 1-2 s, and `runsc delete` waits for them all that time.
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import os
-from typing import Callable
+from collections.abc import Callable
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -51,10 +53,8 @@ class ProcessWatcher:
 
     @staticmethod
     def reap(pid: int) -> None:
-        try:
+        with contextlib.suppress(ChildProcessError):  # not our child (adopted after a restart): PID 1 reaps it
             os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # not our child (adopted after a daemon restart): PID 1 reaps it
-            pass
 
     def close(self) -> None:
         for pid in list(self.fds):

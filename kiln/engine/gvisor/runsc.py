@@ -1,4 +1,5 @@
 """The runsc command line, with the flags and workarounds this host needs (gvisor-notes.md)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +14,7 @@ from .proc import run
 # runsc refuses --network=sandbox on this kernel because its root-netns check finds
 # /proc/sys/net/core/rmem_default in every netns. Hide /proc/sys/net from the runsc CLI in a
 # private mount namespace; the sentry never reads the host's /proc/sys/net.
-HIDE_PROC_SYS_NET = ('mount -t tmpfs -o size=4k,mode=555 kiln-hide /proc/sys/net && exec "$0" "$@"')
+HIDE_PROC_SYS_NET = 'mount -t tmpfs -o size=4k,mode=555 kiln-hide /proc/sys/net && exec "$0" "$@"'
 
 
 class Runsc:
@@ -23,8 +24,13 @@ class Runsc:
         # --overlay2=none: root-fs writes go to the host overlay's upper dir (durable, the disk diff)
         # instead of a memory-backed file store. --net-disconnect-ok: a checkpoint resets open TCP
         # connections instead of failing.
-        self.global_flags = [f"--root={root}", f"--platform={platform}", "--network=sandbox",
-                             "--overlay2=none", "--net-disconnect-ok"]
+        self.global_flags = [
+            f"--root={root}",
+            f"--platform={platform}",
+            "--network=sandbox",
+            "--overlay2=none",
+            "--net-disconnect-ok",
+        ]
 
     def argv(self, *args: str) -> list[str]:
         return [self.binary, *self.global_flags, *args]
@@ -41,19 +47,27 @@ class Runsc:
         -detach hands its stdio to the sandbox: an append-mode log, never a pipe we wait on.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", HIDE_PROC_SYS_NET,
-                *self.argv(command, "-detach", f"-bundle={bundle}", *extra, container_id)]
+        argv = [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            HIDE_PROC_SYS_NET,
+            *self.argv(command, "-detach", f"-bundle={bundle}", *extra, container_id),
+        ]
         with open(log, "ab") as out:
-            proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                                        start_new_session=True)
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+            )
         rc = await proc.wait()
         if rc != 0:
             raise EngineError(f"runsc {command} {container_id}: exit {rc}: {tail(log)}")
 
     async def checkpoint(self, container_id: str, image_dir: Path) -> None:
         """Uncompressed, so pages.img is raw memory that chunks well; the sandbox exits after."""
-        await run(self.argv("checkpoint", f"--image-path={image_dir}", "--compression=none", container_id),
-                  timeout=600)
+        await run(self.argv("checkpoint", f"--image-path={image_dir}", "--compression=none", container_id), timeout=600)
 
     def checkpoint_running(self, container_id: str) -> bool:
         """Whether a `runsc checkpoint` of this container (under our root) is still at work: it may
@@ -84,8 +98,7 @@ class Runsc:
         for f in self.root.glob(f"{container_id}_sandbox:*.state"):
             try:
                 st = json.loads(f.read_text())
-                return (int((st.get("sandbox") or {}).get("pid") or 0) or None,
-                        int(st.get("goferPid") or 0) or None)
+                return (int((st.get("sandbox") or {}).get("pid") or 0) or None, int(st.get("goferPid") or 0) or None)
             except (OSError, ValueError, TypeError):
                 break
         return None, None

@@ -8,14 +8,15 @@ per page: digest, pack, slot) plus the small image files runsc writes beside the
   renamed into pack 0 — nothing is copied. Its index (the page digests) is only needed by the
   next diff, so it is computed after the stop has returned (`ensure_index`), or by that diff.
 - Later stops (diff): runsc writes a scratch image beside the store; only pages whose digest the
-  store lacks are appended to a new pack, and the scratch image is deleted unsynced. 4 KiB granularity matters: gVisor's memory file shifts by
-  whole pages between checkpoints (a process allocating a few pages moves everything after it),
+  store lacks are appended to a new pack, and the scratch image is deleted unsynced. 4 KiB
+  granularity matters: gVisor's memory file shifts by whole pages between checkpoints (a process allocating a few pages moves everything after it),
   which defeats larger fixed chunks but not page-sized ones.
 - A manifest written last (temp + fsync + rename) makes a snapshot current, so a failed stop
   never harms the previous good one. Packs the current index no longer references are deleted.
 - Restore reassembles the image files beside the store for `runsc restore` (on disk, not tmpfs:
   a restore from tmpfs made the sandbox's next checkpoint 3x slower, and pinned its RAM).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,9 +25,10 @@ import os
 import shutil
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
+
+from ..base import SnapshotSummary
 
 PAGE = 4096
 PAGES_FILE = "pages.img"
@@ -35,19 +37,8 @@ RECORD = struct.Struct("<16sII")  # digest, pack number, slot in pack
 MANIFEST = "manifest.json"
 
 
-@dataclass
-class SnapshotInfo:
-    kind: str            # "full" | "diff"
-    bytes_written: int   # bytes this stop wrote to disk (new pages + small image files)
-    bytes_total: int     # size of the snapshot's image
-    taken_at: str
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
 def now_rfc3339() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def fsync_dir(path: Path) -> None:
@@ -112,12 +103,25 @@ class PageStore:
         write_durably(self.dir / MANIFEST, json.dumps(m).encode())
         return m
 
+    def stray_packs(self) -> list[str]:
+        """Page packs no snapshot references (a save cut short must leave none behind)."""
+        if not self.packs.exists():
+            return []
+        m = self.manifest()
+        if m is None:
+            live = set()
+        elif m["index"] is None:  # a full snapshot not indexed yet is exactly its own pack
+            live = {m["generation"]}
+        else:
+            live = {pack for _, pack, _ in self.records(m)}
+        return [str(p) for p in self.packs.glob("*.pack") if int(p.stem) not in live]
+
     def pack_path(self, n: int) -> Path:
         return self.packs / f"{n}.pack"
 
     # ------------------------------------------------------------ writing
 
-    def save(self, image_dir: Path) -> SnapshotInfo:
+    def save(self, image_dir: Path) -> SnapshotSummary:
         """Make the checkpoint in image_dir the current snapshot.
 
         On failure (e.g. a full disk) everything this attempt wrote is removed again, the previous
@@ -136,7 +140,7 @@ class PageStore:
                 f.unlink(missing_ok=True)
             raise
 
-    def save_interrupted(self, image_dir: Path) -> SnapshotInfo:
+    def save_interrupted(self, image_dir: Path) -> SnapshotSummary:
         """Finish a save that a crash cut short, from the checkpoint still in image_dir: a first save
         may already have moved pages.img into its pack (the manifest, written last, says not yet)."""
         old = self.manifest()
@@ -146,7 +150,7 @@ class PageStore:
             os.replace(pack, image_dir / PAGES_FILE)
         return self.save(image_dir)
 
-    def _save(self, image_dir: Path, old: dict | None, gen: int) -> SnapshotInfo:
+    def _save(self, image_dir: Path, old: dict | None, gen: int) -> SnapshotSummary:
         self.packs.mkdir(parents=True, exist_ok=True)
         pages = image_dir / PAGES_FILE
         pages_size = pages.stat().st_size
@@ -167,10 +171,17 @@ class PageStore:
         if records is not None:
             index = f"{gen}.idx"
             write_durably(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
-        info = SnapshotInfo(kind="diff" if old else "full", bytes_written=written, bytes_total=total,
-                            taken_at=now_rfc3339())
-        manifest = {"generation": gen, "restorable": True, "info": info.to_dict(), "index": index,
-                    "pages_size": pages_size, "files": others}
+        info = SnapshotSummary(
+            kind="diff" if old else "full", bytes_written=written, bytes_total=total, taken_at=now_rfc3339()
+        )
+        manifest = {
+            "generation": gen,
+            "restorable": True,
+            "info": info.to_dict(),
+            "index": index,
+            "pages_size": pages_size,
+            "files": others,
+        }
         fsync_dir(self.packs)
         write_durably(self.dir / MANIFEST, json.dumps(manifest).encode())
         fsync_dir(self.dir)
@@ -260,7 +271,7 @@ class PageStore:
 
                 for _, pack, slot in self.records(m):
                     if pack not in packs:
-                        packs[pack] = open(self.pack_path(pack), "rb")
+                        packs[pack] = open(self.pack_path(pack), "rb")  # noqa: SIM115 (closed below)
                     if pack == run_pack and slot == run_start + run_len:
                         run_len += 1  # consecutive pages: read them in one go
                         continue
@@ -294,7 +305,7 @@ def page_digests(path: Path) -> list[bytes]:
                     break
                 view = memoryview(buf)
                 for off in range(0, len(buf), PAGE):
-                    out.append(hashlib.sha256(view[off:off + PAGE]).digest()[:16])
+                    out.append(hashlib.sha256(view[off : off + PAGE]).digest()[:16])
                 left -= (len(buf) + PAGE - 1) // PAGE
         return out
 
@@ -302,4 +313,3 @@ def page_digests(path: Path) -> list[bytes]:
         low = pool.submit(hash_range, 0, half)
         high = pool.submit(hash_range, half, pages - half)
         return low.result() + high.result()
-

@@ -9,6 +9,7 @@ size), except:
   /echo    the request body back
   /ws      a WebSocket echo server (text and binary, ping/pong, close)
 """
+
 import base64
 import hashlib
 import json
@@ -59,8 +60,14 @@ class Handler(BaseHTTPRequestHandler):
         data = self.body()
         if url.path == "/echo":
             return self.reply(200, data, "application/octet-stream")
-        info = {"method": self.command, "path": url.path, "query": url.query, "body_bytes": len(data),
-                "headers": {k.lower(): v for k, v in self.headers.items()}, "port": self.server.server_port}
+        info = {
+            "method": self.command,
+            "path": url.path,
+            "query": url.query,
+            "body_bytes": len(data),
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "port": self.server.server_port,
+        }
         self.reply(200, json.dumps(info).encode())
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = handle_any

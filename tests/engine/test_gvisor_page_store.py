@@ -1,4 +1,5 @@
 """The snapshot page store on plain files: round trips, diffs, garbage collection, failures."""
+
 import errno
 import os
 
@@ -31,7 +32,7 @@ def test_full_then_diff_round_trip_and_write_only_new_pages(tmp_path):
 
     # shift everything by one page (a new page at the front) and change one page
     changed = bytearray(os.urandom(PAGE) + base)
-    changed[PAGE * 50:PAGE * 51] = os.urandom(PAGE)
+    changed[PAGE * 50 : PAGE * 51] = os.urandom(PAGE)
     second = store.save(image(tmp_path, "i1", bytes(changed), b"state-2"))
     assert second.kind == "diff"
     assert second.bytes_written <= 2 * PAGE + len(b"state-2") + PAGE

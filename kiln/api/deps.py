@@ -1,0 +1,53 @@
+"""The services the routes use, as one typed object (built in app.py's lifespan)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request, WebSocket
+
+if TYPE_CHECKING:
+    from ..core.exec import ExecService
+    from ..core.files import FileService
+    from ..core.http_pools import HttpPools
+    from ..core.lifecycle import SandboxService
+    from ..core.ports import PortTracker
+    from ..core.publish import PublishService
+    from ..core.ratelimit import UserRateLimits
+    from ..core.secrets import SecretService
+    from ..core.templates import TemplateService
+    from ..core.terminal import TerminalService
+    from ..core.upstream import Upstreams
+    from ..core.volumes import VolumeService
+    from ..store.db import Store
+    from .public import PublicLimits
+
+
+@dataclass
+class Services:
+    store: Store
+    sandboxes: SandboxService
+    exec: ExecService
+    files: FileService
+    terminals: TerminalService
+    ports: PortTracker
+    upstreams: Upstreams
+    http_pools: HttpPools
+    publish: PublishService
+    public_limits: PublicLimits
+    rate_limits: UserRateLimits
+    secrets: SecretService
+    templates: TemplateService
+    volumes: VolumeService
+    started: float
+
+
+def services(conn: Request | WebSocket) -> Services:
+    """FastAPI dependency (and plain helper for ASGI code): the app's services."""
+    return services_of(conn.app)
+
+
+def services_of(app: Any) -> Services:
+    svc: Services = app.state.services
+    return svc

@@ -1,0 +1,422 @@
+"""Sandbox lifecycle: create, destroy, start, stop, pause, update, and agreeing with the engine
+after a restart. Every status change goes through the store's intent methods (kiln/states.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ..agent.client import AgentError
+from ..config import Config
+from ..engine.base import Capabilities, Engine, EngineError, NoSpace, SandboxHandle, SandboxSpec, State
+from ..states import DEATHS, IN_FLIGHT, Reason, Status, Tier
+from ..store.db import NameTaken, SandboxRow, Store, Template, User, now
+from .diagnosis import Diagnosis, death_reason
+from .errors import BadRequest, Conflict, InsufficientStorage, Internal, KilnError, NotFound, TooManyRequests
+from .events import SandboxEvents
+from .names import check_env_keys, check_labels, check_name
+from .runtime import Runtimes
+from .secrets import SecretService
+from .templates import TemplateService
+from .volumes import VolumeRequest, VolumeService
+from .waking import Waker, restore_failed_error
+
+log = logging.getLogger("kiln.sandboxes")
+
+MIN_MEMORY_MB = 64
+MIN_DISK_MB = 64
+MIN_CPUS = 0.01  # below this a CFS quota rounds to nothing (no limit at all) or is refused
+
+
+class SnapshotsUnsupported(KilnError):
+    status = 409
+
+
+@dataclass
+class CreateRequest:
+    """A create request; None means "not given" (the template's value or the default applies)."""
+
+    name: str | None = None
+    cpus: float | None = None
+    memory_mb: int | None = None
+    disk_size_mb: int | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    init: str | None = None
+    keep_hot: bool | None = None
+    template_id: str | None = None
+    secrets: list[str] = field(default_factory=list)
+    volumes: list[VolumeRequest] | None = None
+    new_volumes: list[VolumeRequest] = field(default_factory=list)
+
+    def with_template(self, t: Template) -> CreateRequest:
+        spec = t.spec
+        return CreateRequest(
+            name=self.name if self.name is not None else f"{t.name}-{secrets.token_hex(3)}",
+            cpus=self.cpus if self.cpus is not None else spec.get("cpus"),
+            memory_mb=self.memory_mb if self.memory_mb is not None else spec.get("memory_mb"),
+            disk_size_mb=self.disk_size_mb,
+            env={**spec.get("env", {}), **self.env},
+            init=self.init if self.init is not None else spec.get("init", ""),
+            keep_hot=self.keep_hot if self.keep_hot is not None else spec.get("keep_hot", False),
+            template_id=t.id,
+            secrets=list(dict.fromkeys(spec.get("secrets", []) + self.secrets)),
+            volumes=self.volumes if self.volumes is not None else TemplateService.volumes(t),
+            new_volumes=self.new_volumes,
+        )
+
+
+def check_cpus(cpus: float, max_cpus: float) -> None:
+    if not math.isfinite(cpus) or cpus < MIN_CPUS:
+        raise BadRequest(f"cpus must be a number of at least {MIN_CPUS:g}")
+    if cpus > max_cpus:
+        raise BadRequest(f"max {max_cpus:g} CPUs per sandbox")
+
+
+class SandboxService:
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        config: Config,
+        secrets: SecretService,
+        volumes: VolumeService,
+        templates: TemplateService,
+        runtimes: Runtimes,
+        events: SandboxEvents,
+    ):
+        self.store = store
+        self.engine = engine
+        self.config = config
+        self.secrets = secrets
+        self.volumes = volumes
+        self.templates = templates
+        self.runtimes = runtimes
+        self.events = events
+        self.caps = Capabilities.of(engine)  # once: a Protocol isinstance check is slow
+        self.diagnosis = Diagnosis(store, engine, runtimes)
+        self.waker = Waker(store, engine, self.caps, runtimes, self.diagnosis, secrets)
+        engine.set_exit_listener(self.diagnosis.on_engine_exit)
+
+    # ------------------------------------------------------------ lookups
+
+    def get(self, user: User, id_or_name: str) -> SandboxRow:
+        row = self.store.get_sandbox(user.id, id_or_name)
+        if row is None or row.status in IN_FLIGHT:
+            raise NotFound(f'sandbox "{id_or_name}" not found')
+        return row
+
+    def list(self, user: User) -> list[SandboxRow]:
+        return [r for r in self.store.list_sandboxes(user.id) if r.status not in IN_FLIGHT]
+
+    def count(self) -> int:
+        return self.store.count_sandboxes()
+
+    def running_rows(self) -> list[SandboxRow]:
+        return [r for r in self.store.list_sandboxes() if r.status == Status.RUNNING]
+
+    def tier(self, row: SandboxRow) -> Tier | None:
+        if row.status == Status.RUNNING:
+            return Tier.WARM if self.waker.is_warm(row.id) else Tier.HOT
+        if row.status == Status.STOPPED and row.reason not in DEATHS | {Reason.RESTORE_FAILED}:
+            return Tier.COLD
+        return None
+
+    def agent_restarts(self, sandbox_id: str) -> int:
+        rt = self.runtimes.peek(sandbox_id)
+        return rt.agent_restarts if rt else 0
+
+    def using(self, row: SandboxRow) -> contextlib.AbstractAsyncContextManager[SandboxHandle]:
+        return self.waker.using(row)
+
+    @contextlib.asynccontextmanager
+    async def using_named(self, user: User, id_or_name: str) -> AsyncIterator[SandboxHandle]:
+        async with self.using(self.get(user, id_or_name)) as handle:
+            yield handle
+
+    # ------------------------------------------------------------ create / destroy
+
+    def check_quota(self, user: User) -> None:
+        max_count = min(user.max_sandboxes, self.config.limits.max_sandboxes)
+        count = self.store.count_sandboxes(user.id)
+        if count >= max_count:
+            raise TooManyRequests(f"sandbox limit reached ({count}/{max_count})")
+
+    def validate_create(self, user: User, req: CreateRequest) -> tuple[str, float, int]:
+        """Check a create request's size and names; returns (name, cpus, memory_mb)."""
+        lim = self.config.limits
+        cpus = 1.0 if req.cpus is None else float(req.cpus)
+        memory_mb = 512 if req.memory_mb is None else int(req.memory_mb)
+        max_mem = min(user.max_memory_mb_per_sandbox, lim.max_memory_mb_per_sandbox)
+        check_cpus(cpus, min(user.max_cpus_per_sandbox, lim.max_cpus_per_sandbox))
+        if memory_mb > max_mem:
+            raise BadRequest(f"max {max_mem} MB memory per sandbox")
+        if memory_mb < MIN_MEMORY_MB:
+            raise BadRequest(f"memory_mb must be at least {MIN_MEMORY_MB}")
+        if req.disk_size_mb is not None and not MIN_DISK_MB <= req.disk_size_mb <= lim.max_disk_mb_per_sandbox:
+            raise BadRequest(f"disk_size_mb must be between {MIN_DISK_MB} and {lim.max_disk_mb_per_sandbox}")
+        name = check_name("sandbox", req.name if req.name is not None else f"sandbox-{secrets.token_hex(3)}")
+        check_env_keys(req.env)
+        return name, cpus, memory_mb
+
+    async def create(self, user: User, req: CreateRequest) -> tuple[SandboxRow, bool]:
+        """Create and boot a sandbox; returns (sandbox, existed). Same name again returns the existing one.
+
+        Checks run in bhatti's order (quota, size, name, template, secrets, then the idempotent name,
+        then volumes), all before anything is made, so a refused request changes nothing.
+        """
+        self.check_quota(user)
+        if req.template_id:
+            req = req.with_template(self.templates.get(user, req.template_id, message="template not found"))
+        name, cpus, memory_mb = self.validate_create(user, req)
+        secret_env = self.secrets.resolve(user, req.secrets)
+        existing = self.store.get_sandbox(user.id, name)
+        if existing is not None and existing.name == name and existing.status not in IN_FLIGHT:
+            return existing, True
+        self.volumes.resolve(user, req.volumes or [], req.new_volumes)
+        try:
+            self.engine.check_room_for_create()
+        except NoSpace as e:
+            raise InsufficientStorage(str(e)) from e
+        sandbox_id = secrets.token_hex(8)
+        row = SandboxRow(
+            id=sandbox_id,
+            owner_id=user.id,
+            name=name,
+            status=Status.CREATING,
+            cpus=cpus,
+            memory_mb=memory_mb,
+            image="default",
+            created_at=now(),
+            env=dict(req.env),
+            init=req.init or "",
+            keep_hot=bool(req.keep_hot),
+            template_id=req.template_id or "",
+            sealed_env=self.secrets.seal_env(sandbox_id, secret_env),
+            disk_mb=req.disk_size_mb or self.config.limits.default_disk_mb,
+        )
+        try:
+            # The "creating" row reserves the name; a crash from here on is cleaned up at restart.
+            self.store.insert_sandbox(row)
+        except NameTaken:
+            raise Conflict(f'sandbox "{name}" is being created or destroyed by another request') from None
+        try:
+            async with self.runtimes.lock(row.id):
+                volumes = await self.volumes.attach(user, row.id, req.volumes or [], req.new_volumes)
+                spec = SandboxSpec(
+                    id=row.id,
+                    hostname=name,
+                    cpus=cpus,
+                    memory_mb=memory_mb,
+                    env=row.env,
+                    init=row.init,
+                    image=row.image,
+                    disk_mb=row.disk_mb,
+                    volumes=volumes,
+                    has_secrets=bool(secret_env),
+                )
+                handle = await self.engine.create(spec)
+                if secret_env:
+                    await handle.agent.set_secrets(secret_env)
+        except BaseException as e:
+            with contextlib.suppress(EngineError):
+                await self.engine.destroy(row.id)
+            self.store.delete_sandbox(row.id)
+            self.runtimes.drop(row.id)
+            if isinstance(e, (EngineError, AgentError)):
+                raise Internal(f"create sandbox {row.id}: {e}") from e
+            raise
+        self.store.mark_running(row.id, handle.ip)
+        row.status, row.ip = Status.RUNNING, handle.ip
+        log.info("created sandbox %s (%s) at %s", row.id, name, handle.ip)
+        return row, False
+
+    async def destroy(self, user: User, id_or_name: str) -> None:
+        row = self.get(user, id_or_name)
+        async with self.runtimes.lock(row.id):
+            # marked first: a crash from here on is finished at the next start, never half-left
+            self.store.mark_destroying(row.id)
+            self.events.before_stop(row.id)
+            try:
+                await self.engine.destroy(row.id)
+            except EngineError as e:
+                log.error("destroy sandbox %s: %s", row.id, e)
+            self.store.delete_sandbox(row.id)
+        self.runtimes.drop(row.id)
+        await self.events.destroyed(row.id)
+        log.info("destroyed sandbox %s (%s)", row.id, row.name)
+
+    # ------------------------------------------------------------ start / stop / pause
+
+    async def start(self, user: User, id_or_name: str, force: bool = False) -> SandboxRow:
+        """Bring a stopped sandbox back: from its snapshot, or booted on its disk if it died.
+
+        A no-op on a running one. After a failed restore only `force` tries again, and if the
+        snapshot still cannot be restored, boots the sandbox fresh on its disk.
+        """
+        row = self.get(user, id_or_name)
+        async with self.runtimes.lock(row.id):
+            row = self.get(user, row.id)
+            if row.status == Status.RUNNING:
+                if self.waker.pausable is not None and self.waker.is_warm(row.id):
+                    await self.waker.pausable.resume(row.id)
+                return row
+            if row.reason == Reason.RESTORE_FAILED and not force:
+                raise restore_failed_error(row)
+            await self.waker.wake_locked(row, force=force)
+        log.info("started sandbox %s", row.id)
+        return self.get(user, row.id)
+
+    async def stop(self, user: User, id_or_name: str) -> SandboxRow:
+        """Snapshot a sandbox to disk and free its memory; a no-op on a stopped one."""
+        row = self.get(user, id_or_name)
+        if not self.caps.snapshot:
+            raise SnapshotsUnsupported(f"this engine ({self.engine.name}) cannot snapshot")
+        if row.status != Status.STOPPED:
+            try:
+                await self.snapshot(row, reason="stop")
+            except EngineError as e:
+                log.error("stop of %s failed: %s", row.id, e)
+                still_running = self.get(user, row.id).status == Status.RUNNING
+                if isinstance(e, NoSpace) and still_running:
+                    raise InsufficientStorage(f"stop sandbox: {e}; the sandbox is still running") from e
+                if still_running:
+                    raise KilnError("stop sandbox: taking the snapshot failed; the sandbox is still running") from e
+                raise KilnError(
+                    "stop sandbox: taking the snapshot failed and the sandbox could not be resumed; "
+                    f"start it again (on its disk) with POST /sandboxes/{row.id}/start"
+                ) from e
+        return self.get(user, row.id)
+
+    async def pause(self, row: SandboxRow) -> None:
+        """Freeze an idle sandbox (thermal warm), unless someone pinned it or it must stay hot."""
+        pausable = self.waker.pausable
+        if pausable is None:
+            return
+        rt = self.runtimes[row.id]
+        async with rt.lock:
+            fresh = self.store.sandbox_by_id(row.id)
+            if fresh and fresh.status == Status.RUNNING and not fresh.keep_hot and not rt.pins:
+                rt.transitioning = True
+                try:
+                    await pausable.pause(row.id)
+                finally:
+                    rt.transitioning = False
+
+    async def snapshot(self, row: SandboxRow, reason: str) -> None:
+        """Stop to disk (explicit stop, thermal cold, shutdown). EngineError leaves the sandbox running."""
+        snapshottable = self.waker.snapshottable
+        if snapshottable is None:
+            return
+        rt = self.runtimes[row.id]
+        async with rt.lock:
+            fresh = self.store.sandbox_by_id(row.id)
+            if fresh is None or fresh.status == Status.STOPPED:
+                return
+            if reason == "thermal" and (fresh.keep_hot or rt.pins):
+                return
+            self.events.before_stop(row.id)
+            rt.transitioning = True
+            try:
+                try:
+                    info = await snapshottable.stop(row.id)
+                except EngineError:
+                    status = await self.diagnosis.settled_status(row.id)
+                    if status.state not in (State.RUNNING, State.PAUSED):
+                        self.store.mark_stopped(row.id, Reason.SNAPSHOT_FAILED)
+                    raise
+                self.store.mark_stopped(row.id, Reason.NONE, snapshot=info.to_dict())
+            finally:
+                rt.transitioning = False
+        log.info(
+            "sandbox %s stopped to disk (%s): %s snapshot, %d of %d bytes written",
+            row.id,
+            reason,
+            info.kind,
+            info.bytes_written,
+            info.bytes_total,
+        )
+
+    def mark_unknown(self, sandbox_id: str) -> None:
+        self.store.mark_unknown(sandbox_id, Reason.SNAPSHOT_FAILED)
+
+    async def shutdown(self) -> None:
+        """On daemon exit: stop running sandboxes to disk; leave any that cannot be snapshotted running."""
+        for row in self.running_rows():
+            try:
+                await self.snapshot(row, reason="shutdown")
+            except Exception as e:  # never kill a sandbox we could not snapshot
+                log.error("could not snapshot %s at shutdown, leaving it running: %s", row.id, e)
+
+    # ------------------------------------------------------------ update
+
+    async def update(
+        self,
+        user: User,
+        id_or_name: str,
+        name: str | None,
+        labels_add: dict | None,
+        labels_remove: list | None,
+        keep_hot: bool | None,
+    ) -> SandboxRow:
+        """PATCH: rename, then labels, then keep_hot (which wakes the sandbox when set)."""
+        row = self.get(user, id_or_name)
+        if name is not None and name != row.name:
+            check_name("sandbox", name)
+            try:
+                self.store.rename_sandbox(row.id, name)
+            except NameTaken:
+                raise Conflict(f'name "{name}" is already in use') from None
+        if labels_add or labels_remove:
+            check_labels(labels_add or {})
+            labels = {**row.labels, **(labels_add or {})}
+            for key in labels_remove or []:
+                labels.pop(key, None)
+            self.store.set_sandbox_labels(row.id, labels)
+        if keep_hot is not None:
+            self.store.set_keep_hot(row.id, keep_hot)
+            if keep_hot:
+                await self.waker.ready_handle(self.get(user, row.id))
+        return self.get(user, row.id)
+
+    # ------------------------------------------------------------ after a restart
+
+    async def reconcile(self) -> None:
+        """Make the store and the engine agree after a (possibly unclean) daemon restart. A sandbox
+        the engine cannot account for is marked, never a reason not to start."""
+        rows = {r.id: r for r in self.store.list_sandboxes()}
+        for row in rows.values():
+            try:
+                await self.reconcile_one(row)
+            except EngineError as e:
+                log.error("sandbox %s: cannot reconcile with the engine (%s); marking it unknown", row.id, e)
+                if row.status not in IN_FLIGHT:
+                    self.store.mark_unknown(row.id, Reason.LOST)
+        for sandbox_id in await self.engine.list_ids():
+            if sandbox_id not in rows:
+                log.warning("removing engine sandbox %s that the store does not know", sandbox_id)
+                try:
+                    await self.engine.destroy(sandbox_id)
+                except EngineError as e:
+                    log.error("removing engine sandbox %s failed: %s", sandbox_id, e)
+
+    async def reconcile_one(self, row: SandboxRow) -> None:
+        if row.status in IN_FLIGHT:
+            what = "made" if row.status == Status.CREATING else "destroyed"
+            log.warning("removing sandbox %s left half-%s by a crash", row.id, what)
+            await self.engine.destroy(row.id)
+            self.store.delete_sandbox(row.id)
+            return
+        status = await self.engine.status(row.id)
+        if status.state == State.MISSING:
+            log.warning("sandbox %s has no engine state left; marking it unknown", row.id)
+            self.store.mark_unknown(row.id, Reason.LOST)
+        elif status.state == State.DEAD and row.status == Status.RUNNING:
+            self.store.mark_stopped(row.id, death_reason(status.cause))
+        elif status.state == State.STOPPED and row.status == Status.RUNNING:
+            self.store.mark_stopped(row.id, Reason.NONE)
+        elif status.state in (State.RUNNING, State.PAUSED) and row.status == Status.STOPPED:
+            self.store.mark_running(row.id, row.ip)

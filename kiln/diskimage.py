@@ -1,0 +1,51 @@
+"""Sparse ext4 image files: made, loop-mounted and unmounted on the host.
+
+Volumes (core) and sandbox root disks (engine) are both such images: sparse (they cost only what
+is written), no reserved blocks, capped by their size (writing past it is ENOSPC inside). Host
+mounts are nosuid,nodev: a tenant's setuid-root file or device node on them means nothing here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from .proc import CommandFailed, run
+
+__all__ = ["CommandFailed", "is_mounted", "make_ext4", "mount", "unmount"]
+
+
+async def make_ext4(image: Path, size_mb: int, root_owner: tuple[int, int] | None = None) -> None:
+    """A new sparse image of size_mb with an empty ext4 (lazy init: ~10 ms whatever the size)."""
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    opts = "lazy_itable_init=1,lazy_journal_init=1,nodiscard"
+    if root_owner is not None:
+        opts += f",root_owner={root_owner[0]}:{root_owner[1]}"
+    await run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", opts, str(image)])
+
+
+def is_mounted(path: Path) -> bool:
+    return os.path.ismount(path)
+
+
+async def mount(image: Path, target: Path, read_only: bool = False) -> None:
+    """Loop-mount image at target (made if missing); a no-op if something is mounted there."""
+    if is_mounted(target):
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    opts = "loop,noatime,nosuid,nodev" + (",ro" if read_only else "")
+    await run(["mount", "-o", opts, str(image), str(target)])
+
+
+async def unmount(target: Path, remove_dir: bool = False) -> None:
+    """Unmount target (lazily if it is busy); with remove_dir, remove the empty mount point too."""
+    if is_mounted(target):
+        await run(["umount", str(target)], check=False)
+        if is_mounted(target):
+            await run(["umount", "-l", str(target)], check=False)
+    if remove_dir:
+        with contextlib.suppress(OSError):
+            target.rmdir()

@@ -1,0 +1,32 @@
+"""Small asyncio helpers every layer shares: background loops that stop cleanly, and racing tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any
+
+
+async def cancel_and_wait(task: asyncio.Task | None) -> None:
+    """Cancel a background task and wait until it has really stopped."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def first_completed(*coros: Coroutine[Any, Any, Any], reraise: bool = True) -> None:
+    """Run coroutines until the first one ends; cancel and await the rest. With `reraise`, an
+    exception from one that ended is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if reraise:
+            for t in done:
+                t.result()
+    finally:
+        for t in tasks:
+            t.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks)
