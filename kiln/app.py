@@ -145,7 +145,7 @@ def build_app(config: Config) -> FastAPI:
         description="Isolated Linux sandboxes: exec, files, terminals, ports, publish. Every route "
         "but /health takes `Authorization: Bearer <API key>`.",
     )
-    app.openapi = lambda: openapi_with_unique_ids(app)
+    app.openapi = lambda: openapi_with_unique_ids(app)  # type: ignore[method-assign]
     app.add_middleware(CommonHeaders)
     app.add_middleware(PublicProxy)  # added last = outermost: published hosts never reach the API
     errors.install(app)

@@ -14,7 +14,7 @@ import stat
 try:
     from . import protocol as P
 except ImportError:  # pragma: no cover - run as a script inside the sandbox
-    import protocol as P  # type: ignore[no-redef]
+    import protocol as P  # type: ignore[no-redef,import-not-found]
 
 CHUNK = 256 * 1024
 MAX_LINE = 256 * 1024

@@ -33,9 +33,9 @@ from dataclasses import dataclass
 try:  # imported as kiln.agent.guest on the host (tests), run as a plain script in the sandbox
     from . import files, ports, protocol as P
 except ImportError:  # pragma: no cover
-    import files  # type: ignore[no-redef]
-    import ports  # type: ignore[no-redef]
-    import protocol as P  # type: ignore[no-redef]
+    import files  # type: ignore[no-redef,import-not-found]
+    import ports  # type: ignore[no-redef,import-not-found]
+    import protocol as P  # type: ignore[no-redef,import-not-found]
 
 DEFAULT_UID = 1000
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -143,9 +143,10 @@ def spawn(argv: list[str], launch: Launch, stdin: int, stdout: int, stderr: int)
     """
     path = argv[0]
     if "/" not in path:
-        path = shutil.which(path, path=launch.env.get("PATH", DEFAULT_PATH))
-        if path is None:
+        found = shutil.which(path, path=launch.env.get("PATH", DEFAULT_PATH))
+        if found is None:
             raise FileNotFoundError(errno.ENOENT, "command not found", argv[0])
+        path = found
     actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
     switch = (launch.uid, launch.gid) != (os.geteuid(), os.getegid())
     with SPAWN_LOCK:
@@ -186,6 +187,7 @@ class Child:
             if time.monotonic() >= deadline:
                 raise TimeoutError
             time.sleep(0.002)
+        assert self.returncode is not None
         return self.returncode
 
 
@@ -262,7 +264,7 @@ class Agent:
     def popen_identity(self, req: dict) -> dict:
         """Keyword arguments for Popen that run the child as the requested user."""
         launch = self.launch_spec(req)
-        kw = {"env": launch.env, "cwd": launch.cwd}
+        kw: dict = {"env": launch.env, "cwd": launch.cwd}
         if launch.uid != os.getuid():
             kw.update(user=launch.uid, group=launch.gid, extra_groups=[])
         return kw
@@ -426,6 +428,8 @@ class Agent:
         """Tunnel this connection to a port inside the sandbox. Proxy traffic is not guest activity."""
         port = req.get("port")
         try:
+            if not isinstance(port, int):
+                raise ValueError(f"invalid port: {port!r}")
             upstream = ports.dial_local(port)
         except ValueError as e:
             raise RequestError(str(e))
@@ -439,7 +443,7 @@ class Agent:
     def file_request(self, conn: Conn, ftype: int, req: dict) -> None:
         def send(t: int, obj) -> None:
             if isinstance(obj, (bytes, bytearray)):
-                conn.send(t, obj)
+                conn.send(t, bytes(obj))
             else:
                 conn.send_json(t, obj)
 
@@ -490,9 +494,8 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         for fd in (out_r, err_r, in_w):
             if fd >= 0:
                 os.close(fd)
-        code, why = {errno.ENOENT: (127, "command not found"), errno.EACCES: (126, "permission denied")}.get(
-            e.errno, (126, e.strerror)
-        )
+        known = {errno.ENOENT: (127, "command not found"), errno.EACCES: (126, "permission denied")}
+        code, why = known.get(e.errno or 0, (126, e.strerror or str(e)))
         conn.send(P.STDERR, f"exec: {argv[0]}: {why}\n".encode())
         conn.send_json(P.EXIT, {"exit_code": code})
         return
@@ -559,7 +562,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
     if timed_out:
         conn.send_json(P.EXIT, {"exit_code": 124, "timed_out": True})
     else:
-        rc = proc.returncode
+        rc = proc.returncode or 0
         conn.send_json(P.EXIT, {"exit_code": 128 - rc if rc < 0 else rc})
 
 

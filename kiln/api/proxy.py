@@ -140,7 +140,11 @@ async def request_body(scope, receive):
 
 async def json_reply(send, status: int, body: dict, extra_headers: list | None = None) -> None:
     response = JSONResponse(body, status_code=status, headers=dict(extra_headers or []))
-    await response({"type": "http"}, None, send)
+    await response({"type": "http"}, no_receive, send)
+
+
+async def no_receive() -> dict:
+    raise RuntimeError("a JSON reply does not read the request")
 
 
 async def proxy_http(svc: Services, target: Target, scope, receive, send, bad_gateway: str | None = None):
@@ -219,7 +223,9 @@ async def proxy_websocket(
                 upstream = await ws_connect(
                     f"ws://localhost:{target.port}{target.url_target(scope)}",
                     sock=sock,
-                    additional_headers=target.headers(scope, websocket=True),
+                    additional_headers=[
+                        (k.decode("latin-1"), v.decode("latin-1")) for k, v in target.headers(scope, websocket=True)
+                    ],
                     subprotocols=scope.get("subprotocols") or None,
                     user_agent_header=websocket.headers.get("user-agent"),
                     compression=None,
@@ -233,11 +239,10 @@ async def proxy_websocket(
             async with upstream:
                 await websocket.accept(subprotocol=upstream.subprotocol)
                 await relay_messages(websocket, upstream)
-    except KilnError:
-        if bad_gateway is not None:  # the public proxy says less
-            e = BadGateway(bad_gateway)
+    except KilnError as e:
+        err = BadGateway(bad_gateway) if bad_gateway is not None else e  # the public proxy says less
         if websocket.application_state.name == "CONNECTING":
-            await websocket.send_denial_response(JSONResponse({"error": e.message}, status_code=e.status))
+            await websocket.send_denial_response(JSONResponse({"error": err.message}, status_code=err.status))
         else:
             with contextlib.suppress(Exception):
                 await websocket.close(1011)
@@ -312,6 +317,7 @@ async def proxy_ws(websocket: WebSocket, sandbox_id: str, port: str):
     user = ws_user(websocket, allow_query_token=False)
     if await deny_unless_allowed(websocket, user):
         return
+    assert user is not None
     try:
         target = target_for(services(websocket), user, sandbox_id, port, websocket.scope.get("raw_path") or b"")
     except KilnError as e:

@@ -71,7 +71,7 @@ class PublicProxy:
 
         rule = state.publish.resolve(alias)
         row = state.store.sandbox_by_id(rule.sandbox_id) if rule else None
-        if row is None:
+        if rule is None or row is None:
             return await refuse(404, "not found")
         limits: PublicLimits = state.public_limits
         client_ip = (scope.get("client") or ("",))[0]

@@ -310,7 +310,7 @@ def file_write(
     f = open(source, "rb") if source else sys.stdin.buffer  # noqa: SIM115 (closed by the process exit)
     size = os.fstat(f.fileno()).st_size if source else None
     data = None if source else f.read()
-    show = source is not None and size > 8 * 1024 * 1024 and not as_json and sys.stderr.isatty()
+    show = source is not None and size is not None and size > 8 * 1024 * 1024 and not as_json and sys.stderr.isatty()
 
     async def go(kiln):
         params = {"path": path} | ({"mode": mode} if mode else {})
@@ -324,7 +324,7 @@ def file_write(
             disable=not show,
             console=Console(stderr=True),
         ) as bar:
-            task = bar.add_task(f"upload {os.path.basename(source)}", total=size)
+            task = bar.add_task(f"upload {os.path.basename(source or 'stdin')}", total=size)
 
             async def chunks():
                 while chunk := f.read(1 << 20):

@@ -55,7 +55,7 @@ def main_options(
 
 
 def client_settings() -> tuple[str, str]:
-    saved = {}
+    saved: dict = {}
     if CLIENT_CONFIG.exists():
         saved = yaml.safe_load(CLIENT_CONFIG.read_text()) or {}
     url = settings.url or os.environ.get("KILN_URL") or saved.get("url") or "http://127.0.0.1:8080"

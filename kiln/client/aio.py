@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from websockets.asyncio.client import connect as ws_connect
+from websockets.asyncio.client import ClientConnection, connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
 from .errors import KilnError, Timeout, error_for
@@ -263,7 +263,8 @@ class AsyncCommands:
         if on_stdout is None and on_stderr is None:
             d = await self.sandbox.kiln.json("POST", f"{self.sandbox.path}/exec", json=body, timeout=http_timeout)
             return CommandResult(d["exit_code"], d["stdout"], d["stderr"], bool(d.get("timed_out")))
-        out, err = [], []
+        out: list[str] = []
+        err: list[str] = []
         async for event in self.stream(body, http_timeout):
             kind = event["type"]
             if kind in ("stdout", "stderr"):
@@ -330,7 +331,7 @@ class AsyncPty:
 
     def __init__(self, sandbox: AsyncSandbox, session: str | None, new: bool, rows: int | None, cols: int | None):
         self.sandbox, self.session, self.new, self.size = sandbox, session, new, (rows, cols)
-        self.ws = None
+        self.ws: ClientConnection | None = None
         self.session_id: str | None = None
 
     async def __aenter__(self) -> AsyncPty:
@@ -347,27 +348,33 @@ class AsyncPty:
             query.append("new=true")
         if query:
             url += "?" + "&".join(query)
-        self.ws = await ws_connect(
+        self.ws = ws = await ws_connect(
             url, additional_headers={"Authorization": f"Bearer {kiln.token}"}, max_size=None, proxy=None
         )
-        first = json.loads(await self.ws.recv())
+        first = json.loads(await ws.recv())
         if first.get("type") == "error":
             raise KilnError(first.get("error", "terminal failed"))
         self.session_id = first.get("session_id")
-        if all(self.size):
-            await self.resize(*self.size)
+        rows, cols = self.size
+        if rows and cols:
+            await self.resize(rows, cols)
         return self
 
+    def connected(self) -> ClientConnection:
+        if self.ws is None:
+            raise KilnError("the terminal is not open")
+        return self.ws
+
     async def send(self, data: bytes | str) -> None:
-        await self.ws.send(data.encode() if isinstance(data, str) else data)
+        await self.connected().send(data.encode() if isinstance(data, str) else data)
 
     async def resize(self, rows: int, cols: int) -> None:
-        await self.ws.send(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
+        await self.connected().send(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
 
     async def recv(self, timeout: float | None = None) -> bytes:
         """The next chunk of output; b"" once the session has ended."""
         try:
-            data = await asyncio.wait_for(self.ws.recv(), timeout)
+            data = await asyncio.wait_for(self.connected().recv(), timeout)
         except ConnectionClosed:
             return b""
         except TimeoutError as e:

@@ -79,7 +79,7 @@ class ExecService:
             handle = await stack.enter_async_context(self.sandboxes.using(row))
             stdin = req.stdin.encode() if req.stdin is not None else None
             events = handle.agent.exec(agent_req, stdin)
-            stack.push_async_callback(events.aclose)
+            stack.push_async_callback(events.aclose)  # type: ignore[attr-defined]
             try:
                 first = await anext(events)
             except AgentRequestError:

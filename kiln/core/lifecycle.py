@@ -3,6 +3,7 @@ after a restart. Every status change goes through the store's intent methods (ki
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import logging
 import math
@@ -70,8 +71,10 @@ class CreateRequest:
 
 
 def check_cpus(cpus: float, max_cpus: float) -> None:
-    if not math.isfinite(cpus) or cpus < MIN_CPUS:
-        raise BadRequest(f"cpus must be a number of at least {MIN_CPUS:g}")
+    if not math.isfinite(cpus) or cpus <= 0:
+        raise BadRequest("cpus must be greater than 0")
+    if cpus < MIN_CPUS:
+        raise BadRequest(f"cpus must be at least {MIN_CPUS:g}")
     if cpus > max_cpus:
         raise BadRequest(f"max {max_cpus:g} CPUs per sandbox")
 
@@ -109,13 +112,13 @@ class SandboxService:
             raise NotFound(f'sandbox "{id_or_name}" not found')
         return row
 
-    def list(self, user: User) -> list[SandboxRow]:
+    def list(self, user: User) -> builtins.list[SandboxRow]:
         return [r for r in self.store.list_sandboxes(user.id) if r.status not in IN_FLIGHT]
 
     def count(self) -> int:
         return self.store.count_sandboxes()
 
-    def running_rows(self) -> list[SandboxRow]:
+    def running_rows(self) -> builtins.list[SandboxRow]:
         return [r for r in self.store.list_sandboxes() if r.status == Status.RUNNING]
 
     def tier(self, row: SandboxRow) -> Tier | None:
@@ -358,8 +361,8 @@ class SandboxService:
         user: User,
         id_or_name: str,
         name: str | None,
-        labels_add: dict | None,
-        labels_remove: list | None,
+        labels_add: dict[str, str] | None,
+        labels_remove: builtins.list[str] | None,
         keep_hot: bool | None,
     ) -> SandboxRow:
         """PATCH: rename, then labels, then keep_hot (which wakes the sandbox when set)."""

@@ -9,6 +9,7 @@ secret do not change it, and it can be handed to the sandbox again after a reboo
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from pathlib import Path
@@ -58,14 +59,14 @@ class SecretService:
             raise BadRequest("secret value too large (max 64 KiB)")
         return self.store.upsert_secret(user.id, name, self.box.seal(value.encode(), f"secret:{user.id}:{name}"))
 
-    def list(self, user: User) -> list[SecretRow]:
+    def list(self, user: User) -> builtins.list[SecretRow]:
         return self.store.list_secrets(user.id)
 
     def delete(self, user: User, name: str) -> None:
         if not self.store.delete_secret(user.id, name):
             raise NotFound(f'secret "{name}" not found')
 
-    def resolve(self, user: User, names: list[str]) -> dict[str, str]:
+    def resolve(self, user: User, names: builtins.list[str]) -> dict[str, str]:
         """Values of the named secrets; 400 for a name the user has no secret of."""
         values = {}
         for name in names:

@@ -6,6 +6,7 @@ A create with `template_id` starts from the template; every field the request gi
 
 from __future__ import annotations
 
+import builtins
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -65,14 +66,14 @@ class TemplateService:
             raise NotFound(message or f'template "{id_or_name}" not found')
         return t
 
-    def list(self, user: User) -> list[Template]:
+    def list(self, user: User) -> builtins.list[Template]:
         return self.store.list_templates(user.id)
 
     def delete(self, user: User, id_or_name: str) -> None:
         self.store.delete_template(self.get(user, id_or_name).id)
 
     @staticmethod
-    def volumes(t: Template) -> list[VolumeRequest]:
+    def volumes(t: Template) -> builtins.list[VolumeRequest]:
         return [VolumeRequest(v["name"], v["mount"], bool(v.get("read_only"))) for v in t.spec.get("volumes", [])]
 
 

@@ -9,6 +9,7 @@ into the sandbox is the engine's business. One read-write user at a time, or any
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import secrets
 from dataclasses import dataclass
@@ -91,7 +92,7 @@ class VolumeService:
             raise NotFound(f'volume "{name}" not found')
         return v
 
-    def list(self, user: User) -> list[Volume]:
+    def list(self, user: User) -> builtins.list[Volume]:
         return self.store.list_volumes(user.id)
 
     def check_new(self, user: User, name: str, size_mb: int | None, extra_mb: int = 0) -> int:
@@ -138,7 +139,7 @@ class VolumeService:
 
     # ------------------------------------------------------------ attaching
 
-    def resolve(self, user: User, wanted: list[VolumeRequest], new: list[VolumeRequest]) -> None:
+    def resolve(self, user: User, wanted: builtins.list[VolumeRequest], new: builtins.list[VolumeRequest]) -> None:
         """Check a create request's volumes before anything is made: names, mounts, sizes, conflicts."""
         mounts = set()
         extra = 0
@@ -164,10 +165,10 @@ class VolumeService:
             raise Conflict(f'volume "{v.name}" has a read-write attachment')
 
     async def attach(
-        self, user: User, sandbox_id: str, wanted: list[VolumeRequest], new: list[VolumeRequest]
+        self, user: User, sandbox_id: str, wanted: builtins.list[VolumeRequest], new: builtins.list[VolumeRequest]
     ) -> tuple[VolumeAttachment, ...]:
         """Create the new volumes and record every attachment; the engine attaches them."""
-        plan: list[tuple[Volume, VolumeRequest]] = []
+        plan: builtins.list[tuple[Volume, VolumeRequest]] = []
         for req in new:
             plan.append((await self.create(user, req.name, req.size_mb), req))
         async with self.lock:

@@ -18,9 +18,9 @@ Rules every method follows:
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..agent.client import AgentClient
 
@@ -114,7 +114,7 @@ class NoSpace(EngineError):
     """The host's disk cannot hold what the operation needs; the message says how much is free."""
 
 
-ExitListener = Callable[[str], Awaitable[None]]
+ExitListener = Callable[[str], Coroutine[Any, Any, None]]
 
 
 @runtime_checkable

@@ -425,7 +425,7 @@ class Store:
 
     def sandbox_ports(self, sandbox_id: str | None = None) -> dict[str, dict[int, int]]:
         """{sandbox_id: {container_port: host_port}} of the last scan."""
-        sql, args = "SELECT * FROM sandbox_ports", ()
+        sql, args = "SELECT * FROM sandbox_ports", ()  # type: tuple[str, tuple[str, ...]]
         if sandbox_id is not None:
             sql, args = sql + " WHERE sandbox_id=?", (sandbox_id,)
         found: dict[str, dict[int, int]] = {}
@@ -501,7 +501,9 @@ class Store:
             " SET sealed=excluded.sealed, updated_at=excluded.updated_at",
             (owner_id, name, sealed, ts, ts),
         )
-        return self.get_secret(owner_id, name)
+        row = self.get_secret(owner_id, name)
+        assert row is not None
+        return row
 
     def get_secret(self, owner_id: str, name: str) -> SecretRow | None:
         row = self._exec("SELECT * FROM secrets WHERE owner_id=? AND name=?", (owner_id, name)).fetchone()
@@ -550,7 +552,7 @@ class Store:
         )
 
     def attachments(self, volume_id: str | None = None, sandbox_id: str | None = None) -> list[Attachment]:
-        sql, args = "SELECT * FROM volume_attachments WHERE 1=1", []
+        sql, args = "SELECT * FROM volume_attachments WHERE 1=1", []  # type: str, list[str]
         if volume_id is not None:
             sql, args = sql + " AND volume_id=?", [*args, volume_id]
         if sandbox_id is not None:

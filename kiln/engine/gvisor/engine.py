@@ -180,6 +180,8 @@ class GVisorEngine:
     async def until_ready(self, rec: Record) -> SandboxHandle:
         """Wait for the agent of a just-started sandbox, then watch its processes."""
         handle = self.handle(rec.id)
+        if handle is None:
+            raise EngineError(f"unknown sandbox {rec.id}")
         polls = 0
 
         async def alive() -> bool:
@@ -195,7 +197,7 @@ class GVisorEngine:
         except Exception as e:
             raise EngineError(
                 f"sandbox {rec.id} did not come up: {e}; console: {tail(self.dir(rec.id) / 'console.log')}"
-            )
+            ) from e
         await self.watch(rec.id)
         return handle
 

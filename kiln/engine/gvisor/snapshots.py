@@ -9,7 +9,8 @@ per page: digest, pack, slot) plus the small image files runsc writes beside the
   next diff, so it is computed after the stop has returned (`ensure_index`), or by that diff.
 - Later stops (diff): runsc writes a scratch image beside the store; only pages whose digest the
   store lacks are appended to a new pack, and the scratch image is deleted unsynced. 4 KiB
-  granularity matters: gVisor's memory file shifts by whole pages between checkpoints (a process allocating a few pages moves everything after it),
+  granularity matters: gVisor's memory file shifts by whole pages
+  between checkpoints (a process allocating a few pages moves everything after it),
   which defeats larger fixed chunks but not page-sized ones.
 - A manifest written last (temp + fsync + rename) makes a snapshot current, so a failed stop
   never harms the previous good one. Packs the current index no longer references are deleted.
@@ -27,6 +28,7 @@ import struct
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from ..base import SnapshotSummary
 
@@ -84,7 +86,9 @@ class PageStore:
 
     def records(self, manifest: dict) -> list[tuple[bytes, int, int]]:
         if manifest["index"] is None:  # a full snapshot not indexed yet: index it now
-            manifest = self.ensure_index()
+            indexed = self.ensure_index()
+            assert indexed is not None
+            manifest = indexed
         data = (self.dir / manifest["index"]).read_bytes()
         return list(RECORD.iter_unpack(data))
 
@@ -99,6 +103,7 @@ class PageStore:
         index = f"{gen}.idx"
         write_durably(self.dir / index, b"".join(RECORD.pack(d, gen, slot) for slot, d in enumerate(digests)))
         m = self.manifest()  # unchanged meanwhile: the engine never writes it concurrently
+        assert m is not None
         m["index"] = index
         write_durably(self.dir / MANIFEST, json.dumps(m).encode())
         return m
@@ -252,10 +257,10 @@ class PageStore:
         if m["index"] is None:  # a full snapshot is its pack, page for page: no copy at all
             os.link(self.pack_path(m["generation"]), target_dir / PAGES_FILE)
             return
-        packs: dict[int, object] = {}
+        packs: dict[int, BinaryIO] = {}
         try:
             with open(target_dir / PAGES_FILE, "wb") as out:
-                run_pack, run_start, run_len = None, 0, 0
+                run_pack, run_start, run_len = -1, 0, 0
 
                 def flush():  # a run of consecutive pages: copied in big reads, 1 MiB at most each
                     if run_len:
