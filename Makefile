@@ -1,10 +1,11 @@
 # kiln: `make serve` runs the daemon, `make test` runs the whole suite, `make bench` the benchmarks.
 # Both install what is missing first (apt packages, the project venv) and build the default image once.
+# `make test` runs ruff and mypy before the suite; `make unit` only the fast unit tests.
 SHELL := /bin/bash
 PY := .venv/bin/python
 CONFIG ?= $(KILN_CONFIG)
 
-.PHONY: install image serve test unit integration bench clean
+.PHONY: install image serve lint test unit integration bench clean
 
 install:
 	@bash scripts/install-deps.sh
@@ -15,12 +16,20 @@ image: install
 serve: image
 	@$(PY) -m kiln.cli.main serve $(if $(CONFIG),--config $(CONFIG))
 
+# Lint and types first: a finding fails the run before any sandbox starts.
+lint:
+	@.venv/bin/ruff format --check kiln tests bench
+	@.venv/bin/ruff check kiln tests bench
+	@.venv/bin/mypy
+
 test:
 	@bash scripts/install-deps.sh --test
+	@$(MAKE) --no-print-directory lint
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)
 
+# Only the fast tests of pure logic: installs the Python packages, no system package, no root needed.
 unit:
-	@bash scripts/install-deps.sh --test
+	@bash scripts/install-deps.sh --python-only
 	@$(PY) -m pytest -ra tests/unit
 
 bench: install

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Installs everything kiln needs on a Debian 12 host, skipping what is already there.
-# Called by `make serve` and, with --test (adds Chromium for the browser test), by `make test`.
+# Called by `make serve` and, with --test (adds Chromium for the browser test), by `make test`;
+# with --python-only (no system packages: `make unit`) it only makes the project venv.
 # Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
+mode=${1:-}
 
 need_apt=()
+if [ "$mode" != "--python-only" ]; then
 # (no `| grep -q` here: with pipefail, grep quitting early makes runsc die of SIGPIPE and fail the test)
 runsc_ok() {
   command -v runsc >/dev/null || return 1
@@ -21,7 +24,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
-if [ "${1:-}" = "--test" ]; then
+if [ "$mode" = "--test" ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)   # driven by Playwright in tests/browser
 fi
 
@@ -32,7 +35,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
     mirror=$(grep -rhs '^URIs:' /etc/apt/sources.list.d/*.sources | grep -v security | head -n1 | awk '{print $2}')
     [ -n "$mirror" ] || mirror=$(grep -rhs '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
                                   | grep bookworm | grep -v security | head -n1 | awk '{print $2}')
-    [ -n "$mirror" ] || mirror=http://deb.debian.org/debian
+    if [ -z "$mirror" ]; then
+      echo "no Debian package source is configured in /etc/apt (sources.list or sources.list.d):" >&2
+      echo "kiln installs from the sources this machine already uses" >&2
+      exit 1
+    fi
     say "adding bookworm-backports from $mirror"
     echo "deb $mirror bookworm-backports main" > /etc/apt/sources.list.d/kiln-backports.list
   fi
@@ -48,6 +55,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 runsc_ok || { echo "runsc from bookworm-backports is required (runsc --version: $(runsc --version 2>&1 | head -1))" >&2; exit 1; }
+fi
 
 # Python dependencies into the project venv.
 PY=${PYTHON:-python3}

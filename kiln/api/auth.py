@@ -6,7 +6,7 @@ import json
 import re
 from email.utils import formatdate
 
-from fastapi import Request
+from fastapi import Request, WebSocket
 
 from .. import __version__
 from ..core.errors import TooManyRequests, Unauthorized
@@ -16,6 +16,12 @@ from .deps import services
 MAX_JSON_BODY = 1 << 20
 # Routes whose bodies are raw bytes for the sandbox, not API JSON: file uploads and proxied requests.
 RAW_BODY_PATH = re.compile(r"^/sandboxes/[^/]+/(files|proxy)(/|$)")
+
+
+def route_template(conn: Request | WebSocket) -> str:
+    """The matched route's path template (`/sandboxes/{sandbox_id}/exec`), not the request's path."""
+    route = conn.scope.get("route")
+    return getattr(route, "path", "") or conn.url.path
 
 
 async def require_user(request: Request) -> User:
@@ -29,7 +35,7 @@ async def require_user(request: Request) -> User:
     user = services(request).store.user_by_key(header[7:].strip())
     if user is None:
         raise Unauthorized("invalid api key")
-    if not services(request).rate_limits.allow(user.id, request.method, request.url.path):
+    if not services(request).rate_limits.allow(user.id, request.method, route_template(request)):
         raise TooManyRequests("rate limit exceeded")
     return user
 

@@ -17,6 +17,7 @@ from ..core.errors import KilnError
 from ..core.terminal import Terminal
 from ..store.db import User
 from ..tasks import first_completed
+from .auth import route_template
 from .deps import services
 
 router = APIRouter()
@@ -40,7 +41,7 @@ async def deny_unless_allowed(websocket: WebSocket, user: User | None) -> bool:
         )
         await websocket.send_denial_response(JSONResponse({"error": msg}, status_code=401))
         return True
-    if not services(websocket).rate_limits.allow(user.id, "GET", websocket.url.path):
+    if not services(websocket).rate_limits.allow(user.id, "WEBSOCKET", route_template(websocket)):
         await websocket.send_denial_response(JSONResponse({"error": "rate limit exceeded"}, status_code=429))
         return True
     return False

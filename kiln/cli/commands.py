@@ -251,7 +251,14 @@ def shell(
 def ps(sandbox: str, as_json: bool = JsonOpt):
     """Sessions (shells, init) in a sandbox."""
     rows = run(lambda k: k.json("GET", f"/sandboxes/{sandbox}/sessions"))
-    emit(rows, as_json, lambda d: table(d, ["session_id", "command", "running", "attached", "exit_code"]))
+    # the API names a session's command line `argv` (bhatti's SessionInfo); the table says COMMAND
+    emit(
+        rows,
+        as_json,
+        lambda d: table(
+            [{**s, "command": s.get("argv")} for s in d], ["session_id", "command", "running", "attached", "exit_code"]
+        ),
+    )
 
 
 @app.command()

@@ -21,6 +21,7 @@ import typer
 import yaml
 
 from ..config import ConfigError, load_config
+from ..fileio import write_atomic
 
 app = typer.Typer(
     name="kiln",
@@ -207,7 +208,5 @@ def setup(
     except KilnError as e:
         raise fail(f"cannot use {url}: {e}")
     CLIENT_CONFIG.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(CLIENT_CONFIG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump({"url": url, "token": token}, f)
+    write_atomic(CLIENT_CONFIG, yaml.safe_dump({"url": url, "token": token}))
     typer.echo(f"saved to {CLIENT_CONFIG}")

@@ -43,12 +43,17 @@ class KeyedLimiter:
         return bucket.take()
 
 
-def rate_class(method: str, path: str) -> str:
-    """bhatti's classes: only POST /sandboxes creates; exec, file uploads and WebSockets are "exec";
-    everything else (reads, deletes, stop/start, publish) is "read"."""
-    if method == "POST" and path.rstrip("/") == "/sandboxes":
+CREATE_ROUTES = {("POST", "/sandboxes")}
+EXEC_ROUTES = {("POST", "/sandboxes/{sandbox_id}/exec"), ("PUT", "/sandboxes/{sandbox_id}/files")}
+
+
+def rate_class(method: str, route: str) -> str:
+    """bhatti's classes, chosen by the matched route's template (never by what a path contains: a
+    sandbox may be called `ws-demo`): only POST /sandboxes creates; exec, file uploads and WebSockets
+    (method "WEBSOCKET") are "exec"; everything else (reads, deletes, stop/start, publish) is "read"."""
+    if (method, route) in CREATE_ROUTES:
         return "create"
-    if (method == "POST" and "/exec" in path) or (method == "PUT" and "/files" in path) or "/ws" in path:
+    if (method, route) in EXEC_ROUTES or method == "WEBSOCKET":
         return "exec"
     return "read"
 
@@ -59,5 +64,5 @@ class UserRateLimits:
     def __init__(self, create: tuple[int, float], exec_: tuple[int, float], read: tuple[int, float]):
         self.limiters = {"create": KeyedLimiter(*create), "exec": KeyedLimiter(*exec_), "read": KeyedLimiter(*read)}
 
-    def allow(self, user_id: str, method: str, path: str) -> bool:
-        return self.limiters[rate_class(method, path)].take(user_id)
+    def allow(self, user_id: str, method: str, route: str) -> bool:
+        return self.limiters[rate_class(method, route)].take(user_id)

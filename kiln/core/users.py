@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 from ..config import Config
+from ..fileio import write_atomic
 from ..store.db import Store, User, now
 
 KEY_PREFIX = "kiln_"
@@ -49,6 +49,5 @@ def ensure_admin(store: Store, config: Config) -> str | None:
 
 
 def write_token(path: Path, key: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    """Replaced atomically: a crash during rotate-key leaves the old key or the new one, never none."""
+    write_atomic(path, key + "\n")

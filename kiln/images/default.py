@@ -8,7 +8,6 @@ because the build goes to a temporary directory that is renamed into place at th
 from __future__ import annotations
 
 import fcntl
-import glob
 import os
 import shutil
 import subprocess
@@ -30,23 +29,31 @@ CUSTOMIZE = [
 ]
 
 
+class ImageBuildError(Exception):
+    pass
+
+
 def image_path(images_dir: Path, name: str = DEFAULT_IMAGE) -> Path:
     return images_dir / name
 
 
-def host_mirror() -> str:
+def host_mirror(root: Path = Path("/")) -> str:
     """The Debian mirror this host already uses, so the build reaches only configured registries."""
-    for f in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        for line in Path(f).read_text().splitlines():
+    apt = root / "etc/apt"
+    for f in sorted((apt / "sources.list.d").glob("*.sources")):
+        for line in f.read_text().splitlines():
             if line.startswith("URIs:") and "security" not in line:
                 return line.split()[1]
-    for f in ["/etc/apt/sources.list", *sorted(glob.glob("/etc/apt/sources.list.d/*.list"))]:
-        if os.path.exists(f):
-            for line in Path(f).read_text().splitlines():
+    for f in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]:
+        if f.exists():
+            for line in f.read_text().splitlines():
                 parts = line.split()
                 if len(parts) >= 3 and parts[0] == "deb" and "security" not in line and parts[2].startswith(SUITE):
                     return parts[1]
-    return "http://deb.debian.org/debian"
+    raise ImageBuildError(
+        f"no Debian package source is configured on this host ({apt}/sources.list or sources.list.d/): "
+        "kiln builds its image from the sources the host already uses"
+    )
 
 
 def ensure_default_image(images_dir: Path, log=print) -> Path:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..states import DELETABLE, Reason, Status, check_transition
+from ..states import DELETABLE, IllegalTransition, Reason, Status, check_transition
 
 MIGRATIONS: list[str] = [
     # 1: users, API keys, sandboxes
@@ -399,7 +399,7 @@ class Store:
         with self.transaction() as db:
             row = db.execute("SELECT status FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
             if row is not None and row["status"] not in DELETABLE:
-                check_transition(row["status"], Status.DESTROYING)  # raises: a live row is never deleted
+                raise IllegalTransition(f"a {row['status']} sandbox is never deleted: mark it destroying first")
             db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
 
     def get_sandbox(self, owner_id: str, id_or_name: str) -> SandboxRow | None:

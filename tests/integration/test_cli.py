@@ -126,7 +126,11 @@ def test_json_output_parses(env, dev, api):
     assert kiln(env, "file", "read", "dev", "/workspace/cli.txt").stdout == b"from stdin"
     names = [e["name"] for e in json.loads(kiln(env, "file", "ls", "dev", "/workspace", "--json").stdout)]
     assert "cli.txt" in names
-    assert json.loads(kiln(env, "ps", "dev", "--json").stdout) is not None
+    sessions = json.loads(kiln(env, "ps", "dev", "--json").stdout)
+    assert sessions and all(s["argv"] for s in sessions)  # earlier tests opened shells
+    shown = kiln(env, "ps", "dev").stdout.decode()
+    for s in sessions:
+        assert s["argv"] in shown  # the COMMAND column is filled in
     secret = kiln(env, "secret", "set", "CLI_SECRET", "--json", stdin=b"v\n")
     assert json.loads(secret.stdout)["name"] == "CLI_SECRET"
     assert [s["name"] for s in json.loads(kiln(env, "secret", "list", "--json").stdout)] == ["CLI_SECRET"]

@@ -2,6 +2,7 @@
 daemon and other sandboxes stay responsive. Also: agent crashes, and a full disk under data_dir."""
 
 import contextlib
+import json
 import os
 import subprocess
 import threading
@@ -197,6 +198,18 @@ def test_killing_the_agent_is_detected_reported_and_recoverable(api, attacker):
     assert got["status"] == "stopped" and got["reason"] == "exited"
     assert api.post(f"/sandboxes/{attacker['id']}/start").json()["status"] == "running"
     assert run(api, attacker, ["cat", "/home/kiln/data"])["stdout"] == "precious\n"
+
+
+def test_a_streamed_exec_that_fails_midway_says_so_and_is_logged(daemon, api, attacker):
+    r = api.post(
+        f"/sandboxes/{attacker['id']}/exec",
+        json={"cmd": ["sh", "-c", "echo started; sleep 0.3; kill -9 $PPID"], "user": "root"},
+        headers={"Accept": "application/x-ndjson"},
+    )
+    lines = [json.loads(line) for line in r.text.splitlines()]
+    assert lines[0] == {"type": "stdout", "data": "started\n"}
+    assert lines[-1]["type"] == "error" and "agent" in lines[-1]["data"]
+    assert f"streamed exec in sandbox {attacker['id']} failed" in daemon.log()
 
 
 def test_disk_full_under_data_dir_refuses_creates_cleanly(default_image):

@@ -49,6 +49,15 @@ def test_user_cli_quotas_rotate_and_delete(daemon):
     assert kiln(daemon, "user", "delete", "limited").returncode == 1
 
 
+def test_rate_class_does_not_depend_on_the_sandbox_name(default_image):
+    tight = {"rate_exec": {"burst": 2, "per_minute": 1}, "rate_read": {"burst": 50, "per_minute": 1}}
+    with running_daemon({"limits": tight}) as d, d.client() as api:
+        make_sandbox(api, name="ws-demo")
+        # reads of a sandbox whose name contains "ws" are reads (they were classed as exec: 429 from the 3rd)
+        assert [api.get("/sandboxes/ws-demo").status_code for _ in range(6)] == [200] * 6
+        assert api.delete("/sandboxes/ws-demo").status_code == 200
+
+
 def test_rate_limits_per_user_and_class(default_image):
     tight = {
         "rate_create": {"burst": 1, "per_minute": 1},

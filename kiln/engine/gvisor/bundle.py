@@ -15,11 +15,11 @@ Layout of a sandbox directory:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from ... import diskimage
 from ...agent import AGENT_DIR
+from ...fileio import write_atomic
 from ..base import EngineError, SandboxSpec
 from .network import Link
 from .proc import run
@@ -109,24 +109,13 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
     }
 
 
-def write_private(path: Path, data: str) -> None:
-    """Write a root-only file atomically (it holds the agent token; secrets never go to files)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_bundle(
     spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str, binds: list[Bind]
 ) -> None:
     (sandbox_dir / "rootfs").mkdir(exist_ok=True)
     agent_config = {"token": token, "env": spec.env, "init": spec.init, "secrets_pending": spec.has_secrets}
-    write_private(sandbox_dir / "agent.json", json.dumps(agent_config))
-    write_private(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path, binds)))
+    write_atomic(sandbox_dir / "agent.json", json.dumps(agent_config))
+    write_atomic(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path, binds)))
 
 
 async def make_disk(sandbox_dir: Path, size_mb: int) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ...agent.client import AgentClient
 from ...agent.protocol import AGENT_PORT
+from ...fileio import write_atomic
 from ..base import (
     DeathCause,
     EngineError,
@@ -165,7 +166,7 @@ class GVisorEngine:
             await self.network.create(link)
             await bundle.mount_rootfs(image_dir, sandbox_dir)
             # engine.json last: a directory without it is a half-made sandbox, removed on start.
-            bundle.write_private(sandbox_dir / "engine.json", rec.to_json())
+            write_atomic(sandbox_dir / "engine.json", rec.to_json())
             return await self.launch(rec)
         except BaseException:
             await self.destroy(spec.id)

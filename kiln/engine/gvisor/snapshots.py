@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
+from ...fileio import write_atomic
 from ..base import SnapshotSummary
 
 PAGE = 4096
@@ -49,15 +50,6 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def fsync_file(path: Path) -> None:
@@ -101,11 +93,11 @@ class PageStore:
         gen = m["generation"]
         digests = page_digests(self.pack_path(gen))
         index = f"{gen}.idx"
-        write_durably(self.dir / index, b"".join(RECORD.pack(d, gen, slot) for slot, d in enumerate(digests)))
+        write_atomic(self.dir / index, b"".join(RECORD.pack(d, gen, slot) for slot, d in enumerate(digests)))
         m = self.manifest()  # unchanged meanwhile: the engine never writes it concurrently
         assert m is not None
         m["index"] = index
-        write_durably(self.dir / MANIFEST, json.dumps(m).encode())
+        write_atomic(self.dir / MANIFEST, json.dumps(m).encode())
         return m
 
     def stray_packs(self) -> list[str]:
@@ -175,7 +167,7 @@ class PageStore:
         index = None
         if records is not None:
             index = f"{gen}.idx"
-            write_durably(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
+            write_atomic(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
         info = SnapshotSummary(
             kind="diff" if old else "full", bytes_written=written, bytes_total=total, taken_at=now_rfc3339()
         )
@@ -188,7 +180,7 @@ class PageStore:
             "files": others,
         }
         fsync_dir(self.packs)
-        write_durably(self.dir / MANIFEST, json.dumps(manifest).encode())
+        write_atomic(self.dir / MANIFEST, json.dumps(manifest).encode())
         fsync_dir(self.dir)
         self.collect_garbage(manifest, records)
         return info
@@ -242,7 +234,7 @@ class PageStore:
         m = self.manifest()
         if m and m.get("restorable"):
             m["restorable"] = False
-            write_durably(self.dir / MANIFEST, json.dumps(m).encode())
+            write_atomic(self.dir / MANIFEST, json.dumps(m).encode())
 
     # ------------------------------------------------------------ restoring
 
