@@ -15,6 +15,7 @@ from ..core.exec import ExecRequest
 from ..store.db import User
 from .auth import require_user
 from .deps import services
+from .models import ExecOut
 
 router = APIRouter()
 log = logging.getLogger("kiln.exec")
@@ -35,7 +36,7 @@ def line(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-@router.post("/sandboxes/{sandbox_id}/exec")
+@router.post("/sandboxes/{sandbox_id}/exec", response_model=ExecOut, response_model_exclude_none=True)
 async def exec_command(sandbox_id: str, body: ExecBody, request: Request, user: User = Depends(require_user)):
     execs = services(request).exec
     req = ExecRequest(**body.model_dump())

@@ -9,6 +9,7 @@ from ..core.errors import BadRequest
 from ..store.db import User
 from .auth import require_user
 from .deps import services
+from .models import FileEntryOut, StatusOut
 
 router = APIRouter()
 
@@ -46,7 +47,7 @@ async def stat_file(sandbox_id: str, request: Request, path: str = "", user: Use
     )
 
 
-@router.get("/sandboxes/{sandbox_id}/files")
+@router.get("/sandboxes/{sandbox_id}/files", response_model=list[FileEntryOut])
 async def read_file(sandbox_id: str, request: Request, path: str = "", user: User = Depends(require_user)):
     files = services(request).files
     if request.query_params.get("ls") == "true":
@@ -59,7 +60,7 @@ async def read_file(sandbox_id: str, request: Request, path: str = "", user: Use
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
 
-@router.put("/sandboxes/{sandbox_id}/files")
+@router.put("/sandboxes/{sandbox_id}/files", response_model=StatusOut, response_model_exclude_none=True)
 async def write_file(
     sandbox_id: str, request: Request, path: str = "", mode: str | None = None, user: User = Depends(require_user)
 ):

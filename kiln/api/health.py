@@ -7,6 +7,7 @@ import time
 from fastapi import APIRouter, Request
 
 from .deps import services
+from .models import HealthOut
 
 router = APIRouter()
 
@@ -22,7 +23,12 @@ def go_duration(seconds: float) -> str:
     return f"{s}s"
 
 
-@router.api_route("/health", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+@router.api_route(
+    "/health",
+    methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"],
+    response_model=HealthOut,
+    response_model_exclude_none=True,
+)
 async def health(request: Request):
     return {
         "status": "ok",

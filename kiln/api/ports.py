@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request
 from ..store.db import User
 from .auth import require_user
 from .deps import services
+from .models import PortOut
 
 router = APIRouter()
 
@@ -19,14 +20,14 @@ def port_json(sandbox_ref: str, container_port: int, host_port: int) -> dict:
     }
 
 
-@router.get("/sandboxes/{sandbox_id}/ports")
+@router.get("/sandboxes/{sandbox_id}/ports", response_model=list[PortOut], response_model_exclude_none=True)
 async def sandbox_ports(sandbox_id: str, request: Request, user: User = Depends(require_user)):
     tracker = services(request).ports
     row = await tracker.refresh(user, sandbox_id)
     return [port_json(sandbox_id, p, h) for p, h in tracker.listing(row.id)]
 
 
-@router.get("/ports")
+@router.get("/ports", response_model=list[PortOut], response_model_exclude_none=True)
 async def all_ports(request: Request, user: User = Depends(require_user)):
     tracker = services(request).ports
     out = []

@@ -9,6 +9,7 @@ from ..core.errors import BadRequest
 from ..store.db import PublishRule, User
 from .auth import require_user
 from .deps import services
+from .models import PublishOut
 
 router = APIRouter()
 
@@ -31,7 +32,9 @@ def rule_json(rule: PublishRule, url: str) -> dict:
     }
 
 
-@router.post("/sandboxes/{sandbox_id}/publish", status_code=201)
+@router.post(
+    "/sandboxes/{sandbox_id}/publish", status_code=201, response_model=PublishOut, response_model_exclude_none=True
+)
 async def publish(
     sandbox_id: str, body: PublishBody, request: Request, response: Response, user: User = Depends(require_user)
 ):
@@ -45,7 +48,7 @@ async def publish(
     return rule_json(rule, state.publish.url(rule.alias))
 
 
-@router.get("/sandboxes/{sandbox_id}/publish")
+@router.get("/sandboxes/{sandbox_id}/publish", response_model=list[PublishOut], response_model_exclude_none=True)
 async def list_published(sandbox_id: str, request: Request, user: User = Depends(require_user)):
     state = services(request)
     row = state.sandboxes.get(user, sandbox_id)

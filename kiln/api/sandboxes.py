@@ -11,6 +11,7 @@ from ..core.volumes import VolumeRequest
 from ..store.db import SandboxRow, User
 from .auth import require_user
 from .deps import services
+from .models import SandboxOut, StatusOut
 
 router = APIRouter()
 
@@ -109,7 +110,7 @@ def service(request: Request) -> SandboxService:
     return services(request).sandboxes
 
 
-@router.post("/sandboxes", status_code=201)
+@router.post("/sandboxes", status_code=201, response_model=SandboxOut, response_model_exclude_none=True)
 async def create_sandbox(body: CreateBody, request: Request, response: Response, user: User = Depends(require_user)):
     row, existed = await service(request).create(user, body.request())
     if existed:
@@ -118,7 +119,7 @@ async def create_sandbox(body: CreateBody, request: Request, response: Response,
     return sandbox_json(row, service(request).engine.name)
 
 
-@router.get("/sandboxes")
+@router.get("/sandboxes", response_model=list[SandboxOut], response_model_exclude_none=True)
 async def list_sandboxes(request: Request, user: User = Depends(require_user)):
     engine = service(request).engine.name
     sandboxes = service(request)
@@ -137,26 +138,26 @@ async def missing_id(user: User = Depends(require_user)):
     raise BadRequest("missing sandbox id")
 
 
-@router.get("/sandboxes/{sandbox_id}")
+@router.get("/sandboxes/{sandbox_id}", response_model=SandboxOut, response_model_exclude_none=True)
 async def get_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
     sandboxes = service(request)
     row = sandboxes.get(user, sandbox_id)
     return sandbox_json(row, service(request).engine.name, sandboxes.agent_restarts(row.id))
 
 
-@router.delete("/sandboxes/{sandbox_id}")
+@router.delete("/sandboxes/{sandbox_id}", response_model=StatusOut, response_model_exclude_none=True)
 async def delete_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
     await service(request).destroy(user, sandbox_id)
     return {"status": "destroyed"}
 
 
-@router.patch("/sandboxes/{sandbox_id}")
+@router.patch("/sandboxes/{sandbox_id}", response_model=SandboxOut, response_model_exclude_none=True)
 async def patch_sandbox(sandbox_id: str, body: PatchBody, request: Request, user: User = Depends(require_user)):
     row = await service(request).update(user, sandbox_id, body.name, body.labels_add, body.labels_remove, body.keep_hot)
     return sandbox_json(row, service(request).engine.name)
 
 
-@router.post("/sandboxes/{sandbox_id}/start")
+@router.post("/sandboxes/{sandbox_id}/start", response_model=SandboxOut, response_model_exclude_none=True)
 async def start_sandbox(
     sandbox_id: str, request: Request, body: StartBody | None = None, user: User = Depends(require_user)
 ):
@@ -164,7 +165,7 @@ async def start_sandbox(
     return sandbox_json(row, service(request).engine.name)
 
 
-@router.post("/sandboxes/{sandbox_id}/stop")
+@router.post("/sandboxes/{sandbox_id}/stop", response_model=SandboxOut, response_model_exclude_none=True)
 async def stop_sandbox(sandbox_id: str, request: Request, user: User = Depends(require_user)):
     row = await service(request).stop(user, sandbox_id)
     return sandbox_json(row, service(request).engine.name)

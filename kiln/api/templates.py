@@ -10,6 +10,7 @@ from ..core.volumes import VolumeRequest
 from ..store.db import User
 from .auth import require_user
 from .deps import services
+from .models import StatusOut, TemplateOut
 from .sandboxes import VolumeBody
 
 router = APIRouter()
@@ -27,7 +28,7 @@ class TemplateBody(BaseModel):
     keep_hot: StrictBool = False
 
 
-@router.post("/templates", status_code=201)
+@router.post("/templates", status_code=201, response_model=TemplateOut)
 async def create_template(body: TemplateBody, request: Request, user: User = Depends(require_user)):
     spec = TemplateSpec(
         name=body.name,
@@ -42,17 +43,17 @@ async def create_template(body: TemplateBody, request: Request, user: User = Dep
     return template_json(services(request).templates.create(user, spec))
 
 
-@router.get("/templates")
+@router.get("/templates", response_model=list[TemplateOut])
 async def list_templates(request: Request, user: User = Depends(require_user)):
     return [template_json(t) for t in services(request).templates.list(user)]
 
 
-@router.get("/templates/{template_id}")
+@router.get("/templates/{template_id}", response_model=TemplateOut)
 async def get_template(template_id: str, request: Request, user: User = Depends(require_user)):
     return template_json(services(request).templates.get(user, template_id, message="not found"))
 
 
-@router.delete("/templates/{template_id}")
+@router.delete("/templates/{template_id}", response_model=StatusOut, response_model_exclude_none=True)
 async def delete_template(template_id: str, request: Request, user: User = Depends(require_user)):
     services(request).templates.delete(user, template_id)
     return {"status": "deleted"}

@@ -303,11 +303,8 @@ class SandboxService:
         async with rt.lock:
             fresh = self.store.sandbox_by_id(row.id)
             if fresh and fresh.status == Status.RUNNING and not fresh.keep_hot and not rt.pins:
-                rt.transitioning = True
-                try:
+                with rt.transition():
                     await pausable.pause(row.id)
-                finally:
-                    rt.transitioning = False
 
     async def snapshot(self, row: SandboxRow, reason: str) -> None:
         """Stop to disk (explicit stop, thermal cold, shutdown). EngineError leaves the sandbox running."""
@@ -322,8 +319,7 @@ class SandboxService:
             if reason == "thermal" and (fresh.keep_hot or rt.pins):
                 return
             self.events.before_stop(row.id)
-            rt.transitioning = True
-            try:
+            with rt.transition():
                 try:
                     info = await snapshottable.stop(row.id)
                 except EngineError:
@@ -332,8 +328,6 @@ class SandboxService:
                         self.store.mark_stopped(row.id, Reason.SNAPSHOT_FAILED)
                     raise
                 self.store.mark_stopped(row.id, Reason.NONE, snapshot=info.to_dict())
-            finally:
-                rt.transitioning = False
         log.info(
             "sandbox %s stopped to disk (%s): %s snapshot, %d of %d bytes written",
             row.id,

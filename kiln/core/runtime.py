@@ -36,6 +36,15 @@ class SandboxRuntime:
     def idle_for(self) -> float:
         return time.monotonic() - self.last_activity
 
+    @contextlib.contextmanager
+    def transition(self) -> Iterator[None]:
+        """Mark a pause or stop under way (call with the lock held): requests queue on the lock."""
+        self.transitioning = True
+        try:
+            yield
+        finally:
+            self.transitioning = False
+
 
 class Runtimes:
     def __init__(self) -> None:

@@ -1,0 +1,317 @@
+"""The agent's server: one authenticated request per connection, sessions, secrets, activity.
+
+Part of the guest agent: standard library only, imported as kiln.agent.server on the host (tests) and
+as a plain module inside the sandbox."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import pwd
+import signal
+import socket
+import sys
+import threading
+import time
+
+try:  # imported as kiln.agent.* on the host, run as plain modules in the sandbox
+    from . import files, ports, protocol as P
+    from .oneshot import run_exec
+    from .sessions import EXITED_SESSION_TTL, Session
+    from .spawn import DEFAULT_PATH, Launch
+    from .wire import Conn, RequestError, recv_frame
+except ImportError:  # pragma: no cover
+    import files  # type: ignore[no-redef,import-not-found]
+    import ports  # type: ignore[no-redef,import-not-found]
+    import protocol as P  # type: ignore[no-redef,import-not-found]
+    from oneshot import run_exec  # type: ignore[no-redef,import-not-found]
+    from sessions import EXITED_SESSION_TTL, Session  # type: ignore[no-redef,import-not-found]
+    from spawn import DEFAULT_PATH, Launch  # type: ignore[no-redef,import-not-found]
+    from wire import Conn, RequestError, recv_frame  # type: ignore[no-redef,import-not-found]
+
+DEFAULT_UID = 1000
+AUTH_DEADLINE = 5.0
+MAX_CONNECTIONS = 50
+MAX_SESSIONS = 20
+INIT_MARKER = "/var/lib/kiln-agent/init-started"
+# Secrets arrive from the host after boot (they are never in a file on the host); kept on the
+# sandbox's own tmpfs, root-only, so a re-forked agent server still has them.
+SECRETS_FILE = "/run/kiln-agent/secrets.json"
+SECRETS_WAIT = 60.0
+
+
+class Agent:
+    def __init__(self, config: dict):
+        self.token = config["token"].encode()
+        self.port = int(config.get("port", P.AGENT_PORT))
+        self.bind = config.get("bind", "0.0.0.0")
+        self.sandbox_env = {str(k): str(v) for k, v in (config.get("env") or {}).items()}
+        self.init_script = config.get("init") or ""
+        self.secrets_file = config.get("secrets_file", SECRETS_FILE)
+        self.secret_env: dict[str, str] = {}
+        self.secrets_ready = threading.Event()
+        try:
+            with open(self.secrets_file) as f:
+                self.secret_env = json.load(f)
+            self.secrets_ready.set()
+        except (OSError, ValueError):
+            if not config.get("secrets_pending"):
+                self.secrets_ready.set()
+        self.last_activity = time.time()
+        self.started = 0  # agent servers started by PID 1 so far (more than 1: the server crashed)
+        self.sessions: dict[str, Session] = {}
+        self.sessions_lock = threading.Lock()
+        self.session_counter = 0
+        self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+    # -- identity and environment
+
+    def identity(self, user) -> pwd.struct_passwd | None:
+        """Resolve `user` (None = uid 1000, a name, or a uid) to a passwd entry, or None if uid is unnamed."""
+        if user is None or user == "":
+            user = DEFAULT_UID
+        if isinstance(user, str) and user.isdigit():
+            user = int(user)
+        try:
+            return pwd.getpwuid(user) if isinstance(user, int) else pwd.getpwnam(user)
+        except (OverflowError, ValueError, TypeError):
+            raise RequestError(f"invalid user: {user!r}")
+        except KeyError:
+            if isinstance(user, int) and 0 <= user < 2**31:
+                return None
+            raise RequestError(f"unknown user: {user}")
+
+    def build_env(self, pw, uid: int, extra: dict | None) -> dict:
+        env = {
+            "PATH": DEFAULT_PATH,
+            "TERM": "xterm-256color",
+            "LANG": "C.UTF-8",
+            "HOME": pw.pw_dir if pw else "/",
+            "USER": pw.pw_name if pw else str(uid),
+        }
+        env.update(self.sandbox_env)
+        env.update(self.secret_env)
+        env.update({str(k): str(v) for k, v in (extra or {}).items()})
+        return env
+
+    def launch_spec(self, req: dict) -> Launch:
+        """Who, where and with what environment a requested process runs."""
+        pw = self.identity(req.get("user"))
+        uid = pw.pw_uid if pw else int(req["user"])
+        gid = pw.pw_gid if pw else uid
+        cwd = req.get("cwd") or "/"
+        if not os.path.isdir(cwd):
+            raise RequestError(f"cwd: no such directory: {cwd}")
+        return Launch(uid, gid, cwd, self.build_env(pw, uid, req.get("env")))
+
+    def popen_identity(self, req: dict) -> dict:
+        """Keyword arguments for Popen that run the child as the requested user."""
+        launch = self.launch_spec(req)
+        kw: dict = {"env": launch.env, "cwd": launch.cwd}
+        if launch.uid != os.getuid():
+            kw.update(user=launch.uid, group=launch.gid, extra_groups=[])
+        return kw
+
+    # -- sessions
+
+    def new_session_id(self, wanted: str | None) -> str:
+        with self.sessions_lock:
+            if wanted:
+                if wanted in self.sessions:
+                    raise RequestError(f"session {wanted} already exists")
+                return wanted
+            self.session_counter += 1
+            return f"s{self.session_counter}"
+
+    def add_session(self, session: Session) -> None:
+        with self.sessions_lock:
+            self.reap_sessions_locked()
+            if len(self.sessions) >= MAX_SESSIONS:
+                raise RequestError("session limit exceeded", P.FAILED)
+            self.sessions[session.id] = session
+
+    def reap_sessions_locked(self) -> None:
+        now = time.time()
+        for sid, s in list(self.sessions.items()):
+            if s.exited_at and sid != "init" and now - s.exited_at > EXITED_SESSION_TTL:
+                del self.sessions[sid]
+
+    def remove_session(self, sid: str) -> None:
+        with self.sessions_lock:
+            self.sessions.pop(sid, None)
+
+    def get_session(self, sid: str) -> Session:
+        with self.sessions_lock:
+            self.reap_sessions_locked()
+            s = self.sessions.get(sid)
+        if s is None:
+            raise RequestError(f"no such session: {sid}", P.NOT_FOUND)
+        return s
+
+    def session_list(self) -> list[dict]:
+        with self.sessions_lock:
+            self.reap_sessions_locked()
+            return [s.info() for s in self.sessions.values()]
+
+    def activity(self) -> dict:
+        with self.sessions_lock:
+            sessions = list(self.sessions.values())
+        return {
+            "last_activity_unix": self.last_activity,
+            "agent_restarts": max(0, self.started - 1),
+            "active_sessions": sum(1 for s in sessions if s.running),
+            "attached_sessions": sum(1 for s in sessions if s.client is not None),
+        }
+
+    def start_init(self) -> None:
+        """Run the create-time `init` script once per sandbox (not again after a reboot)."""
+        if not self.init_script or os.path.exists(INIT_MARKER):
+            return
+        self.secrets_ready.wait(SECRETS_WAIT)  # init sees the secrets like every other process
+        os.makedirs(os.path.dirname(INIT_MARKER), exist_ok=True)
+        with open(INIT_MARKER, "w"):
+            pass
+        req = {"argv": ["/bin/sh", "-c", self.init_script], "cwd": "/workspace", "max_idle_sec": 0}
+        if not os.path.isdir("/workspace"):
+            req["cwd"] = "/"
+        try:
+            Session.start(self, "init", req)
+        except Exception as e:  # the agent must keep serving even if init cannot start
+            print(f"kiln-agent: init failed to start: {e}", file=sys.stderr, flush=True)
+
+    # -- serving
+
+    def serve(self) -> None:
+        if os.geteuid() == 0:
+            os.setgroups([])  # spawned children inherit the agent's supplementary groups: none
+        lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        lsock.bind((self.bind, self.port))
+        lsock.listen(128)
+        threading.Thread(target=self.start_init, daemon=True).start()
+        while True:
+            sock, _ = lsock.accept()
+            if not self.connections.acquire(blocking=False):
+                Conn(sock).send_json(P.ERROR, {"error": "connection limit exceeded", "kind": P.FAILED})
+                sock.close()
+                continue
+            try:
+                threading.Thread(target=self.handle_connection, args=(sock,), daemon=True).start()
+            except RuntimeError:  # no thread to be had (a fork bomb holds every pid): refuse, keep serving
+                self.connections.release()
+                Conn(sock).send_json(P.ERROR, {"error": "the sandbox is out of processes", "kind": P.FAILED})
+                sock.close()
+
+    def handle_connection(self, sock: socket.socket) -> None:
+        conn = Conn(sock)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(AUTH_DEADLINE)
+            first = recv_frame(sock)
+            if first is None or first[0] != P.AUTH or not hmac.compare_digest(first[1], self.token):
+                conn.send_json(P.ERROR, {"error": "auth required", "kind": P.FAILED})
+                return
+            request = recv_frame(sock)
+            sock.settimeout(None)
+            if request is None:
+                return
+            self.dispatch(conn, *request)
+        except RequestError as e:
+            conn.send_json(P.ERROR, {"error": str(e), "kind": e.kind})
+        except (OSError, ValueError) as e:
+            conn.send_json(P.ERROR, {"error": f"agent: {e}", "kind": P.FAILED})
+        finally:
+            conn.close()
+            self.connections.release()
+
+    def dispatch(self, conn: Conn, ftype: int, payload: bytes) -> None:
+        if ftype == P.ACTIVITY_REQ:
+            conn.send_json(P.ACTIVITY_RESP, self.activity())
+        elif ftype == P.EXEC_LIST_REQ:
+            conn.send_json(P.EXEC_LIST_RESP, self.session_list())
+        elif ftype == P.EXEC_REQ:
+            req = json.loads(payload)
+            self.touch()
+            if req.get("session"):
+                self.get_session(req["session"]).attach(conn, force=not req.get("if_detached"))
+            elif req.get("tty"):
+                if req.get("cwd") == "/workspace":
+                    files.make_dirs("/workspace")
+                session = Session.start(self, self.new_session_id(req.get("session_id")), req)
+                session.attach(conn, force=True)
+            else:
+                run_exec(self, conn, req)
+        elif ftype in (P.FILE_READ, P.FILE_WRITE, P.FILE_STAT, P.FILE_LS):
+            self.file_request(conn, ftype, json.loads(payload))
+        elif ftype == P.PORTS_REQ:
+            conn.send_json(P.PORTS_RESP, ports.listening_ports(exclude={self.port}))
+        elif ftype == P.FORWARD_REQ:
+            self.forward(conn, json.loads(payload))
+        elif ftype == P.SECRETS_SET:
+            self.set_secrets(json.loads(payload).get("env") or {})
+            conn.send_json(P.EXIT, {"exit_code": 0})
+        elif ftype == P.EXEC_KILL:
+            self.get_session(json.loads(payload)["session_id"]).kill(signal.SIGKILL)
+            conn.send_json(P.EXIT, {"exit_code": 0})
+        else:
+            raise RequestError(f"unknown request type 0x{ftype:02x}")
+
+    def set_secrets(self, env: dict) -> None:
+        env = {str(k): str(v) for k, v in env.items()}
+        os.makedirs(os.path.dirname(self.secrets_file), mode=0o700, exist_ok=True)
+        tmp = self.secrets_file + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(env, f)
+        os.replace(tmp, self.secrets_file)
+        self.secret_env = env
+        self.secrets_ready.set()
+
+    def forward(self, conn: Conn, req: dict) -> None:
+        """Tunnel this connection to a port inside the sandbox. Proxy traffic is not guest activity."""
+        port = req.get("port")
+        try:
+            if not isinstance(port, int):
+                raise ValueError(f"invalid port: {port!r}")
+            upstream = ports.dial_local(port)
+        except ValueError as e:
+            raise RequestError(str(e))
+        except OSError as e:
+            raise RequestError(f"connect to port {port}: {e.strerror or e}", P.FAILED)
+        with upstream:
+            upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if conn.send(P.FORWARD_OK):
+                ports.relay(conn.sock, upstream)
+
+    def file_request(self, conn: Conn, ftype: int, req: dict) -> None:
+        def send(t: int, obj) -> None:
+            if isinstance(obj, (bytes, bytearray)):
+                conn.send(t, bytes(obj))
+            else:
+                conn.send_json(t, obj)
+
+        def receive() -> bytes | None:
+            while True:
+                frame = recv_frame(conn.sock)
+                if frame is None:
+                    return None
+                if frame[0] == P.STDIN:
+                    return frame[1]
+
+        try:
+            if ftype == P.FILE_STAT:
+                send(P.FILE_INFO, files.stat_path(req))
+            elif ftype == P.FILE_LS:
+                send(P.FILE_LS_RESP, files.list_dir(req))
+            elif ftype == P.FILE_READ:
+                self.touch()
+                files.read_file(req, send)
+            else:
+                self.touch()
+                send(P.EXIT, files.write_file(req, receive))
+        except files.FileError as e:
+            raise RequestError(str(e), e.kind)

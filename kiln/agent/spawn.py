@@ -1,0 +1,113 @@
+"""Starting processes fast as another user, waiting for them, and killing process groups.
+
+Part of the guest agent: standard library only, imported as kiln.agent.spawn on the host (tests) and
+as a plain module inside the sandbox."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SPAWN_LOCK = threading.Lock()
+
+
+@dataclass
+class Launch:
+    uid: int
+    gid: int
+    cwd: str
+    env: dict
+
+
+def spawn(argv: list[str], launch: Launch, stdin: int, stdout: int, stderr: int) -> int:
+    """Start argv in a new session as launch.uid and return its pid.
+
+    Under gVisor's systrap platform a fork of the (large, threaded) agent costs ~30 ms, a vfork
+    ~6 ms. Python only vforks when no user change is asked, so: posix_spawn (a vfork) with
+    RESETIDS, while the agent's *real* ids are briefly the target's (its effective ids stay 0);
+    the child's ids are reset to those real ids, and it never runs as root. The lock keeps the
+    process-wide cwd and real ids consistent across threads.
+    """
+    path = argv[0]
+    if "/" not in path:
+        found = shutil.which(path, path=launch.env.get("PATH", DEFAULT_PATH))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, "command not found", argv[0])
+        path = found
+    actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    switch = (launch.uid, launch.gid) != (os.geteuid(), os.getegid())
+    with SPAWN_LOCK:
+        os.chdir(launch.cwd)
+        try:
+            if switch:
+                os.setresgid(launch.gid, -1, -1)
+                os.setresuid(launch.uid, -1, -1)
+            return os.posix_spawn(path, argv, launch.env, file_actions=actions, setsid=True, resetids=switch)
+        finally:
+            if switch:
+                os.setresuid(0, -1, -1)
+                os.setresgid(0, -1, -1)
+            os.chdir("/")
+
+
+class Child:
+    """A spawned process, waited for by pid."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            if self.returncode is None:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            return self.returncode
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() >= deadline:
+                raise TimeoutError
+            time.sleep(0.002)
+        assert self.returncode is not None
+        return self.returncode
+
+
+def kill_process_group(pgid: int, patience: float = 3.0) -> None:
+    """SIGKILL a process group until no live member is left: members forking while the first
+    signal lands (a fork bomb) would otherwise live on in the group."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline or not live_members(pgid):
+            return
+        time.sleep(0.01)
+
+
+def live_members(pgid: int) -> bool:
+    """Whether any process of the group is still alive (zombies wait for their reaper, harmless)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False

@@ -1,0 +1,132 @@
+"""Response models: what each JSON route answers, so /openapi.json documents responses. Fields that
+bhatti's API omits when empty are optional here and left out of the JSON when unset."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Open(BaseModel):
+    """Objects whose fields come from the agent (file entries, sessions): documented, passed through."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class StatusOut(Out):
+    status: str
+
+
+class HealthOut(Out):
+    status: str
+    sandboxes: int
+    uptime: str
+
+
+class SnapshotOut(Out):
+    kind: str
+    bytes_written: int
+    bytes_total: int
+    taken_at: str
+
+
+class SandboxOut(Out):
+    id: str
+    name: str
+    template_id: str
+    engine: str
+    status: str
+    ip: str
+    created_by: str
+    created_at: str
+    keep_hot: bool
+    cpus: float
+    memory_mb: int
+    disk_size_mb: int
+    image: str
+    reason: str | None = None
+    stopped_at: str | None = None
+    labels: dict[str, str] | None = None
+    snapshot: SnapshotOut | None = None
+    agent_restarts: int | None = None
+    thermal: str | None = None  # hot | warm | cold (listings only)
+
+
+class ExecOut(Out):
+    exit_code: int
+    stdout: str
+    stderr: str
+    timed_out: bool | None = None
+
+
+class FileEntryOut(Open):
+    name: str
+
+
+class SessionOut(Open):
+    session_id: str
+    argv: str
+    tty: bool
+    running: bool
+    attached: bool
+
+
+class PortOut(Out):
+    container_port: int
+    proxy_url: str
+    host_port: int
+    sandbox_id: str | None = None  # in GET /ports
+
+
+class PublishOut(Out):
+    id: str
+    sandbox_id: str
+    user_id: str
+    port: int
+    alias: str
+    url: str
+    created_at: str
+
+
+class SecretOut(Out):
+    name: str
+    created_at: str
+    updated_at: str
+
+
+class AttachmentOut(Out):
+    sandbox_id: str
+    mount: str
+    read_only: bool
+
+
+class VolumeOut(Out):
+    id: str
+    user_id: str
+    name: str
+    size_mb: int
+    status: str
+    attachments: list[AttachmentOut] | None = None
+    created_at: str
+
+
+class TemplateVolumeOut(Out):
+    name: str
+    mount: str
+    read_only: bool
+
+
+class TemplateOut(Out):
+    id: str
+    name: str
+    cpus: float | None = None
+    memory_mb: int | None = None
+    env: dict[str, str]
+    init: str
+    secrets: list[str]
+    keep_hot: bool
+    volumes: list[TemplateVolumeOut]
+    created_at: str
