@@ -24,15 +24,21 @@ def route_template(conn: Request | WebSocket) -> str:
     return getattr(route, "path", "") or conn.url.path
 
 
+def bearer_key(conn: Request | WebSocket) -> str:
+    """The API key of `Authorization: Bearer <key>`, or "" when the header is missing or malformed."""
+    header = conn.headers.get("authorization", "")
+    return header[7:].strip() if header.startswith("Bearer ") else ""
+
+
 async def require_user(request: Request) -> User:
     """The caller, from `Authorization: Bearer <key>`; query-string tokens are refused.
 
     async on purpose: FastAPI runs plain-def dependencies in a thread pool, a thread hop per request
     (and per-thread malloc arenas that swell the daemon's memory under load)."""
-    header = request.headers.get("authorization", "")
-    if not header.startswith("Bearer ") or not header[7:].strip():
+    key = bearer_key(request)
+    if not key:
         raise Unauthorized("authorization required")
-    user = services(request).store.user_by_key(header[7:].strip())
+    user = services(request).store.user_by_key(key)
     if user is None:
         raise Unauthorized("invalid api key")
     if not services(request).rate_limits.allow(user.id, request.method, route_template(request)):

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import Internal, KilnError
+from .auth import bearer_key
 from .deps import services
 
 log = logging.getLogger("kiln.api")
@@ -35,8 +36,8 @@ def describe_validation(exc: RequestValidationError) -> str:
 
 
 def authenticated(request: Request) -> bool:
-    header = request.headers.get("authorization", "")
-    return header.startswith("Bearer ") and services(request).store.user_by_key(header[7:].strip()) is not None
+    key = bearer_key(request)
+    return bool(key) and services(request).store.user_by_key(key) is not None
 
 
 def install(app: FastAPI) -> None:

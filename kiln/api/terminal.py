@@ -17,15 +17,14 @@ from ..core.errors import KilnError
 from ..core.terminal import Terminal
 from ..store.db import User
 from ..tasks import first_completed
-from .auth import route_template
+from .auth import bearer_key, route_template
 from .deps import services
 
 router = APIRouter()
 
 
 def ws_user(websocket: WebSocket, allow_query_token: bool = True) -> User | None:
-    header = websocket.headers.get("authorization", "")
-    key = header[7:].strip() if header.startswith("Bearer ") else ""
+    key = bearer_key(websocket)
     if not key and allow_query_token:
         key = websocket.query_params.get("token", "")
     return services(websocket).store.user_by_key(key) if key else None
