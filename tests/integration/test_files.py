@@ -56,7 +56,8 @@ def test_mode_owner_and_head(api, sb):
             "cmd": [
                 "sh",
                 "-c",
-                "/workspace/deep/new/dir/script.sh; stat -c '%u %g' /workspace/deep/new/dir/script.sh /workspace/deep/new",
+                "/workspace/deep/new/dir/script.sh; "
+                "stat -c '%u %g' /workspace/deep/new/dir/script.sh /workspace/deep/new",
             ]
         },
     ).json()

@@ -60,7 +60,7 @@ def add_row(store, engine, sandbox_id: str, state: State) -> SandboxRow:
 
 
 def test_capabilities_are_resolved_once(world):
-    _, engine, service = world
+    _, _, service = world
     assert service.caps == Capabilities(pause=True, snapshot=True)
 
 
