@@ -87,7 +87,7 @@ def build_app(config: Config) -> FastAPI:
         sandboxes = SandboxService(store, engine, config, secrets, volumes, templates, Runtimes(), events)
         upstreams = Upstreams(sandboxes)
         http_pools = HttpPools(sandboxes, upstreams)
-        ports = PortTracker(sandboxes, upstreams, config.ports)
+        ports = PortTracker(sandboxes, upstreams, config.ports, config.limits.max_ports_per_sandbox)
         publish = PublishService(store, config)
         lim = config.limits
         # Who reacts to what: connections into a sandbox end before its checkpoint or destroy;
@@ -116,6 +116,7 @@ def build_app(config: Config) -> FastAPI:
             templates=templates,
             volumes=volumes,
             started=time.monotonic(),
+            server=config.server,
         )
         await ports.start()
         thermal = ThermalPolicy(config.thermal, sandboxes)
@@ -137,6 +138,7 @@ def build_app(config: Config) -> FastAPI:
             store.close()
 
     app = FastAPI(
+        redirect_slashes=False,  # a redirect would be built from the request's Host header (open redirect)
         title="kiln",
         version=__version__,
         lifespan=lifespan,
@@ -146,7 +148,7 @@ def build_app(config: Config) -> FastAPI:
         "but /health takes `Authorization: Bearer <API key>`.",
     )
     app.openapi = lambda: openapi_with_unique_ids(app)  # type: ignore[method-assign]
-    app.add_middleware(CommonHeaders)
+    app.add_middleware(CommonHeaders, limits=config.server)
     app.add_middleware(PublicProxy)  # added last = outermost: published hosts never reach the API
     errors.install(app)
     for module in (

@@ -45,6 +45,9 @@ class RateConfig(Section):
 class PublishConfig(Section):
     domain: str = Field("localhost", description="published URLs are http://<alias>.<domain>:<listen port>/")
     max_concurrent_wakes: int = Field(10, ge=1, description="public requests waking sandboxes at once; more get 503")
+    alias_quarantine: float = Field(
+        3600.0, ge=0, description="seconds a released alias stays reserved for the user who released it"
+    )
     rate_global: RateConfig = RateConfig(burst=10_000, per_minute=10_000)
     rate_per_ip: RateConfig = RateConfig(burst=500, per_minute=1_500)
     rate_per_alias: RateConfig = RateConfig(burst=2_000, per_minute=5_000)
@@ -71,10 +74,27 @@ class LimitsConfig(Section):
     default_disk_mb: int = Field(10240, ge=64, description="root disk cap of a sandbox that asks for none")
     max_disk_mb_per_sandbox: int = Field(51200, ge=64)
     max_volume_storage_mb: int = Field(20480, ge=1, description="volume storage per user")
+    max_disk_mb_per_user: int = Field(
+        256000, ge=64, description="sum of the root disk caps of one user's sandboxes (they are sparse: a cap, not use)"
+    )
+    max_ports_per_sandbox: int = Field(16, ge=1, le=1024, description="listening ports that get host relays")
     # per user: POST /sandboxes; exec, file uploads and WebSockets; everything else
     rate_create: RateConfig = RateConfig(burst=10, per_minute=30)
     rate_exec: RateConfig = RateConfig(burst=30, per_minute=600)
     rate_read: RateConfig = RateConfig(burst=60, per_minute=1200)
+
+
+class ServerConfig(Section):
+    """Limits at the edge, before any route runs: what one client (or one anonymous visitor) can cost."""
+
+    max_header_bytes: int = Field(64 * 1024, ge=4096, description="request line + headers; more is 431")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client has to send a request's headers")
+    max_connections_per_ip: int = Field(256, ge=1, description="open connections from one client address")
+    max_connections: int = Field(2048, ge=16, description="open connections and tasks in all; more get 503")
+    max_json_body_bytes: int = Field(1 << 20, ge=1024, description="API request bodies, chunked or not; more is 413")
+    ws_max_message_bytes: int = Field(16 << 20, ge=1024, description="one WebSocket message either way; more is 1009")
+    proxy_deadline: float = Field(3600.0, gt=0, description="seconds one authenticated proxy exchange may last")
+    public_deadline: float = Field(300.0, gt=0, description="seconds one published-URL HTTP request may last")
 
 
 class Config(Section):
@@ -88,6 +108,7 @@ class Config(Section):
     publish: PublishConfig = PublishConfig()
     ports: PortsConfig = PortsConfig()
     limits: LimitsConfig = LimitsConfig()
+    server: ServerConfig = ServerConfig()
 
     @field_validator("listen")
     @classmethod

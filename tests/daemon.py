@@ -60,7 +60,12 @@ class Daemon:
             "images_dir": str(IMAGES),
             "network": {"subnet": self.subnet},
             # tests and benchmarks drive the API far faster than a user would
-            "limits": {"rate_create": unlimited, "rate_exec": unlimited, "rate_read": unlimited},
+            "limits": {
+                "rate_create": unlimited,
+                "rate_exec": unlimited,
+                "rate_read": unlimited,
+                "max_disk_mb_per_user": 100_000_000,
+            },
         }
         for k, v in (extra_config or {}).items():
             if isinstance(v, dict) and isinstance(self.config.get(k), dict):

@@ -24,6 +24,10 @@ class AgentNotFound(AgentRequestError):
     """The path (or session) the request names does not exist in the sandbox."""
 
 
+class AgentLimit(AgentError):
+    """A limit of the agent (sessions, connections per sandbox) is reached."""
+
+
 @dataclass
 class ExecEvent:
     kind: str  # "started" | "stdout" | "stderr" | "exit"
@@ -34,7 +38,9 @@ class ExecEvent:
 
 def error_from(payload: bytes) -> AgentError:
     err = json.loads(payload)
-    cls = {P.INVALID: AgentRequestError, P.NOT_FOUND: AgentNotFound}.get(err.get("kind"), AgentError)
+    cls = {P.INVALID: AgentRequestError, P.NOT_FOUND: AgentNotFound, P.LIMIT: AgentLimit}.get(
+        err.get("kind"), AgentError
+    )
     return cls(err.get("error", "agent error"))
 
 

@@ -153,15 +153,21 @@ def write_file(req: dict, receive) -> dict:
 
 
 def make_dirs(path: str) -> None:
-    """mkdir -p, new directories owned by uid 1000 (the user who writes there)."""
-    if os.path.isdir(path):
-        return
-    make_dirs(os.path.dirname(path))
-    try:
-        os.mkdir(path, 0o755)
-        os.chown(path, OWNER, OWNER)
-    except FileExistsError:
-        pass
+    """mkdir -p, new directories owned by uid 1000 (the user who writes there). A loop, not recursion:
+    a path thousands of levels deep is an error from the kernel, never a crash of the agent."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o755)
+            os.chown(d, OWNER, OWNER)
+        except FileExistsError:
+            pass
 
 
 def list_dir(req: dict) -> list[dict]:

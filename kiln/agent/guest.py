@@ -42,6 +42,22 @@ def reap_forever(server_pid: int, start_server) -> None:
                     time.sleep(0.5)
 
 
+AGENT_LOG = "/run/kiln-agent/agent.log"
+
+
+def detach_from_host_console() -> None:
+    """PID 1's stdio is a file on the host (runsc's console log): once the agent is up, nothing in the
+    sandbox may reach it (root could write gigabytes there through /proc/1/fd/2). stdin and stdout
+    become /dev/null; the agent's own few messages go to a log on the sandbox's own tmpfs."""
+    os.makedirs(os.path.dirname(AGENT_LOG), mode=0o700, exist_ok=True)
+    null = os.open(os.devnull, os.O_RDWR)
+    log = os.open(AGENT_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    for fd, target in ((0, null), (1, null), (2, log)):
+        os.dup2(target, fd)
+    os.close(null)
+    os.close(log)
+
+
 def main() -> None:
     with open(sys.argv[1]) as f:
         config = json.load(f)
@@ -58,6 +74,7 @@ def main() -> None:
         return pid
 
     if os.getpid() == 1:
+        detach_from_host_console()
         reap_forever(start_server(), start_server)
     else:  # run directly (tests on the host): no orphans of ours to reap
         agent.serve()

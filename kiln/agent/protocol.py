@@ -49,6 +49,7 @@ SECRETS_SET = 0x70  # JSON {"env": {...}}: secret environment for every exec and
 INVALID = "invalid"
 NOT_FOUND = "not_found"
 FAILED = "failed"
+LIMIT = "limit"  # a per-sandbox limit of the agent (sessions, connections) is reached
 
 
 def encode(ftype: int, payload: bytes = b"") -> bytes:

@@ -131,7 +131,7 @@ class Agent:
         with self.sessions_lock:
             self.reap_sessions_locked()
             if len(self.sessions) >= MAX_SESSIONS:
-                raise RequestError("session limit exceeded", P.FAILED)
+                raise RequestError(f"session limit reached ({MAX_SESSIONS} sessions per sandbox)", P.LIMIT)
             self.sessions[session.id] = session
 
     def reap_sessions_locked(self) -> None:
@@ -196,7 +196,7 @@ class Agent:
         while True:
             sock, _ = lsock.accept()
             if not self.connections.acquire(blocking=False):
-                Conn(sock).send_json(P.ERROR, {"error": "connection limit exceeded", "kind": P.FAILED})
+                Conn(sock).send_json(P.ERROR, {"error": "connection limit exceeded", "kind": P.LIMIT})
                 sock.close()
                 continue
             try:

@@ -9,11 +9,11 @@ from email.utils import formatdate
 from fastapi import Request, WebSocket
 
 from .. import __version__
+from ..config import ServerConfig
 from ..core.errors import TooManyRequests, Unauthorized
 from ..store.db import User
-from .deps import services
+from .deps import services, services_of
 
-MAX_JSON_BODY = 1 << 20
 # Routes whose bodies are raw bytes for the sandbox, not API JSON: file uploads and proxied requests.
 RAW_BODY_PATH = re.compile(r"^/sandboxes/[^/]+/(files|proxy)(/|$)")
 
@@ -26,8 +26,7 @@ def route_template(conn: Request | WebSocket) -> str:
 
 def bearer_key(conn: Request | WebSocket) -> str:
     """The API key of `Authorization: Bearer <key>`, or "" when the header is missing or malformed."""
-    header = conn.headers.get("authorization", "")
-    return header[7:].strip() if header.startswith("Bearer ") else ""
+    return bearer_key_of({b"authorization": conn.headers.get("authorization", "").encode("latin-1")})
 
 
 async def require_user(request: Request) -> User:
@@ -47,15 +46,18 @@ async def require_user(request: Request) -> User:
 
 
 class CommonHeaders:
-    """ASGI middleware: version headers on every HTTP response; JSON bodies over 1 MiB refused unread;
-    bodies read as JSON.
+    """ASGI middleware for every API request: version and Date headers on responses; API bodies (JSON,
+    chunked or not) only from a caller with a valid key and at most `server.max_json_body_bytes` (read
+    here, before any route runs: an anonymous or oversized body is refused without being read), and
+    always parsed as JSON.
 
     Plain ASGI (not BaseHTTPMiddleware) so streamed responses flush immediately and client
     disconnects reach the handler.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, limits: ServerConfig | None = None):
         self.app = app
+        self.max_body = (limits or ServerConfig()).max_json_body_bytes
         version = __version__.encode()
         self.headers = [(b"x-kiln-version", version), (b"x-bhatti-version", version)]
 
@@ -71,21 +73,70 @@ class CommonHeaders:
                 message["headers"] = headers + self.headers
             await send(message)
 
-        raw_body = RAW_BODY_PATH.match(scope["path"]) is not None
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > MAX_JSON_BODY and not raw_body:
-            body = json.dumps({"error": "request body too large (max 1 MiB)"}).encode() + b"\n"
-            await send_with_headers(
-                {
-                    "type": "http.response.start",
-                    "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                }
-            )
-            await send({"type": "http.response.body", "body": body})
-            return
-        if not raw_body:
-            # Every API body is JSON whatever Content-Type says (`curl -d` sends a form type).
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = dict(scope, headers=[*headers, (b"content-type", b"application/json")])
+        if RAW_BODY_PATH.match(scope["path"]) is not None:
+            return await self.app(scope, receive, send_with_headers)  # streamed after the route's auth
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        if length not in (b"", b"0") or b"transfer-encoding" in headers:
+            if scope["path"] != "/health" and not self.authenticated(scope):
+                key = bearer_key_of(headers)
+                return await reply(send_with_headers, 401, "invalid api key" if key else "authorization required")
+            if length.isdigit() and int(length) > self.max_body:
+                return await reply(send_with_headers, 413, f"request body too large (max {self.max_body} bytes)")
+            body = await read_at_most(receive, self.max_body)
+            if body is None:
+                return await reply(send_with_headers, 413, f"request body too large (max {self.max_body} bytes)")
+            receive = replay(body, receive)
+        # Every API body is JSON whatever Content-Type says (`curl -d` sends a form type).
+        plain = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        scope = dict(scope, headers=[*plain, (b"content-type", b"application/json")])
         await self.app(scope, receive, send_with_headers)
+
+    @staticmethod
+    def authenticated(scope) -> bool:
+        key = bearer_key_of(dict(scope["headers"]))
+        return bool(key) and services_of(scope["app"]).store.user_by_key(key) is not None
+
+
+def bearer_key_of(headers: dict[bytes, bytes]) -> str:
+    header = headers.get(b"authorization", b"").decode("latin-1")
+    return header[7:].strip() if header.startswith("Bearer ") else ""
+
+
+async def read_at_most(receive, cap: int) -> bytes | None:
+    """The whole request body, or None as soon as it passes `cap` bytes (the rest is never read)."""
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return bytes(body)
+        body += message.get("body", b"")
+        if len(body) > cap:
+            return None
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+def replay(body: bytes, receive):
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def reply(send, status: int, error: str) -> None:
+    body = json.dumps({"error": error}).encode() + b"\n"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request, WebSocket
 
 if TYPE_CHECKING:
+    from ..config import ServerConfig
     from ..core.exec import ExecService
     from ..core.files import FileService
     from ..core.http_pools import HttpPools
@@ -41,6 +42,7 @@ class Services:
     templates: TemplateService
     volumes: VolumeService
     started: float
+    server: ServerConfig
 
 
 def services(conn: Request | WebSocket) -> Services:

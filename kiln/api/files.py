@@ -12,6 +12,7 @@ from .deps import services
 from .models import FileEntryOut, StatusOut
 
 router = APIRouter()
+PSEUDO_FILESYSTEMS = ("/proc/", "/sys/")
 
 
 def int_param(request: Request, name: str) -> int:
@@ -55,8 +56,8 @@ async def read_file(sandbox_id: str, request: Request, path: str = "", user: Use
     offset, limit, max_bytes = (int_param(request, k) for k in ("offset", "limit", "max_bytes"))
     info, chunks = await files.read(user, sandbox_id, path, offset, limit, max_bytes)
     headers = {"X-File-Size": str(info["size"])}
-    if not (offset or limit or max_bytes):
-        headers["Content-Length"] = str(info["size"])
+    if not (offset or limit or max_bytes) and not path.startswith(PSEUDO_FILESYSTEMS):
+        headers["Content-Length"] = str(info["size"])  # /proc and /sys report sizes that are not their content
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
 

@@ -6,6 +6,7 @@ import time
 
 from fastapi import APIRouter, Request
 
+from .auth import bearer_key
 from .deps import services
 from .models import HealthOut
 
@@ -30,8 +31,12 @@ def go_duration(seconds: float) -> str:
     response_model_exclude_none=True,
 )
 async def health(request: Request):
-    return {
-        "status": "ok",
-        "sandboxes": services(request).sandboxes.count(),
-        "uptime": go_duration(time.monotonic() - services(request).started),
-    }
+    """Liveness for anyone; the sandbox count only for a caller with a key, and only their own
+    (an anonymous visitor learns nothing about the tenants)."""
+    svc = services(request)
+    out: dict = {"status": "ok", "uptime": go_duration(time.monotonic() - svc.started)}
+    key = bearer_key(request)
+    user = svc.store.user_by_key(key) if key else None
+    if user is not None:
+        out["sandboxes"] = len(svc.sandboxes.list(user))
+    return out

@@ -22,8 +22,8 @@ class StatusOut(Out):
 
 class HealthOut(Out):
     status: str
-    sandboxes: int
     uptime: str
+    sandboxes: int | None = None  # the caller's own, with a key
 
 
 class SnapshotOut(Out):

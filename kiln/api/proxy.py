@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse
 from websockets.asyncio.client import connect as ws_connect
 
 from ..core.errors import BadGateway, KilnError
-from ..core.upstream import Upstreams, parse_port
+from ..core.upstream import parse_port
 from ..store.db import SandboxRow, User
 from ..tasks import first_completed
 from .auth import require_user
@@ -33,6 +34,7 @@ router = APIRouter()
 METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 MAX_BODY = 50 * 1024 * 1024
 WS_IDLE_TIMEOUT = 600.0
+WS_CLOSE_GRACE = 2.0  # seconds an app has to answer our close frame
 HOP_BY_HOP = {
     b"connection",
     b"keep-alive",
@@ -71,6 +73,7 @@ class Target:
     port: int
     path: str  # upstream path, always starting with /
     strip_credentials: bool  # authenticated route: the caller's API key never reaches the app
+    public: bool = False  # a published URL: cookies stay per alias, kiln keys never reach the app
 
     def query(self, raw: bytes) -> str:
         text = raw.decode("latin-1")
@@ -90,6 +93,8 @@ class Target:
             drop |= WS_HANDSHAKE
         if self.strip_credentials:
             drop.add(b"authorization")
+        if self.public:  # a kiln key a visitor's client sends by mistake is not the tenant's to see
+            raw = [(k, v) for k, v in raw if not (k == b"authorization" and v.startswith(b"Bearer kiln_"))]
         out, forwarded_for, host = [], b"", b""
         for k, v in raw:
             if k == b"host":
@@ -108,6 +113,15 @@ class Target:
         if not websocket:
             out.insert(0, (b"host", f"localhost:{self.port}".encode()))
         return out
+
+
+COOKIE_DOMAIN = re.compile(rb";\s*domain=[^;]*", re.IGNORECASE)
+
+
+def host_only_cookie(value: bytes) -> bytes:
+    """Drop a Set-Cookie's Domain: an app behind one alias must not set cookies for every alias
+    (cookie tossing between tenants); without Domain the cookie belongs to that alias alone."""
+    return COOKIE_DOMAIN.sub(b"", value)
 
 
 def path_after_port(raw_path: bytes) -> str:
@@ -167,12 +181,15 @@ async def proxy_http(svc: Services, target: Target, scope, receive, send, bad_ga
             response = await svc.http_pools.pool(target.row.id).handle_async_request(request)
             try:
                 out_headers = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP]
+                if target.public:
+                    out_headers = [
+                        (k, host_only_cookie(v) if k.lower() == b"set-cookie" else v) for k, v in out_headers
+                    ]
                 await send({"type": "http.response.start", "status": response.status, "headers": out_headers})
                 started = True
-                if any(k.lower() == b"content-length" for k, _ in response.headers):
-                    await send_body(response.stream, send)  # bounded: it ends on its own
-                else:  # streamed (SSE, chunked): stop as soon as the client goes
-                    await stream_until_client_leaves(response.stream, receive, send)
+                # stop as soon as the client goes, even mid-way through a declared length: nobody
+                # else would read the rest, and an app could stream gigabytes into the void
+                await stream_until_client_leaves(response.stream, receive, send)
             finally:
                 await response.aclose()
     except BodyTooLarge:
@@ -212,13 +229,11 @@ async def stream_until_client_leaves(stream, receive, send) -> None:
 # ---------------------------------------------------------------- WebSocket
 
 
-async def proxy_websocket(
-    upstreams: Upstreams, target: Target, websocket: WebSocket, bad_gateway: str | None = None
-) -> None:
+async def proxy_websocket(svc: Services, target: Target, websocket: WebSocket, bad_gateway: str | None = None) -> None:
     """Open the app's WebSocket first, then accept the client's with the subprotocol the app chose."""
     scope = websocket.scope
     try:
-        async with upstreams.connection(target.row, target.port) as sock:
+        async with svc.upstreams.connection(target.row, target.port) as sock:
             try:
                 upstream = await ws_connect(
                     f"ws://localhost:{target.port}{target.url_target(scope)}",
@@ -229,7 +244,7 @@ async def proxy_websocket(
                     subprotocols=scope.get("subprotocols") or None,
                     user_agent_header=websocket.headers.get("user-agent"),
                     compression=None,
-                    max_size=None,
+                    max_size=svc.server.ws_max_message_bytes,  # larger: closed with 1009, never buffered
                     ping_interval=None,
                     proxy=None,
                     open_timeout=10,
@@ -268,10 +283,21 @@ async def relay_messages(websocket: WebSocket, upstream) -> None:
                 else:
                     await websocket.send_bytes(data)
 
+    async def app_stuck_closing():
+        # websockets fails a connection (a message over max_size, a protocol error) by sending a close
+        # frame and then waits for the app's reply; an app that never reads would hold it for ever
+        while upstream.protocol.close_sent is None:  # noqa: ASYNC110 (websockets has no event for it)
+            await asyncio.sleep(0.25)
+        await asyncio.sleep(WS_CLOSE_GRACE)
+        upstream.transport.abort()
+
     try:
-        await first_completed(from_client(), from_app(), reraise=False)
+        await first_completed(from_client(), from_app(), app_stuck_closing(), reraise=False)
     finally:
         code = upstream.close_code or 1000
+        sent = upstream.protocol.close_sent
+        if sent is not None and sent.code == 1009:
+            code = 1009  # the app's message passed server.ws_max_message_bytes: say so to the client
         with contextlib.suppress(Exception):
             await websocket.close(code if code not in (1005, 1006) else 1000)
 
@@ -287,7 +313,10 @@ class ProxyResponse(Response):
         self.svc, self.target = svc, target
 
     async def __call__(self, scope, receive, send):
-        await proxy_http(self.svc, self.target, scope, receive, send)
+        with contextlib.suppress(TimeoutError):  # server.proxy_deadline: no exchange lasts for ever
+            await asyncio.wait_for(
+                proxy_http(self.svc, self.target, scope, receive, send), self.svc.server.proxy_deadline
+            )
 
 
 def target_for(svc: Services, user: User, sandbox_id: str, port: str, raw_path: bytes) -> Target:
@@ -322,4 +351,4 @@ async def proxy_ws(websocket: WebSocket, sandbox_id: str, port: str):
         target = target_for(services(websocket), user, sandbox_id, port, websocket.scope.get("raw_path") or b"")
     except KilnError as e:
         return await websocket.send_denial_response(JSONResponse({"error": e.message}, status_code=e.status))
-    await proxy_websocket(services(websocket).upstreams, target, websocket)
+    await proxy_websocket(services(websocket), target, websocket)

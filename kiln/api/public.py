@@ -22,8 +22,6 @@ from ..states import Status
 from .deps import Services, services_of
 from .proxy import Target, json_reply, proxy_http, proxy_websocket
 
-REQUEST_DEADLINE = 300.0
-
 
 class PublicLimits:
     def __init__(self, config: PublishConfig):
@@ -55,7 +53,7 @@ class PublicProxy:
         if scope["type"] == "websocket":  # WebSockets end by their idle timeout instead
             return await self.serve(state, alias, scope, receive, send)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.serve(state, alias, scope, receive, send), REQUEST_DEADLINE)
+            await asyncio.wait_for(self.serve(state, alias, scope, receive, send), state.server.public_deadline)
 
     async def serve(self, state: Services, alias: str, scope, receive, send) -> None:
         websocket = WebSocket(scope, receive, send) if scope["type"] == "websocket" else None
@@ -90,7 +88,11 @@ class PublicProxy:
                     woken = False
                 row = state.store.sandbox_by_id(row.id) or row
                 target = Target(
-                    row, rule.port, (scope.get("raw_path") or b"/").decode("latin-1") or "/", strip_credentials=False
+                    row,
+                    rule.port,
+                    (scope.get("raw_path") or b"/").decode("latin-1") or "/",
+                    strip_credentials=False,
+                    public=True,
                 )
                 await self.forward(state, target, websocket, scope, receive, send)
         except KilnError:
@@ -103,6 +105,6 @@ class PublicProxy:
     @staticmethod
     async def forward(state: Services, target: Target, websocket: WebSocket | None, scope, receive, send) -> None:
         if websocket is not None:
-            await proxy_websocket(state.upstreams, target, websocket, bad_gateway="bad gateway")
+            await proxy_websocket(state, target, websocket, bad_gateway="bad gateway")
         else:
             await proxy_http(state, target, scope, receive, send, bad_gateway="bad gateway")

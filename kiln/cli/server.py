@@ -80,17 +80,25 @@ def serve(config: str | None = ConfigOpt):
     """Run the daemon (HTTP API, thermal manager, proxy) in the foreground."""
     import uvicorn
 
+    from ..api.edge import GuardedHttpTools, RedactTokens
     from ..app import build_app
 
     cfg = load_or_exit(config)
     logging.basicConfig(
         level=cfg.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactTokens())
+    raise_open_files_limit()
     uvicorn.run(
         build_app(cfg),
         host=cfg.host,
         port=cfg.port,
         log_level=cfg.log_level,
+        log_config=None,  # our handlers (with the token filter) for uvicorn's loggers too
+        http=GuardedHttpTools.configure(cfg.server),
+        ws_max_size=cfg.server.ws_max_message_bytes,
+        limit_concurrency=cfg.server.max_connections,
         access_log=False,
         timeout_graceful_shutdown=10,
         # proxied responses carry the app's own Date and Server; the API adds Date itself
@@ -102,6 +110,16 @@ def serve(config: str | None = ConfigOpt):
         # a connection the server is closing at that very moment
         timeout_keep_alive=65,
     )
+
+
+def raise_open_files_limit() -> None:
+    """Up to the hard limit: relays, proxied connections and sandboxes' sockets all take descriptors;
+    the server's own caps (server.max_connections, limits.max_ports_per_sandbox) stay well below it."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def load_or_exit(path: str | None):

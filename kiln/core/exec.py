@@ -39,6 +39,15 @@ class ExecResult:
     timed_out: bool = False
 
 
+def is_text(s: str) -> bool:
+    """False for strings JSON allows but no program can receive (lone surrogates such as \\ud800)."""
+    try:
+        s.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def agent_request(req: ExecRequest) -> dict:
     """Validate an exec request and turn it into the agent's; 400 for anything it would refuse."""
     if not req.cmd or not all(isinstance(a, str) for a in req.cmd) or req.cmd[0] == "":
@@ -49,6 +58,8 @@ def agent_request(req: ExecRequest) -> dict:
     texts = [*req.cmd, *req.env.values(), req.cwd or "", req.user if isinstance(req.user, str) else ""]
     if any("\x00" in t for t in texts):
         raise BadRequest("cmd, env, cwd and user must not contain NUL characters")
+    if not all(is_text(t) for t in [*texts, *req.env]):
+        raise BadRequest("cmd, env, cwd and user must be valid UTF-8 text")
     if isinstance(req.user, int) and not 0 <= req.user < 2**31:
         raise BadRequest(f"invalid user id: {req.user}")
     timeout = req.timeout_sec if req.timeout_sec and 1 <= req.timeout_sec <= MAX_TIMEOUT else DEFAULT_TIMEOUT

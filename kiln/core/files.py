@@ -6,7 +6,10 @@ from collections.abc import AsyncIterator
 
 from ..store.db import User
 from .errors import BadRequest
+from .exec import is_text
 from .lifecycle import SandboxService
+
+MAX_PATH = 4096  # PATH_MAX
 
 
 class FileService:
@@ -20,6 +23,8 @@ class FileService:
             raise BadRequest("path must be absolute")
         if "\x00" in path:
             raise BadRequest("path must not contain NUL characters")
+        if len(path.encode(errors="replace")) > MAX_PATH or not is_text(path):
+            raise BadRequest(f"path must be valid UTF-8 of at most {MAX_PATH} bytes")
         async with self.sandboxes.using_named(user, id_or_name) as handle:
             return await op(handle.agent)
 

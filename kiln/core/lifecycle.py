@@ -115,9 +115,6 @@ class SandboxService:
     def list(self, user: User) -> builtins.list[SandboxRow]:
         return [r for r in self.store.list_sandboxes(user.id) if r.status not in IN_FLIGHT]
 
-    def count(self) -> int:
-        return self.store.count_sandboxes()
-
     def running_rows(self) -> builtins.list[SandboxRow]:
         return [r for r in self.store.list_sandboxes() if r.status == Status.RUNNING]
 
@@ -161,6 +158,13 @@ class SandboxService:
             raise BadRequest(f"memory_mb must be at least {MIN_MEMORY_MB}")
         if req.disk_size_mb is not None and not MIN_DISK_MB <= req.disk_size_mb <= lim.max_disk_mb_per_sandbox:
             raise BadRequest(f"disk_size_mb must be between {MIN_DISK_MB} and {lim.max_disk_mb_per_sandbox}")
+        disk_mb = req.disk_size_mb or lim.default_disk_mb
+        reserved = self.store.disk_mb_reserved(user.id)
+        if reserved + disk_mb > lim.max_disk_mb_per_user:
+            raise TooManyRequests(
+                f"disk quota exceeded: {reserved} MB of root disk already reserved, {disk_mb} MB more asked, "
+                f"{lim.max_disk_mb_per_user} MB allowed per user"
+            )
         name = check_name("sandbox", req.name if req.name is not None else f"sandbox-{secrets.token_hex(3)}")
         check_env_keys(req.env)
         return name, cpus, memory_mb

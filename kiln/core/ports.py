@@ -102,11 +102,13 @@ def listening_ports(found: object) -> list[int]:
 
 
 class PortTracker:
-    def __init__(self, sandboxes: SandboxService, upstreams: Upstreams, config: PortsConfig):
+    def __init__(self, sandboxes: SandboxService, upstreams: Upstreams, config: PortsConfig, max_ports: int = 32):
         self.sandboxes = sandboxes
         self.store = sandboxes.store
         self.upstreams = upstreams
         self.config = config
+        self.max_ports = max_ports  # relays per sandbox: each is a listening socket of the daemon's
+        self.capped: set[str] = set()  # sandboxes told about the cap (once each)
         self.relays: dict[str, dict[int, PortRelay]] = {}
         self.task: asyncio.Task | None = None
 
@@ -134,6 +136,7 @@ class PortTracker:
                     log.exception("port scan of %s failed", row.id)
 
     async def forget(self, sandbox_id: str) -> None:
+        self.capped.discard(sandbox_id)
         for relay in self.relays.pop(sandbox_id, {}).values():
             await relay.close()
 
@@ -156,6 +159,14 @@ class PortTracker:
     async def apply(self, sandbox_id: str, ports: list[int], wanted: dict[int, int] | None = None) -> None:
         """Make the relays match the listening ports: open new ones, close those that went away."""
         relays = self.relays.setdefault(sandbox_id, {})
+        if len(ports) > self.max_ports:
+            # the lowest ports get relays; thousands of listeners must not cost the daemon its fds
+            if sandbox_id not in self.capped:
+                self.capped.add(sandbox_id)
+                log.warning(
+                    "sandbox %s listens on %d ports: relaying the first %d", sandbox_id, len(ports), self.max_ports
+                )
+            ports = sorted(ports)[: self.max_ports]
         changed = False
         for port in ports:
             if port not in relays:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections import OrderedDict
 
 from ..config import Config
@@ -39,6 +40,7 @@ class PublishService:
         self.domain = config.publish.domain
         self.url_port = "" if config.port == 80 else f":{config.port}"
         self.cache: OrderedDict[str, PublishRule] = OrderedDict()
+        self.quarantine = config.publish.alias_quarantine
 
     def url(self, alias: str) -> str:
         return f"http://{alias}.{self.domain}{self.url_port}"
@@ -58,6 +60,11 @@ class PublishService:
             raise BadRequest("port must be 1-65535")
         if alias is not None:
             validate_alias(alias)
+            # a released alias is its user's for a while: another tenant taking it at once would
+            # receive the visitors (and cookies) meant for the old one
+            freed_by = self.store.alias_freed_by(alias, int(time.time() - self.quarantine))
+            if freed_by is not None and freed_by != user.id:
+                raise Conflict(f'alias "{alias}" was released recently; it can be claimed again later')
         for rule in self.store.publish_rules(row.id):
             if rule.port == port:
                 return rule, True

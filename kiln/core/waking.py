@@ -13,12 +13,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from ..agent.client import AgentError, AgentNotFound, AgentRequestError
+from ..agent.client import AgentError, AgentLimit, AgentNotFound, AgentRequestError
 from ..engine.base import Capabilities, Engine, EngineError, Pausable, SandboxHandle, Snapshottable, State
 from ..states import DEATHS, Reason, Status
 from ..store.db import SandboxRow, Store
 from .diagnosis import Diagnosis, stopped_error
-from .errors import BadRequest, Internal, KilnError, NotFound
+from .errors import BadRequest, Internal, KilnError, NotFound, TooManyRequests
 from .runtime import Runtimes
 from .secrets import SecretService
 
@@ -144,6 +144,8 @@ class Waker:
                 yield handle
             except AgentNotFound as e:
                 raise NotFound(str(e)) from e
+            except AgentLimit as e:
+                raise TooManyRequests(str(e)) from e
             except AgentRequestError as e:
                 raise BadRequest(str(e)) from e
             except AgentError as e:

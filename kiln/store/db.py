@@ -120,7 +120,29 @@ MIGRATIONS: list[str] = [
     """
     UPDATE sandboxes SET reason='snapshot_failed' WHERE reason='snapshot failed';
     """,
+    # 7: aliases released by unpublish or destroy, so another user cannot claim one at once
+    """
+    CREATE TABLE freed_aliases (
+        alias TEXT PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        freed_at INTEGER NOT NULL
+    );
+    CREATE TRIGGER publish_rule_freed AFTER DELETE ON publish_rules BEGIN
+        INSERT OR REPLACE INTO freed_aliases VALUES (old.alias, old.user_id, CAST(strftime('%s', 'now') AS INTEGER));
+    END;
+    """,
 ]
+
+
+def statements(script: str):
+    """The SQL statements of a migration script (a trigger's body keeps its own semicolons)."""
+    pending = ""
+    for part in script.split(";"):
+        pending += part + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 def now() -> str:
@@ -231,7 +253,7 @@ class Store:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
             with self.transaction() as db:
-                for stmt in filter(str.strip, script.split(";")):
+                for stmt in statements(script):
                     db.execute(stmt)
                 db.execute(f"PRAGMA user_version={i}")
 
@@ -539,6 +561,17 @@ class Store:
             Volume(**dict(r))
             for r in self._exec("SELECT * FROM volumes WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
         ]
+
+    def alias_freed_by(self, alias: str, since_unix: int) -> str | None:
+        """The user who released `alias` at or after `since_unix`, if anyone did."""
+        row = self._exec(
+            "SELECT user_id FROM freed_aliases WHERE alias=? AND freed_at>=?", (alias, since_unix)
+        ).fetchone()
+        return row["user_id"] if row else None
+
+    def disk_mb_reserved(self, owner_id: str) -> int:
+        """The sum of the root disk caps of a user's sandboxes."""
+        return self._exec("SELECT COALESCE(SUM(disk_mb), 0) FROM sandboxes WHERE owner_id=?", (owner_id,)).fetchone()[0]
 
     def volume_storage_mb(self, owner_id: str) -> int:
         return self._exec("SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE owner_id=?", (owner_id,)).fetchone()[0]

@@ -57,6 +57,9 @@ def test_other_users_sandbox_is_404_everywhere(daemon, owned):
         (b'{"name": "' + b"a" * 64 + b'"}', "invalid sandbox name"),
         (b'{"cpus": 64}', "max 4 CPUs per sandbox"),
         (b'{"cpus": 0}', "cpus must be greater than 0"),
+        (b'{"cpus": 0.005}', "cpus must be at least 0.01"),  # a CFS quota of 500 us: the cgroup refuses it
+        (b'{"cpus": 1e-6}', "cpus must be at least 0.01"),  # a quota of 0: no CPU limit at all
+        (b'{"cpus": NaN}', "cpus must be greater than 0"),
         (b'{"memory_mb": 999999}', "max 4096 MB memory per sandbox"),
         (b'{"memory_mb": 1}', "memory_mb must be at least"),
         (b'{"env": {"1BAD": "x"}}', "invalid env var name"),

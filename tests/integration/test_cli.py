@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import start_web_app
 
@@ -126,8 +127,11 @@ def test_json_output_parses(env, dev, api):
     assert kiln(env, "file", "read", "dev", "/workspace/cli.txt").stdout == b"from stdin"
     names = [e["name"] for e in json.loads(kiln(env, "file", "ls", "dev", "/workspace", "--json").stdout)]
     assert "cli.txt" in names
+    url = env["KILN_URL"].replace("http", "ws") + f"/sandboxes/{dev['id']}/ws?new=true&token={env['KILN_TOKEN']}"
+    with ws_connect(url) as ws:  # a shell session that stays (detached) after this
+        assert json.loads(ws.recv(timeout=30))["type"] == "session"
     sessions = json.loads(kiln(env, "ps", "dev", "--json").stdout)
-    assert sessions and all(s["argv"] for s in sessions)  # earlier tests opened shells
+    assert sessions and all(s["argv"] for s in sessions)
     shown = kiln(env, "ps", "dev").stdout.decode()
     for s in sessions:
         assert s["argv"] in shown  # the COMMAND column is filled in

@@ -31,8 +31,10 @@ def test_get_by_id_and_name_list_and_health(daemon, api):
         got = api.get("/sandboxes/lookup").json()
         assert got["id"] == sb["id"] and got["cpus"] == 0.5 and got["memory_mb"] == 256
         assert sb["id"] in [s["id"] for s in api.get("/sandboxes").json()]
-        health = httpx.get(daemon.url + "/health").json()
+        health = api.get("/health").json()  # with a key: the caller's own count
         assert health["status"] == "ok" and health["sandboxes"] >= 1 and health["uptime"].endswith("s")
+        anonymous = httpx.get(daemon.url + "/health").json()  # without: nothing about the tenants
+        assert anonymous["status"] == "ok" and "sandboxes" not in anonymous
     finally:
         api.delete(f"/sandboxes/{sb['id']}")
 

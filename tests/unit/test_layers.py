@@ -75,3 +75,45 @@ def test_the_checker_sees_a_violation(tmp_path):
         "kiln.core.probe imports kiln.api",
         "kiln.core.probe imports kiln.api.deps",
     ]
+
+
+def runtime_imports(path: Path) -> set[str]:
+    """kiln modules a file imports when it is loaded (top level, outside TYPE_CHECKING)."""
+    mod = module_name(path)
+    package = mod if path.name == "__init__.py" else mod.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        for n in node.body if isinstance(node, ast.Try) else [node]:
+            if isinstance(n, ast.ImportFrom):
+                base = package.split(".")
+                target = (
+                    ".".join(base[: len(base) - (n.level - 1)] + ([n.module] if n.module else []))
+                    if n.level
+                    else n.module or ""
+                )
+                for a in n.names:
+                    sub = f"{target}.{a.name}"
+                    found.add(sub if (KILN.parent / (sub.replace(".", "/") + ".py")).exists() else target)
+            elif isinstance(n, ast.Import):
+                found |= {a.name for a in n.names}
+    return {f for f in found if f.startswith("kiln")}
+
+
+def test_no_import_cycles():
+    graph = {module_name(p): runtime_imports(p) for p in KILN.rglob("*.py")}
+    state: dict[str, str] = {}  # "open" while on the current path, "done" once fully explored
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for dep in graph.get(node, ()):
+            if state.get(dep) == "open":
+                cycles.append([*path[path.index(dep) :], dep])
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = "done"
+
+    for m in graph:
+        if m not in state:
+            visit(m, [m])
+    assert cycles == []

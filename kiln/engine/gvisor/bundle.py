@@ -140,7 +140,8 @@ async def mount_rootfs(image_dir: Path, sandbox_dir: Path) -> None:
             raise EngineError(str(e)) from e
     for d in ("upper", "work"):
         (layers / d).mkdir(exist_ok=True)
-    opts = f"lowerdir={image_dir},upperdir={layers / 'upper'},workdir={layers / 'work'}"
+    # nosuid,nodev: the upper layer holds whatever the tenant wrote, setuid-root files included
+    opts = f"nosuid,nodev,lowerdir={image_dir},upperdir={layers / 'upper'},workdir={layers / 'work'}"
     await run(["mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs)])
 
 

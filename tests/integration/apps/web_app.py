@@ -57,6 +57,17 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/big":
             n = int(parse_qs(url.query).get("n", ["0"])[0])
             return self.reply(200, (b"0123456789abcdef" * (n // 16 + 1))[:n], "application/octet-stream")
+        if url.path == "/stream":  # n bytes with a Content-Length, written 64 KiB at a time
+            return self.stream(int(parse_qs(url.query).get("n", ["0"])[0]))
+        if url.path == "/cookie":  # a cookie for the whole publish domain (a tenant tossing cookies)
+            body = b"{}"
+            self.send_response(200)
+            self.send_header("Set-Cookie", f"toss=1; Domain={parse_qs(url.query)['domain'][0]}; Path=/")
+            self.send_header("Set-Cookie", "own=1; Path=/")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         data = self.body()
         if url.path == "/echo":
             return self.reply(200, data, "application/octet-stream")
@@ -71,6 +82,22 @@ class Handler(BaseHTTPRequestHandler):
         self.reply(200, json.dumps(info).encode())
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = handle_any
+
+    def stream(self, n: int) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        chunk, sent = b"x" * 65536, 0
+        try:
+            while sent < n:
+                self.wfile.write(chunk[: n - sent])
+                sent += min(len(chunk), n - sent)
+        except OSError:
+            pass
+        finally:
+            with open(f"/tmp/stream_sent_{self.server.server_port}", "w") as f:
+                f.write(str(sent))
 
     def sse(self) -> None:
         self.send_response(200)
@@ -111,6 +138,8 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if opcode == 9:
                 self.send_frame(10, payload)
+            elif opcode == 1 and payload.startswith(b"big:"):  # the app sends a huge message
+                self.send_frame(2, b"b" * int(payload[4:]))
             elif opcode in (1, 2):
                 self.send_frame(opcode, payload)
 
