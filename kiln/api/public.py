@@ -4,7 +4,7 @@ port, without auth, and never reach an API route.
 Order per request: resolve the alias (unknown -> 404, before any rate limit), rate limits
 (global, then per client IP, then per alias -> 429 + Retry-After: 1), body cap, wake (single-flight
 per sandbox through ensure_hot; at most `max_concurrent_wakes` at once -> 503 + Retry-After: 2), then
-the HTTP or WebSocket proxy (app down -> 502). Each HTTP request has a hard 5-minute deadline.
+the HTTP or WebSocket proxy (app down -> 502). Each HTTP request ends by `server.public_deadline`.
 """
 
 from __future__ import annotations

@@ -55,6 +55,11 @@ def table(rows: list[dict], columns: list[str]) -> None:
     console.print(t)
 
 
+def delete_and_say(name: str, as_json: bool, delete) -> None:
+    run(delete)
+    emit({"status": "deleted"}, as_json, lambda d: typer.echo(f"deleted {name}"))
+
+
 def kv(pairs: list[str], what: str) -> dict[str, str]:
     out = {}
     for p in pairs:
@@ -377,8 +382,7 @@ def secret_list(as_json: bool = JsonOpt):
 
 @secret_app.command("delete")
 def secret_delete(name: str, as_json: bool = JsonOpt):
-    run(lambda k: k.secrets.delete(name))
-    emit({"status": "deleted"}, as_json, lambda d: typer.echo(f"deleted {name}"))
+    delete_and_say(name, as_json, lambda k: k.secrets.delete(name))
 
 
 @volume_app.command("create")
@@ -401,8 +405,7 @@ def volume_list(as_json: bool = JsonOpt):
 
 @volume_app.command("delete")
 def volume_delete(name: str, as_json: bool = JsonOpt):
-    run(lambda k: k.volumes.delete(name))
-    emit({"status": "deleted"}, as_json, lambda d: typer.echo(f"deleted {name}"))
+    delete_and_say(name, as_json, lambda k: k.volumes.delete(name))
 
 
 @template_app.command("create")
@@ -438,5 +441,4 @@ def template_list(as_json: bool = JsonOpt):
 
 @template_app.command("delete")
 def template_delete(template: str, as_json: bool = JsonOpt):
-    run(lambda k: k.templates.delete(template))
-    emit({"status": "deleted"}, as_json, lambda d: typer.echo(f"deleted {template}"))
+    delete_and_say(template, as_json, lambda k: k.templates.delete(template))

@@ -412,18 +412,13 @@ def test_malformed_requests_are_400_not_500(daemon, api, attacker):
 
 def test_the_21st_terminal_session_says_so(daemon, api, attacker):
     base = daemon.url.replace("http", "ws") + f"/sandboxes/{attacker['id']}/ws?new=true&token={daemon.admin_token}"
-    opened = []
-    try:
+    with contextlib.ExitStack() as opened:
         for _ in range(20):
-            ws = ws_connect(base)
-            opened.append(ws)
+            ws = opened.enter_context(ws_connect(base))
             assert json.loads(ws.recv(timeout=30))["type"] == "session"
         with ws_connect(base) as extra:
             msg = json.loads(extra.recv(timeout=30))
         assert msg["type"] == "error" and "session limit" in msg["error"], msg
-    finally:
-        for ws in opened:
-            ws.close()
 
 
 def test_a_released_alias_is_not_given_to_another_tenant_at_once(daemon, api, attacker, tenant_b):
@@ -435,3 +430,25 @@ def test_a_released_alias_is_not_given_to_another_tenant_at_once(daemon, api, at
     assert r.status_code == 409 and "released recently" in r.json()["error"]
     again = api.post(f"/sandboxes/{attacker['id']}/publish", json={"port": 8080, "alias": alias})
     assert again.status_code == 201  # its own user may take it back
+
+
+# ---------------------------------------------------------------- 7. a stuck or lying agent
+
+
+def test_a_stuck_agent_never_holds_up_the_thermal_loop_for_others(default_image):
+    thermal = {"warm_after": 1.0, "cold_after": 600.0, "tick": 0.3}
+    with running_daemon({"thermal": thermal}) as d, d.client() as api:
+        stuck = make_sandbox(api, name="stuck")
+        idle = make_sandbox(api, name="idle-b")
+        # root stops its own agent server: every ACTIVITY poll of this sandbox now hangs
+        run(api, stuck, ["sh", "-c", "p=$PPID; (sleep 0.5; kill -STOP $p) >/dev/null 2>&1 &"], user="root")
+        time.sleep(1.0)
+        started = time.monotonic()
+        wait_for(
+            lambda: {s["id"]: s for s in api.get("/sandboxes").json()}[idle["id"]].get("thermal") == "warm",
+            timeout=15,
+            what="the other sandbox goes warm",
+        )
+        # one poll of the stuck agent costs at most its 2 s timeout per tick, never the whole loop
+        assert time.monotonic() - started < 8
+        assert httpx.get(d.url + "/health", timeout=2).status_code == 200
