@@ -13,7 +13,7 @@ from ..config import LimitsConfig
 from ..store.db import SandboxRow, User
 from .errors import BadRequest, Internal
 from .lifecycle import SandboxService
-from .names import check_env_keys
+from .names import check_env_keys, is_text
 
 log = logging.getLogger("kiln.exec")
 
@@ -37,15 +37,6 @@ class ExecResult:
     stdout: str
     stderr: str
     timed_out: bool = False
-
-
-def is_text(s: str) -> bool:
-    """False for strings JSON allows but no program can receive (lone surrogates such as \\ud800)."""
-    try:
-        s.encode()
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def agent_request(req: ExecRequest) -> dict:

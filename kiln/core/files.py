@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 from ..store.db import User
 from .errors import BadRequest
-from .exec import is_text
 from .lifecycle import SandboxService
+from .names import is_text
 
 MAX_PATH = 4096  # PATH_MAX
 

@@ -18,6 +18,15 @@ RESERVED_LABEL_PREFIXES = ("bhatti.sh", "kiln.dev")
 MAX_LABELS = 16
 
 
+def is_text(s: str) -> bool:
+    """False for strings JSON allows but no program can receive (lone surrogates such as \\ud800)."""
+    try:
+        s.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def check_name(kind: str, name: object) -> str:
     """A sandbox/template/volume name, or 400 `invalid <kind> name: must match ...`."""
     if not isinstance(name, str) or not NAME_RE.match(name):

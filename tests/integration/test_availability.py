@@ -32,6 +32,7 @@ LIMITS = {
         "max_connections_per_ip": 40,
         "ws_max_message_bytes": 1 << 20,
         "max_json_body_bytes": 1 << 20,
+        "proxy_deadline": 4.0,
     },
     "limits": {"max_ports_per_sandbox": 16},
 }
@@ -319,6 +320,17 @@ def test_an_abandoned_proxied_download_stops_at_once(daemon, api, tenant_b, atta
         assert int(sent) < 1 << 30
         time.sleep(2)
         assert daemon_cpu_seconds(daemon) - cpu < 1.5  # not streaming anything any more
+
+
+def test_an_endless_proxied_stream_ends_at_the_proxy_deadline(daemon, api, attacker):
+    start_web_app(api, attacker, 8092)
+    started = time.monotonic()
+    with api.stream("GET", f"/sandboxes/{attacker['id']}/proxy/8092/sse", timeout=30) as r:
+        assert r.status_code == 200
+        with contextlib.suppress(httpx.HTTPError):
+            for _ in r.iter_raw():
+                pass
+    assert 3.5 < time.monotonic() - started < 15  # server.proxy_deadline (4 s here) ended it
 
 
 # ---------------------------------------------------------------- 10. slow and many connections

@@ -87,3 +87,20 @@ def test_make_unit_installs_no_system_packages(tmp_path):
     r = subprocess.run(install.split(), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert not marker.exists(), marker.read_text()
+
+
+def test_a_forged_port_list_yields_only_valid_ports():
+    from kiln.core.ports import listening_ports
+
+    forged = [
+        {"port": 80},
+        {"port": "80"},
+        {"port": 70000},
+        {"port": True},
+        {"nope": 1},
+        "x",
+        {"port": 22},
+        {"port": 22},
+    ]
+    assert listening_ports(forged) == [22, 80]
+    assert listening_ports({"port": 1}) == [] and listening_ports(None) == []
