@@ -64,10 +64,18 @@ class GuardedHttpTools(HttpToolsProtocol):
                 del self.per_ip[self._ip]
 
     def handle_websocket_upgrade(self) -> None:
-        # the WebSocket protocol takes the transport over; our connection_lost is never called
-        self._uncount()
+        # the WebSocket protocol takes the transport over (our connection_lost is never called): the
+        # connection still counts against its address until that protocol loses it
         self._cancel_head_timer()
         super().handle_websocket_upgrade()
+        ws = self.transport.get_protocol()
+        lost = ws.connection_lost
+
+        def connection_lost(exc: Exception | None) -> None:
+            self._uncount()
+            lost(exc)
+
+        ws.connection_lost = connection_lost  # type: ignore[method-assign]
 
     # -- the request head
 

@@ -356,6 +356,23 @@ def test_slow_clients_and_too_many_connections_are_cut(daemon, tenant_b):
                 s.close()
 
 
+def test_websockets_count_against_their_address_too(daemon, tenant_b):
+    _, _, alias = tenant_b
+    opened, refused = 0, 0
+    with Watch(daemon, tenant_b), contextlib.ExitStack() as held:
+        for _ in range(45):  # anonymous WebSockets to a published app, all kept open
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=10, source_address=(ATTACKER_IP, 0))
+            try:
+                held.enter_context(ws_connect(f"ws://{alias}.localhost:{daemon.port}/ws", sock=s, open_timeout=10))
+                opened += 1
+            except InvalidStatus as e:
+                assert e.response.status_code == 429
+                refused += 1
+            except (ConnectionClosed, OSError):
+                refused += 1  # the 429 and the close raced the client's handshake
+    assert (opened, refused) == (40, 5)
+
+
 # ---------------------------------------------------------------- 12. published URLs and credentials
 
 
