@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic.json_schema import SkipJsonSchema
 
-from ..core.errors import BadRequest
+from ..core.errors import BadRequest, NotImplementedYet
 from ..core.lifecycle import CreateRequest, SandboxService
+from ..core.names import RESERVED_LABEL_PREFIXES
 from ..core.volumes import VolumeRequest
 from ..store.db import SandboxRow, User
 from .auth import require_user
@@ -31,8 +33,19 @@ class NewVolumeBody(BaseModel):
 
 
 class CreateBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
     name: StrictStr | None = None
+    image: StrictStr | None = None
+    labels: dict[StrictStr, StrictStr] | None = None
+    # bhatti fields kiln does not have (yet): refused by name when they ask for something (the CLI sends
+    # them empty every time, and empty asks for nothing); left out of the OpenAPI schema, which documents
+    # what kiln does
+    from_: SkipJsonSchema[StrictStr | None] = Field(None, alias="from")
+    net_policy: SkipJsonSchema[dict | None] = None
+    mounts: SkipJsonSchema[list | None] = None
+    hugepages: SkipJsonSchema[StrictBool | None] = None
+    files: SkipJsonSchema[list | None] = None
+    persistent_volumes: SkipJsonSchema[list | None] = None
     template_id: StrictStr | None = None
     cpus: float | None = None
     memory_mb: int | None = None
@@ -44,9 +57,26 @@ class CreateBody(BaseModel):
     volumes: list[VolumeBody] | None = None
     new_volumes: list[NewVolumeBody] = []
 
+    def refuse_what_kiln_lacks(self) -> None:
+        if self.mounts:
+            raise BadRequest("mounts: kiln never binds host directories into sandboxes (use volumes)")
+        if self.hugepages:
+            raise BadRequest("hugepages: not supported by the gVisor engine")
+        for field, value in (
+            ("from", self.from_),
+            ("net_policy", self.net_policy),
+            ("files", self.files),
+            ("persistent_volumes", self.persistent_volumes),
+        ):
+            if value:
+                raise NotImplementedYet(f"{field}: not supported by this kiln yet")
+
     def request(self) -> CreateRequest:
+        self.refuse_what_kiln_lacks()
         return CreateRequest(
-            name=self.name,
+            name=self.name or None,  # bhatti's CLI sends "" for "no name"
+            image=self.image or None,
+            labels=dict(self.labels or {}),
             template_id=self.template_id,
             cpus=self.cpus,
             memory_mb=self.memory_mb,
@@ -123,14 +153,31 @@ async def create_sandbox(body: CreateBody, request: Request, response: Response,
 async def list_sandboxes(request: Request, user: User = Depends(require_user)):
     engine = service(request).engine.name
     sandboxes = service(request)
+    wanted = label_filter(request.query_params.getlist("label"))
     out = []
     for row in sandboxes.list(user):
+        if any(row.labels.get(k) != v for k, v in wanted.items()):
+            continue
         d = sandbox_json(row, engine, sandboxes.agent_restarts(row.id))
         thermal = sandboxes.tier(row)
         if thermal:
             d["thermal"] = thermal
         out.append(d)
     return out
+
+
+def label_filter(filters: list[str]) -> dict[str, str]:
+    """`?label=k=v` (repeatable, AND): split on the first `=`; a missing `=`, an empty key or a reserved
+    prefix is 400."""
+    wanted: dict[str, str] = {}
+    for f in filters:
+        key, sep, value = f.partition("=")
+        if not sep or not key:
+            raise BadRequest(f"invalid label filter {f!r}: want key=value")
+        if key.rpartition("/")[0].startswith(RESERVED_LABEL_PREFIXES):
+            raise BadRequest(f"invalid label filter {f!r}: the prefix is reserved")
+        wanted[key] = value
+    return wanted
 
 
 @router.api_route("/sandboxes/", methods=["GET", "POST", "PATCH", "DELETE"], include_in_schema=False)

@@ -41,6 +41,12 @@ class Internal(KilnError):
         self.cause = cause
 
 
+class NotImplementedYet(KilnError):
+    """A feature of the API kiln does not have yet (the message names the field)."""
+
+    status = 501
+
+
 class BadGateway(KilnError):
     """Nothing answers on the sandbox port a request was meant for."""
 

@@ -28,6 +28,7 @@ from .waking import Waker, restore_failed_error
 
 log = logging.getLogger("kiln.sandboxes")
 
+DEFAULT_IMAGE = "default"  # the one image kiln builds (more with the images work)
 MIN_MEMORY_MB = 64
 MIN_DISK_MB = 64
 MIN_CPUS = 0.01  # below this a CFS quota rounds to nothing (no limit at all) or is refused
@@ -42,6 +43,8 @@ class CreateRequest:
     """A create request; None means "not given" (the template's value or the default applies)."""
 
     name: str | None = None
+    image: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
     cpus: float | None = None
     memory_mb: int | None = None
     disk_size_mb: int | None = None
@@ -57,6 +60,8 @@ class CreateRequest:
         spec = t.spec
         return CreateRequest(
             name=self.name if self.name is not None else f"{t.name}-{secrets.token_hex(3)}",
+            image=self.image,
+            labels=self.labels,
             cpus=self.cpus if self.cpus is not None else spec.get("cpus"),
             memory_mb=self.memory_mb if self.memory_mb is not None else spec.get("memory_mb"),
             disk_size_mb=self.disk_size_mb,
@@ -166,6 +171,7 @@ class SandboxService:
                 f"{lim.max_disk_mb_per_user} MB allowed per user"
             )
         name = check_name("sandbox", req.name if req.name is not None else f"sandbox-{secrets.token_hex(3)}")
+        check_labels(req.labels)
         check_env_keys(req.env)
         return name, cpus, memory_mb
 
@@ -183,6 +189,8 @@ class SandboxService:
         existing = self.store.get_sandbox(user.id, name)
         if existing is not None and existing.name == name and existing.status not in IN_FLIGHT:
             return existing, True
+        if req.image not in (None, DEFAULT_IMAGE):
+            raise NotFound(f'image "{req.image}" not found')
         self.volumes.resolve(user, req.volumes or [], req.new_volumes)
         try:
             self.engine.check_room_for_create()
@@ -196,7 +204,8 @@ class SandboxService:
             status=Status.CREATING,
             cpus=cpus,
             memory_mb=memory_mb,
-            image="default",
+            image=DEFAULT_IMAGE,
+            labels=dict(req.labels),
             created_at=now(),
             env=dict(req.env),
             init=req.init or "",
