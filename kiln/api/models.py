@@ -53,6 +53,7 @@ class SandboxOut(Out):
     snapshot: SnapshotOut | None = None
     agent_restarts: int | None = None
     thermal: str | None = None  # hot | warm | cold (listings only)
+    urls: list[str] | None = None  # published URLs (listings only)
 
 
 class ExecOut(Out):

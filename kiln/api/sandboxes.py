@@ -9,7 +9,7 @@ from pydantic.json_schema import SkipJsonSchema
 from ..core.errors import BadRequest, NotImplementedYet
 from ..core.lifecycle import CreateRequest, SandboxService
 from ..core.names import RESERVED_LABEL_PREFIXES
-from ..core.volumes import VolumeRequest
+from ..core.volumes import PersistentVolume, VolumeRequest
 from ..store.db import SandboxRow, User
 from .auth import require_user
 from .deps import services
@@ -22,6 +22,17 @@ class VolumeBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: StrictStr
     mount: StrictStr
+    read_only: StrictBool = False
+
+
+class PersistentVolumeBody(BaseModel):
+    """bhatti's way to attach a named volume: an existing one, or made now when auto_create is set."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    mount: StrictStr
+    size_mb: StrictInt | None = None
+    auto_create: StrictBool = False
     read_only: StrictBool = False
 
 
@@ -45,7 +56,7 @@ class CreateBody(BaseModel):
     mounts: SkipJsonSchema[list | None] = None
     hugepages: SkipJsonSchema[StrictBool | None] = None
     files: SkipJsonSchema[list | None] = None
-    persistent_volumes: SkipJsonSchema[list | None] = None
+    persistent_volumes: list[PersistentVolumeBody] = []
     template_id: StrictStr | None = None
     cpus: float | None = None
     memory_mb: int | None = None
@@ -66,7 +77,6 @@ class CreateBody(BaseModel):
             ("from", self.from_),
             ("net_policy", self.net_policy),
             ("files", self.files),
-            ("persistent_volumes", self.persistent_volumes),
         ):
             if value:
                 raise NotImplementedYet(f"{field}: not supported by this kiln yet")
@@ -89,6 +99,10 @@ class CreateBody(BaseModel):
             if self.volumes is None
             else [VolumeRequest(v.name, v.mount, v.read_only) for v in self.volumes],
             new_volumes=[VolumeRequest(v.name, v.mount, False, v.size_mb) for v in self.new_volumes],
+            persistent_volumes=[
+                PersistentVolume(v.name, v.mount, v.read_only, v.size_mb, v.auto_create)
+                for v in self.persistent_volumes
+            ],
         )
 
 
@@ -154,6 +168,7 @@ async def list_sandboxes(request: Request, user: User = Depends(require_user)):
     engine = service(request).engine.name
     sandboxes = service(request)
     wanted = label_filter(request.query_params.getlist("label"))
+    publish = services(request).publish
     out = []
     for row in sandboxes.list(user):
         if any(row.labels.get(k) != v for k, v in wanted.items()):
@@ -162,6 +177,9 @@ async def list_sandboxes(request: Request, user: User = Depends(require_user)):
         thermal = sandboxes.tier(row)
         if thermal:
             d["thermal"] = thermal
+        urls = [publish.url(rule.alias) for rule in publish.rules(row)]
+        if urls:
+            d["urls"] = urls  # listings only, as bhatti (its CLI's URL column)
         out.append(d)
     return out
 

@@ -23,7 +23,7 @@ from .names import check_env_keys, check_labels, check_name
 from .runtime import Runtimes
 from .secrets import SecretService
 from .templates import TemplateService
-from .volumes import VolumeRequest, VolumeService
+from .volumes import PersistentVolume, VolumeRequest, VolumeService
 from .waking import Waker, restore_failed_error
 
 log = logging.getLogger("kiln.sandboxes")
@@ -55,6 +55,7 @@ class CreateRequest:
     secrets: list[str] = field(default_factory=list)
     volumes: list[VolumeRequest] | None = None
     new_volumes: list[VolumeRequest] = field(default_factory=list)
+    persistent_volumes: list[PersistentVolume] = field(default_factory=list)
 
     def with_template(self, t: Template) -> CreateRequest:
         spec = t.spec
@@ -72,6 +73,7 @@ class CreateRequest:
             secrets=list(dict.fromkeys(spec.get("secrets", []) + self.secrets)),
             volumes=self.volumes if self.volumes is not None else TemplateService.volumes(t),
             new_volumes=self.new_volumes,
+            persistent_volumes=self.persistent_volumes,
         )
 
 
@@ -191,7 +193,9 @@ class SandboxService:
             return existing, True
         if req.image not in (None, DEFAULT_IMAGE):
             raise NotFound(f'image "{req.image}" not found')
-        self.volumes.resolve(user, req.volumes or [], req.new_volumes)
+        attach, make = self.volumes.split_persistent(user, req.persistent_volumes)
+        wanted, new = [*(req.volumes or []), *attach], [*req.new_volumes, *make]
+        self.volumes.resolve(user, wanted, new)
         try:
             self.engine.check_room_for_create()
         except NoSpace as e:
@@ -221,7 +225,7 @@ class SandboxService:
             raise Conflict(f'sandbox "{name}" is being created or destroyed by another request') from None
         try:
             async with self.runtimes.lock(row.id):
-                volumes = await self.volumes.attach(user, row.id, req.volumes or [], req.new_volumes)
+                volumes = await self.volumes.attach(user, row.id, wanted, new)
                 spec = SandboxSpec(
                     id=row.id,
                     hostname=name,

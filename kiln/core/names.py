@@ -10,7 +10,8 @@ from .errors import BadRequest
 NAME_PATTERN = "[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}"
 NAME_RE = re.compile(f"^{NAME_PATTERN}$")  # sandboxes, templates, volumes
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-SECRET_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")  # it becomes an env var
+SECRET_NAME_PATTERN = "[A-Za-z_][A-Za-z0-9_.-]{0,127}"  # bhatti's names too, e.g. openai-key
+SECRET_NAME_RE = re.compile(f"^{SECRET_NAME_PATTERN}$")
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 LABEL_PART_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9._-]{0,61}[a-zA-Z0-9])?$")
 LABEL_VALUE_RE = re.compile(r"^[a-zA-Z0-9._-]*$")
@@ -25,6 +26,18 @@ def is_text(s: str) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def secret_env_name(name: str) -> str:
+    """The env var a secret is injected as: its name if that is a valid env var name, else the name
+    upper-cased with `-` and `.` as `_` (`openai-key` -> `OPENAI_KEY`)."""
+    return name if ENV_KEY_RE.match(name) else name.upper().replace("-", "_").replace(".", "_")
+
+
+def check_secret_names(names) -> None:
+    for name in names:
+        if not isinstance(name, str) or not SECRET_NAME_RE.match(name):
+            raise BadRequest(f"invalid secret name: {name!r} (must match {SECRET_NAME_PATTERN})")
 
 
 def check_name(kind: str, name: object) -> str:

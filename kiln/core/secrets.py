@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from ..store.db import SecretRow, Store, User
 from .errors import BadRequest, Internal, NotFound
-from .names import SECRET_NAME_RE
+from .names import check_secret_names, secret_env_name
 
 MAX_VALUE = 64 * 1024
 NONCE = 12
@@ -51,10 +51,7 @@ class SecretService:
     def set(self, user: User, name: str, value: str) -> SecretRow:
         if not name or not value:
             raise BadRequest("name and value required")
-        if not SECRET_NAME_RE.match(name):
-            raise BadRequest(
-                "invalid secret name: it becomes an environment variable, so it must match [A-Za-z_][A-Za-z0-9_]*"
-            )
+        check_secret_names([name])
         if len(value.encode()) > MAX_VALUE:
             raise BadRequest("secret value too large (max 64 KiB)")
         return self.store.upsert_secret(user.id, name, self.box.seal(value.encode(), f"secret:{user.id}:{name}"))
@@ -67,14 +64,14 @@ class SecretService:
             raise NotFound(f'secret "{name}" not found')
 
     def resolve(self, user: User, names: builtins.list[str]) -> dict[str, str]:
-        """Values of the named secrets; 400 for a name the user has no secret of."""
+        """The named secrets as env vars (see names.secret_env_name); 400 for a name the user has no secret of."""
         values = {}
         for name in names:
             row = self.store.get_secret(user.id, name)
             if row is None:
                 raise BadRequest(f'secret "{name}" not found')
             try:
-                values[name] = self.box.open(row.sealed, f"secret:{user.id}:{name}").decode()
+                values[secret_env_name(name)] = self.box.open(row.sealed, f"secret:{user.id}:{name}").decode()
             except InvalidTag:
                 raise Internal(f'decrypt secret "{name}" of {user.id} failed') from None
         return values

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..store.db import NameTaken, Store, Template, User, now
 from .errors import BadRequest, Conflict, NotFound
-from .names import check_env_keys, check_name
+from .names import check_env_keys, check_name, check_secret_names
 from .volumes import VolumeRequest, validate_mount
 
 
@@ -50,7 +50,8 @@ class TemplateService:
             raise BadRequest("cpus must be a number greater than 0")
         if spec.memory_mb is not None and spec.memory_mb <= 0:
             raise BadRequest("memory_mb must be greater than 0")
-        check_env_keys(list(spec.env) + spec.secrets, what="env var or secret")
+        check_env_keys(list(spec.env))
+        check_secret_names(spec.secrets)
         for v in spec.volumes:
             validate_mount(v.mount)
         t = Template(id=secrets.token_hex(8), owner_id=user.id, name=spec.name, spec=spec.to_dict(), created_at=now())

@@ -55,6 +55,18 @@ class VolumeRequest:
     size_mb: int | None = None  # only for new volumes
 
 
+@dataclass
+class PersistentVolume:
+    """One entry of bhatti's `persistent_volumes`: attach the named volume, making it first if it does
+    not exist and auto_create is set (with size_mb, or the default size)."""
+
+    name: str
+    mount: str
+    read_only: bool = False
+    size_mb: int | None = None
+    auto_create: bool = False
+
+
 def validate_mount(path: str) -> None:
     if not isinstance(path, str) or not path.startswith("/"):
         raise BadRequest(f"volume mount must be an absolute path: {path!r}")
@@ -138,6 +150,20 @@ class VolumeService:
         log.info("deleted volume %s (%s)", v.id, name)
 
     # ------------------------------------------------------------ attaching
+
+    def split_persistent(
+        self, user: User, persistent: builtins.list[PersistentVolume]
+    ) -> tuple[builtins.list[VolumeRequest], builtins.list[VolumeRequest]]:
+        """bhatti's persistent_volumes as (existing to attach, new to make): a missing volume is made only
+        with auto_create, else it is looked up (and found missing: 404) like any other."""
+        wanted: builtins.list[VolumeRequest] = []
+        new: builtins.list[VolumeRequest] = []
+        for pv in persistent:
+            if pv.auto_create and self.store.get_volume(user.id, pv.name) is None:
+                new.append(VolumeRequest(pv.name, pv.mount, pv.read_only, pv.size_mb))
+            else:
+                wanted.append(VolumeRequest(pv.name, pv.mount, pv.read_only))
+        return wanted, new
 
     def resolve(self, user: User, wanted: builtins.list[VolumeRequest], new: builtins.list[VolumeRequest]) -> None:
         """Check a create request's volumes before anything is made: names, mounts, sizes, conflicts."""

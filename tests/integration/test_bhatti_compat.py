@@ -56,7 +56,6 @@ def test_labels_on_create_and_the_label_filter(api):
         ("mounts", [{"host_path": "/etc", "guest_path": "/mnt"}], 400, "mounts"),
         ("hugepages", True, 400, "hugepages"),
         ("files", [{"guest_path": "/tmp/a", "content": "aGk="}], 501, "files"),
-        ("persistent_volumes", [{"name": "v", "mount": "/data"}], 501, "persistent_volumes"),
     ],
 )
 def test_fields_kiln_does_not_honour_are_refused_by_name(api, field, value, status, message):
@@ -79,3 +78,63 @@ def test_what_bhatti_clients_send_empty_is_accepted(api):
         for s in api.get("/sandboxes").json():
             if s["name"] == "named-image":
                 api.delete(f"/sandboxes/{s['id']}")
+
+
+def test_persistent_volumes_attach_existing_or_auto_created_volumes(api):
+    def create(name, *pvs):
+        return api.post("/sandboxes", json={"name": name, "persistent_volumes": list(pvs)})
+
+    before = api.get("/sandboxes").json()
+    r = create("pv-missing", {"name": "pv-none", "mount": "/data"})
+    assert r.status_code == 404 and r.json() == {"error": 'volume "pv-none" not found'}
+    assert api.get("/sandboxes").json() == before and api.get("/volumes/pv-none").status_code == 404
+    first = create("pv-a", {"name": "pv-data", "mount": "/data", "size_mb": 16, "auto_create": True})
+    assert first.status_code == 201, first.text
+    a = first.json()
+    try:
+        assert api.get("/volumes/pv-data").json()["size_mb"] == 16
+        out = api.post(f"/sandboxes/{a['id']}/exec", json={"cmd": ["sh", "-c", "echo kept > /data/f; cat /data/f"]})
+        assert out.json()["stdout"] == "kept\n"
+        # a second read-write user of the same volume is refused, as bhatti does
+        r = create("pv-b", {"name": "pv-data", "mount": "/data", "auto_create": True})
+        assert r.status_code == 409 and "already attached" in r.json()["error"]
+    finally:
+        api.delete(f"/sandboxes/{a['id']}")
+    ro = create("pv-ro", {"name": "pv-data", "mount": "/data", "read_only": True})
+    assert ro.status_code == 201, ro.text
+    try:
+        sb = ro.json()
+        out = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": ["sh", "-c", "cat /data/f; echo x > /data/g"]})
+        assert out.json()["stdout"] == "kept\n" and out.json()["exit_code"] != 0  # data there, read-only
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+    assert api.delete("/volumes/pv-data").status_code == 200
+
+
+def test_listings_carry_the_published_urls(api):
+    sb = make_sandbox(api, name="with-url")
+    try:
+        assert "urls" not in {s["id"]: s for s in api.get("/sandboxes").json()}[sb["id"]]
+        url = api.post(f"/sandboxes/{sb['id']}/publish", json={"port": 3000}).json()["url"]
+        listed = {s["id"]: s for s in api.get("/sandboxes").json()}[sb["id"]]
+        assert listed["urls"] == [url]
+        assert "urls" not in api.get(f"/sandboxes/{sb['id']}").json()  # list-only, as bhatti
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_bhatti_secret_names_are_injected_under_an_env_var_name(api):
+    assert api.post("/secrets", json={"name": "openai-key", "value": "sk-test-1"}).status_code == 201
+    assert api.post("/secrets", json={"name": "Plain_Name", "value": "v2"}).status_code == 201
+    sb = make_sandbox(api, name="bhatti-secrets", secrets=["openai-key", "Plain_Name"])
+    try:
+        out = api.post(f"/sandboxes/{sb['id']}/exec", json={"cmd": ["sh", "-c", "echo $OPENAI_KEY $Plain_Name"]})
+        assert (
+            out.json()["stdout"] == "sk-test-1 v2\n"
+        )  # `-`/`.` names upper-cased with `_`; env-safe names as they are
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+        api.delete("/secrets/openai-key")
+        api.delete("/secrets/Plain_Name")
+    r = api.post("/secrets", json={"name": "no spaces", "value": "x"})
+    assert r.status_code == 400 and "invalid secret name" in r.json()["error"]

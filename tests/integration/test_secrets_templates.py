@@ -82,7 +82,7 @@ def test_secret_errors_change_nothing(api):
     for body in ({"name": "", "value": "v"}, {"name": "N", "value": ""}, {}):
         r = api.post("/secrets", json=body)
         assert r.status_code == 400 and r.json() == {"error": "name and value required"}
-    r = api.post("/secrets", json={"name": "bad-name", "value": "hidden-value-1"})
+    r = api.post("/secrets", json={"name": "bad name", "value": "hidden-value-1"})
     assert r.status_code == 400 and "hidden-value-1" not in r.text
     r = api.post("/secrets", json={"name": "BIG", "value": "v" * (64 * 1024 + 1)})
     assert r.status_code == 400 and "vvvv" not in r.text
@@ -141,7 +141,7 @@ def test_template_round_trip_and_create_from_it(api):
         {"name": "t", "cpus": 0},
         {"name": "t", "env": {"1X": "v"}},
         {"name": "t", "volumes": [{"name": "v", "mount": "/etc"}]},
-        {"name": "t", "secrets": ["no-dash"]},
+        {"name": "t", "secrets": ["no spaces"]},
     ],
 )
 def test_template_validation(api, body):
