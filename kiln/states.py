@@ -63,7 +63,6 @@ TRANSITIONS: frozenset[tuple[Status, Status]] = frozenset(
         (Status.UNKNOWN, Status.DESTROYING),
     }
 )
-DELETABLE = frozenset({Status.CREATING, Status.DESTROYING})
 
 
 class IllegalTransition(Exception):

@@ -14,6 +14,8 @@ from ..core.errors import TooManyRequests, Unauthorized
 from ..store.db import User
 from .deps import services, services_of
 
+# Where CommonHeaders leaves the caller it authenticated (before reading a body) for require_user.
+AUTHENTICATED = "kiln.user"
 # Routes whose bodies are raw bytes for the sandbox, not API JSON: file uploads and proxied requests.
 RAW_BODY_PATH = re.compile(r"^/sandboxes/[^/]+/(files|proxy)(/|$)")
 
@@ -34,10 +36,12 @@ async def require_user(request: Request) -> User:
 
     async on purpose: FastAPI runs plain-def dependencies in a thread pool, a thread hop per request
     (and per-thread malloc arenas that swell the daemon's memory under load)."""
-    key = bearer_key(request)
-    if not key:
-        raise Unauthorized("authorization required")
-    user = services(request).store.user_by_key(key)
+    user = request.scope.get(AUTHENTICATED)  # looked up already if the request had a body
+    if user is None:
+        key = bearer_key(request)
+        if not key:
+            raise Unauthorized("authorization required")
+        user = services(request).store.user_by_key(key)
     if user is None:
         raise Unauthorized("invalid api key")
     if not services(request).rate_limits.allow(user.id, request.method, route_template(request)):
@@ -78,9 +82,12 @@ class CommonHeaders:
         headers = dict(scope["headers"])
         length = headers.get(b"content-length", b"")
         if length not in (b"", b"0") or b"transfer-encoding" in headers:
-            if scope["path"] != "/health" and not self.authenticated(scope):
+            if scope["path"] != "/health":
                 key = bearer_key_of(headers)
-                return await reply(send_with_headers, 401, "invalid api key" if key else "authorization required")
+                user = services_of(scope["app"]).store.user_by_key(key) if key else None
+                if user is None:
+                    return await reply(send_with_headers, 401, "invalid api key" if key else "authorization required")
+                scope = dict(scope, **{AUTHENTICATED: user})
             if length.isdigit() and int(length) > self.max_body:
                 return await reply(send_with_headers, 413, f"request body too large (max {self.max_body} bytes)")
             body = await read_at_most(receive, self.max_body)
@@ -91,11 +98,6 @@ class CommonHeaders:
         plain = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
         scope = dict(scope, headers=[*plain, (b"content-type", b"application/json")])
         await self.app(scope, receive, send_with_headers)
-
-    @staticmethod
-    def authenticated(scope) -> bool:
-        key = bearer_key_of(dict(scope["headers"]))
-        return bool(key) and services_of(scope["app"]).store.user_by_key(key) is not None
 
 
 def bearer_key_of(headers: dict[bytes, bytes]) -> str:

@@ -76,34 +76,25 @@ class PublicProxy:
         if not limits.allow(client_ip, alias):
             return await refuse(429, "rate limit exceeded", "1")
         sandboxes = state.sandboxes
-        woken = row.status != Status.RUNNING or sandboxes.waker.is_warm(row.id)
-        if woken:
+        if row.status != Status.RUNNING or sandboxes.waker.is_warm(row.id):
             if limits.waking >= limits.max_wakes:
                 return await refuse(503, "server busy, retry shortly", "2")
             limits.waking += 1
-        try:
-            async with sandboxes.using(row):  # awake, and pinned while the request runs
-                if woken:
-                    limits.waking -= 1
-                    woken = False
-                row = state.store.sandbox_by_id(row.id) or row
-                target = Target(
-                    row,
-                    rule.port,
-                    (scope.get("raw_path") or b"/").decode("latin-1") or "/",
-                    strip_credentials=False,
-                    public=True,
-                )
-                await self.forward(state, target, websocket, scope, receive, send)
-        except KilnError:
-            state.publish.cache.pop(alias, None)
-            return await refuse(502, "sandbox unavailable")
-        finally:
-            if woken:
+            try:
+                await sandboxes.waker.ready_handle(row)  # the wake, admitted; the exchange below pins it
+            except KilnError:
+                state.publish.cache.pop(alias, None)
+                return await refuse(502, "sandbox unavailable")
+            finally:
                 limits.waking -= 1
-
-    @staticmethod
-    async def forward(state: Services, target: Target, websocket: WebSocket | None, scope, receive, send) -> None:
+            row = state.store.sandbox_by_id(row.id) or row
+        target = Target(
+            row,
+            rule.port,
+            (scope.get("raw_path") or b"/").decode("latin-1") or "/",
+            strip_credentials=False,
+            public=True,
+        )
         if websocket is not None:
             await proxy_websocket(state, target, websocket, bad_gateway="bad gateway")
         else:

@@ -52,8 +52,14 @@ class Diagnosis:
 
     async def on_engine_exit(self, sandbox_id: str) -> None:
         """The engine says the sandbox exited without being asked to: record why."""
-        status = await self.settled_status(sandbox_id)
+        await self.settled_status(sandbox_id)
+        await self.record_death(sandbox_id)
+
+    async def record_death(self, sandbox_id: str) -> None:
+        """Mark the sandbox stopped if the engine says it is dead. The engine is asked under the lock: a
+        status read before it may be stale (a start can have booted the sandbox again meanwhile)."""
         async with self.runtimes.lock(sandbox_id):
+            status = await self.engine.status(sandbox_id)
             if status.state != State.DEAD:
                 return
             self.store.mark_stopped(sandbox_id, death_reason(status.cause))
@@ -64,7 +70,7 @@ class Diagnosis:
         500 otherwise."""
         status = await self.settled_status(row.id)
         if status.state == State.DEAD:
-            await self.on_engine_exit(row.id)
+            await self.record_death(row.id)
             raise stopped_error(row, death_reason(status.cause))
         handle = self.engine.handle(row.id)
         if status.state == State.RUNNING and handle is not None:

@@ -8,9 +8,9 @@ import sys
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
-from ..agent.client import AgentError, AgentRequestError, ExecEvent
+from ..agent.client import AgentError, ExecEvent
 from ..config import LimitsConfig
-from ..store.db import SandboxRow, User
+from ..store.db import User
 from .errors import BadRequest, Internal
 from .lifecycle import SandboxService
 from .names import check_env_keys, is_text
@@ -84,18 +84,16 @@ class ExecService:
             stack.push_async_callback(events.aclose)  # type: ignore[attr-defined]
             try:
                 first = await anext(events)
-            except AgentRequestError:
-                raise
             except StopAsyncIteration as e:
                 raise AgentError("the agent closed the exec stream before it started") from e
         except BaseException:
             if not await stack.__aexit__(*sys.exc_info()):
                 raise
             raise Internal("exec did not start")  # pragma: no cover (using() re-raises every error)
-        return self._stream(row, first, events, stack)
+        return self._stream(first, events, stack)
 
     async def _stream(
-        self, row: SandboxRow, first: ExecEvent, rest: AsyncIterator[ExecEvent], stack: contextlib.AsyncExitStack
+        self, first: ExecEvent, rest: AsyncIterator[ExecEvent], stack: contextlib.AsyncExitStack
     ) -> AsyncGenerator[ExecEvent, None]:
         try:
             if first.kind != "started":

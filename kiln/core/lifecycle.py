@@ -152,8 +152,8 @@ class SandboxService:
         if count >= max_count:
             raise TooManyRequests(f"sandbox limit reached ({count}/{max_count})")
 
-    def validate_create(self, user: User, req: CreateRequest) -> tuple[str, float, int]:
-        """Check a create request's size and names; returns (name, cpus, memory_mb)."""
+    def validate_create(self, user: User, req: CreateRequest) -> tuple[str, float, int, int]:
+        """Check a create request's size and names; returns (name, cpus, memory_mb, disk_mb)."""
         lim = self.config.limits
         cpus = 1.0 if req.cpus is None else float(req.cpus)
         memory_mb = 512 if req.memory_mb is None else int(req.memory_mb)
@@ -175,7 +175,7 @@ class SandboxService:
         name = check_name("sandbox", req.name if req.name is not None else f"sandbox-{secrets.token_hex(3)}")
         check_labels(req.labels)
         check_env_keys(req.env)
-        return name, cpus, memory_mb
+        return name, cpus, memory_mb, disk_mb
 
     async def create(self, user: User, req: CreateRequest) -> tuple[SandboxRow, bool]:
         """Create and boot a sandbox; returns (sandbox, existed). Same name again returns the existing one.
@@ -186,7 +186,7 @@ class SandboxService:
         self.check_quota(user)
         if req.template_id:
             req = req.with_template(self.templates.get(user, req.template_id, message="template not found"))
-        name, cpus, memory_mb = self.validate_create(user, req)
+        name, cpus, memory_mb, disk_mb = self.validate_create(user, req)
         secret_env = self.secrets.resolve(user, req.secrets)
         existing = self.store.get_sandbox(user.id, name)
         if existing is not None and existing.name == name and existing.status not in IN_FLIGHT:
@@ -216,7 +216,7 @@ class SandboxService:
             keep_hot=bool(req.keep_hot),
             template_id=req.template_id or "",
             sealed_env=self.secrets.seal_env(sandbox_id, secret_env),
-            disk_mb=req.disk_size_mb or self.config.limits.default_disk_mb,
+            disk_mb=disk_mb,
         )
         try:
             # The "creating" row reserves the name; a crash from here on is cleaned up at restart.

@@ -15,7 +15,6 @@ import logging
 
 from ..agent.client import AgentError
 from ..config import PortsConfig
-from ..states import Status
 from ..store.db import SandboxRow, User
 from ..tasks import cancel_and_wait
 from .errors import KilnError
@@ -102,7 +101,7 @@ def listening_ports(found: object) -> list[int]:
 
 
 class PortTracker:
-    def __init__(self, sandboxes: SandboxService, upstreams: Upstreams, config: PortsConfig, max_ports: int = 32):
+    def __init__(self, sandboxes: SandboxService, upstreams: Upstreams, config: PortsConfig, max_ports: int):
         self.sandboxes = sandboxes
         self.store = sandboxes.store
         self.upstreams = upstreams
@@ -145,10 +144,8 @@ class PortTracker:
     async def scan(self, row: SandboxRow) -> None:
         """Ask a hot sandbox's agent for its ports; paused and cold sandboxes keep their last scan."""
         async with self.sandboxes.runtimes.lock(row.id):  # never while a pause or snapshot is under way
-            fresh = self.store.sandbox_by_id(row.id)
-            handle = self.sandboxes.engine.handle(row.id)
-            hot = fresh is not None and fresh.status == Status.RUNNING and not self.sandboxes.waker.is_warm(row.id)
-            if not hot or handle is None:
+            handle = self.sandboxes.waker.hot_handle(self.store.sandbox_by_id(row.id))
+            if handle is None:
                 return
             try:
                 found = await asyncio.wait_for(handle.agent.ports(), SCAN_TIMEOUT)

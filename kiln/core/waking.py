@@ -54,40 +54,38 @@ class Waker:
     def is_warm(self, sandbox_id: str) -> bool:
         return self.pausable is not None and self.pausable.is_paused(sandbox_id)
 
-    def hot_handle(self, row_id: str) -> SandboxHandle | None:
-        """The handle if the sandbox can take a request right now without any wake."""
-        rt = self.runtimes[row_id]
-        if rt.transitioning or self.is_warm(row_id):
-            return None
-        fresh = self.store.sandbox_by_id(row_id)
+    def hot_handle(self, fresh: SandboxRow | None) -> SandboxHandle | None:
+        """The handle if the sandbox (as the store has it now) can take a request without any wake."""
         if fresh is None or fresh.status != Status.RUNNING:
             return None
-        return self.engine.handle(row_id)
+        if self.runtimes[fresh.id].transitioning or self.is_warm(fresh.id):
+            return None
+        return self.engine.handle(fresh.id)
+
+    def known_handle(self, sandbox_id: str) -> SandboxHandle:
+        handle = self.engine.handle(sandbox_id)
+        if handle is None:
+            raise Internal(f"sandbox {sandbox_id} is unknown to the engine")
+        return handle
 
     async def ensure_hot(self, row: SandboxRow) -> SandboxHandle:
         self.runtimes.touch(row.id)
-        handle = self.hot_handle(row.id)  # `row` may predate a stop that has finished since
+        handle = self.hot_handle(self.store.sandbox_by_id(row.id))  # `row` may predate a stop since
         if handle is not None:
             return handle
         async with self.runtimes.lock(row.id):
-            # a wake storm: the first waiter woke it; the rest find it hot without asking the engine
-            handle = self.hot_handle(row.id)
-            if handle is not None:
-                return handle
             fresh = self.store.sandbox_by_id(row.id)
             if fresh is None:
                 raise NotFound(f'sandbox "{row.name}" not found')
-            return await self.wake_locked(fresh)
+            # a wake storm: the first waiter woke it; the rest find it hot without asking the engine
+            return self.hot_handle(fresh) or await self.wake_locked(fresh)
 
     async def wake_locked(self, row: SandboxRow, force: bool = False) -> SandboxHandle:
         """Bring the sandbox to running, under its lock: resume, restore, or boot after a death."""
         if row.status == Status.RUNNING and self.is_warm(row.id):
             assert self.pausable is not None
             await self.pausable.resume(row.id)
-            handle = self.engine.handle(row.id)
-            if handle is None:
-                raise Internal(f"sandbox {row.id} is unknown to the engine")
-            return handle
+            return self.known_handle(row.id)
         status = await self.engine.status(row.id)
         if status.state == State.PAUSED and self.pausable is not None:
             await self.pausable.resume(row.id)
@@ -109,9 +107,7 @@ class Waker:
             await self.boot(row)
         elif status.state == State.MISSING:
             raise Internal(f"sandbox {row.id} is unknown to the engine")
-        handle = self.engine.handle(row.id)
-        if handle is None:
-            raise Internal(f"sandbox {row.id} is unknown to the engine")
+        handle = self.known_handle(row.id)
         self.store.mark_running(row.id, handle.ip)
         self.runtimes.touch(row.id)
         return handle

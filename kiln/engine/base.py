@@ -158,9 +158,9 @@ class Engine(Protocol):
     def usage(self, sandbox_id: str) -> Usage | None:
         """CPU and memory used so far, or None if the engine cannot tell."""
 
-    def leftovers(self) -> dict[str, list[str]]:
-        """Every host object this engine instance made and still holds, by kind (for a clean-state
-        check: after destroying every sandbox, each list is empty)."""
+    def leftovers(self, keep: frozenset[str] = frozenset()) -> dict[str, list[str]]:
+        """Every host object this engine instance made and still holds, by kind, except those of the
+        sandboxes in `keep` (for a clean-state check: after destroying every sandbox, each list is empty)."""
 
     def scrub(self) -> None:
         """Forcibly remove every host object `leftovers` reports (tests' clean-up after a failure);

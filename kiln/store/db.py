@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ..states import DELETABLE, IllegalTransition, Reason, Status, check_transition
+from ..states import IN_FLIGHT, IllegalTransition, Reason, Status, check_transition
 
 MIGRATIONS: list[str] = [
     # 1: users, API keys, sandboxes
@@ -420,7 +420,7 @@ class Store:
         """Only rows being created (a failed create) or destroyed leave the store."""
         with self.transaction() as db:
             row = db.execute("SELECT status FROM sandboxes WHERE id=?", (sandbox_id,)).fetchone()
-            if row is not None and row["status"] not in DELETABLE:
+            if row is not None and row["status"] not in IN_FLIGHT:  # only half-made or half-gone rows
                 raise IllegalTransition(f"a {row['status']} sandbox is never deleted: mark it destroying first")
             db.execute("DELETE FROM sandboxes WHERE id=?", (sandbox_id,))
 

@@ -406,9 +406,7 @@ class GVisorEngine:
             await self.network.destroy(self.link(rec))
         else:
             await self.network.remove_netns(self.network.netns_name(sandbox_id))
-        self.cgroups.remove(sandbox_id)
-        self.frozen.pop(sandbox_id, None)
-        # multi-GB snapshots and disks: never on the event loop
+        # (delete_container removed its cgroups) multi-GB snapshots and disks: never on the event loop
         await asyncio.to_thread(shutil.rmtree, sandbox_dir, True)
 
     async def delete_container(self, sandbox_id: str) -> None:
@@ -519,7 +517,7 @@ class GVisorEngine:
             if state.exists():
                 state.write_text("THAWED")  # runsc delete talks to the sandbox
             subprocess.run(self.runsc.argv("delete", "-force", cid), capture_output=True, timeout=60, check=False)
-        for m in sorted(self.leftovers()["mounts"], reverse=True):
+        for m in sorted(left["mounts"], reverse=True):
             subprocess.run(["umount", "-l", m], capture_output=True, check=False)
         for ns in left["netns"]:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
