@@ -246,6 +246,7 @@ async def proxy_websocket(svc: Services, target: Target, websocket: WebSocket, b
                     compression=None,
                     max_size=svc.server.ws_max_message_bytes,  # larger: closed with 1009, never buffered
                     ping_interval=None,
+                    close_timeout=WS_CLOSE_GRACE,  # an app that keeps its end open after closing holds no fd
                     proxy=None,
                     open_timeout=10,
                 )

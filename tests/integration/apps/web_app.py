@@ -133,7 +133,7 @@ class Handler(BaseHTTPRequestHandler):
             if frame is None:
                 return
             opcode, payload = frame
-            if opcode == 8:
+            if opcode == 8:  # the TCP connection stays open after the close, as in many real apps
                 self.send_frame(8, payload[:2])
                 return
             if opcode == 9:
