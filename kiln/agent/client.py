@@ -212,6 +212,11 @@ class AgentClient:
         finally:
             await conn.close()
 
+    async def detach(self, request: dict, timeout: float = 30.0) -> dict:
+        """Start a command that outlives the request: {"pid", "output_file", "detached"} once it runs."""
+        payload = json.dumps(dict(request, detach=True)).encode()
+        return await self.request_json(P.EXEC_REQ, P.STARTED, payload, timeout=timeout)
+
     # ------------------------------------------------------------ files
 
     async def stat(self, path: str) -> dict:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import selectors
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -24,15 +26,22 @@ if TYPE_CHECKING:
     from .server import Agent
 
 
+EXIT_POLL = 0.1  # how often a running command is checked for having exited with its pipes still held
+DRAIN_QUIET = 0.05  # after it exits: output is drained until the pipes are quiet this long ...
+DRAIN_MAX = 1.0  # ... or for this long at most
+
+
 def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
-    """Run argv to completion, streaming stdout/stderr frames, then EXIT.
+    """Run argv until it exits, streaming stdout/stderr frames, then EXIT.
 
     The child gets its own process group; timeout, a KILL frame or the host going away kill
-    the whole group, so nothing of the command outlives its request.
+    the whole group. When the command exits, its output is drained briefly and EXIT sent, even if
+    children it left in the background still hold its stdout/stderr (`sh -c 'server &'`): they keep
+    running, and what they write from then on is discarded (see OrphanedPipes).
     """
-    argv = req.get("argv")
-    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-        raise RequestError("cmd required")
+    argv = checked_argv(req)
+    if req.get("detach"):
+        return run_detached(agent, conn, req, argv)
     launch = agent.launch_spec(req)
     timeout = req.get("timeout_sec")
     deadline = time.monotonic() + float(timeout) if timeout else None
@@ -54,9 +63,6 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         for fd in (in_r, out_w, err_w):
             os.close(fd)
 
-    def kill_group() -> None:
-        kill_process_group(proc.pid)
-
     conn.send_json(P.STARTED, {"pid": proc.pid})
     stdin = StdinFeeder(in_w) if in_w >= 0 else None
     sel = selectors.DefaultSelector()
@@ -66,15 +72,30 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
     sel.register(conn.sock, selectors.EVENT_READ)
     inbuf = bytearray()
     timed_out = host_gone = False
+    exited_at: float | None = None  # when the command itself exited (its pipes may still be held)
+    next_poll = time.monotonic() + EXIT_POLL
     try:
         while streams and not host_gone:
-            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if wait == 0.0:
+            now = time.monotonic()
+            if exited_at is None and now >= next_poll:
+                next_poll = now + EXIT_POLL
+                if proc.poll() is not None:
+                    exited_at = now
+            if deadline is not None and now >= deadline and exited_at is None:
                 timed_out = True
                 break
+            if exited_at is not None:
+                if now - exited_at >= DRAIN_MAX:
+                    break
+                wait: float | None = DRAIN_QUIET
+            else:
+                wait = next_poll - now if deadline is None else min(next_poll, deadline) - now
             if stdin:
                 stdin.register(sel)
-            for key, _events in sel.select(wait):
+            ready = sel.select(wait)
+            if not ready and exited_at is not None:
+                break  # quiet since the command exited: what it wrote is all sent
+            for key, _events in ready:
                 if key.fileobj is conn.sock:
                     data = conn.sock.recv(READ_CHUNK)  # readable: does not block
                     inbuf += data
@@ -92,7 +113,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
                         del streams[key.fd]
                         os.close(key.fd)
         if timed_out or host_gone:
-            kill_group()
+            kill_process_group(proc.pid)
             proc.wait()
         else:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -100,12 +121,11 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
                 proc.wait(remaining)
             except TimeoutError:
                 timed_out = True
-                kill_group()
+                kill_process_group(proc.pid)
                 proc.wait()
     finally:
         sel.close()
-        for fd in streams:
-            os.close(fd)
+        ORPHANED_PIPES.adopt(list(streams))  # still held by background children
         if stdin:
             stdin.close()
     if host_gone:
@@ -115,6 +135,78 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
     else:
         rc = proc.returncode or 0
         conn.send_json(P.EXIT, {"exit_code": 128 - rc if rc < 0 else rc})
+
+
+def checked_argv(req: dict) -> list[str]:
+    argv = req.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise RequestError("cmd required")
+    return argv
+
+
+def run_detached(agent: Agent, conn: Conn, req: dict, argv: list[str]) -> None:
+    """Start argv in its own session writing to an output file, answer STARTED at once, and leave it
+    running: it outlives the request, the connection and any timeout."""
+    path = req.get("output_file") or f"/tmp/kiln-exec-{os.urandom(4).hex()}.log"
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise RequestError("output_file must be an absolute path")
+    launch = agent.launch_spec(req)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        pid = spawn(argv, launch, null, null, null, output_file=path)
+    except OSError as e:
+        raise RequestError(f"detach: cannot start {argv[0]} writing to {path}: {e.strerror or e}") from e
+    finally:
+        os.close(null)
+    threading.Thread(target=os.waitpid, args=(pid, 0), daemon=True).start()  # its zombie is ours to reap
+    conn.send_json(P.STARTED, {"pid": pid, "output_file": path, "detached": True})
+
+
+class OrphanedPipes:
+    """Read ends of exec pipes that background children still hold after the command exited.
+
+    Closing them would kill those children with SIGPIPE on their next write, so one thread
+    reads and discards until each reaches EOF. Past MAX_PIPES the oldest are closed after all.
+    """
+
+    MAX_PIPES = 256
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.fds: list[int] = []
+        self.wake_r, self.wake_w = -1, -1
+
+    def adopt(self, fds: list[int]) -> None:
+        if not fds:
+            return
+        with self.lock:
+            if self.wake_r < 0:
+                self.wake_r, self.wake_w = os.pipe()
+                threading.Thread(target=self.drain, daemon=True).start()
+            self.fds += fds
+            while len(self.fds) > self.MAX_PIPES:
+                os.close(self.fds.pop(0))
+        os.write(self.wake_w, b"x")
+
+    def drain(self) -> None:
+        while True:
+            poller = select.poll()
+            with self.lock:
+                for fd in (self.wake_r, *self.fds):
+                    poller.register(fd, select.POLLIN)
+            for fd, _event in poller.poll():
+                if fd == self.wake_r:
+                    os.read(fd, 4096)
+                    continue
+                with self.lock:
+                    if fd not in self.fds:
+                        continue  # closed meanwhile (over MAX_PIPES)
+                    if not os.read(fd, READ_CHUNK):
+                        self.fds.remove(fd)
+                        os.close(fd)
+
+
+ORPHANED_PIPES = OrphanedPipes()
 
 
 class StdinFeeder:

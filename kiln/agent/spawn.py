@@ -25,8 +25,11 @@ class Launch:
     env: dict
 
 
-def spawn(argv: list[str], launch: Launch, stdin: int, stdout: int, stderr: int) -> int:
+def spawn(argv: list[str], launch: Launch, stdin: int, stdout: int, stderr: int, output_file: str = "") -> int:
     """Start argv in a new session as launch.uid and return its pid.
+
+    With output_file, stdout and stderr go to that file instead (appended, created if missing),
+    opened by the child after its ids are reset: it can write only where that user may.
 
     Under gVisor's systrap platform a fork of the (large, threaded) agent costs ~30 ms, a vfork
     ~6 ms. Python only vforks when no user change is asked, so: posix_spawn (a vfork) with
@@ -40,7 +43,12 @@ def spawn(argv: list[str], launch: Launch, stdin: int, stdout: int, stderr: int)
         if found is None:
             raise FileNotFoundError(errno.ENOENT, "command not found", argv[0])
         path = found
-    actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    actions: list[tuple] = [(os.POSIX_SPAWN_DUP2, stdin, 0)]
+    if output_file:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        actions += [(os.POSIX_SPAWN_OPEN, 1, output_file, flags, 0o644), (os.POSIX_SPAWN_DUP2, 1, 2)]
+    else:
+        actions += [(os.POSIX_SPAWN_DUP2, stdout, 1), (os.POSIX_SPAWN_DUP2, stderr, 2)]
     switch = (launch.uid, launch.gid) != (os.geteuid(), os.getegid())
     with SPAWN_LOCK:
         os.chdir(launch.cwd)

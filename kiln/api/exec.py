@@ -15,7 +15,7 @@ from ..core.exec import ExecRequest
 from ..store.db import User
 from .auth import require_user
 from .deps import services
-from .models import ExecOut
+from .models import DetachedOut, ExecOut
 
 router = APIRouter()
 log = logging.getLogger("kiln.exec")
@@ -30,16 +30,20 @@ class ExecBody(BaseModel):
     cwd: StrictStr | None = None
     user: StrictStr | int | None = None
     stdin: StrictStr | None = None
+    detach: bool = False
+    output_file: StrictStr | None = None
 
 
 def line(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
 
-@router.post("/sandboxes/{sandbox_id}/exec", response_model=ExecOut, response_model_exclude_none=True)
+@router.post("/sandboxes/{sandbox_id}/exec", response_model=ExecOut | DetachedOut, response_model_exclude_none=True)
 async def exec_command(sandbox_id: str, body: ExecBody, request: Request, user: User = Depends(require_user)):
     execs = services(request).exec
     req = ExecRequest(**body.model_dump())
+    if req.detach:
+        return await execs.detached(user, sandbox_id, req)
     if request.headers.get("accept") != NDJSON:
         result = await execs.buffered(user, sandbox_id, req)
         out = {"exit_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr}

@@ -63,6 +63,12 @@ class ExecOut(Out):
     timed_out: bool | None = None
 
 
+class DetachedOut(Out):
+    pid: int
+    output_file: str
+    detached: bool
+
+
 class FileEntryOut(Open):
     name: str
 

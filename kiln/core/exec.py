@@ -29,6 +29,8 @@ class ExecRequest:
     cwd: str | None = None
     user: str | int | None = None
     stdin: str | None = None
+    detach: bool = False
+    output_file: str | None = None
 
 
 @dataclass
@@ -53,12 +55,22 @@ def agent_request(req: ExecRequest) -> dict:
         raise BadRequest("cmd, env, cwd and user must be valid UTF-8 text")
     if isinstance(req.user, int) and not 0 <= req.user < 2**31:
         raise BadRequest(f"invalid user id: {req.user}")
+    if req.output_file is not None and not req.detach:
+        raise BadRequest("output_file is only for detach: true")
+    if req.detach and req.stdin is not None:
+        raise BadRequest("stdin cannot be given to a detached command")
+    if req.output_file is not None and (
+        not req.output_file.startswith("/") or "\x00" in req.output_file or not is_text(req.output_file)
+    ):
+        raise BadRequest("output_file must be an absolute path")
     timeout = req.timeout_sec if req.timeout_sec and 1 <= req.timeout_sec <= MAX_TIMEOUT else DEFAULT_TIMEOUT
     out: dict = {"argv": req.cmd, "env": req.env, "timeout_sec": timeout}
     if req.cwd:
         out["cwd"] = req.cwd
     if req.user is not None and req.user != "":
         out["user"] = req.user
+    if req.output_file:
+        out["output_file"] = req.output_file
     return out
 
 
@@ -108,6 +120,15 @@ class ExecService:
                 raise
         else:
             await stack.aclose()
+
+    async def detached(self, user: User, id_or_name: str, req: ExecRequest) -> dict:
+        """Start a command in its own session writing to an output file; it outlives the request and
+        has no timeout. Returns {"pid", "output_file", "detached": true} as soon as it runs."""
+        agent_req = agent_request(req)
+        del agent_req["timeout_sec"]
+        row = self.sandboxes.get(user, id_or_name)
+        async with self.sandboxes.using(row) as handle:
+            return await handle.agent.detach(agent_req)
 
     async def buffered(self, user: User, id_or_name: str, req: ExecRequest) -> ExecResult:
         cap = self.limits.exec_output_cap_bytes

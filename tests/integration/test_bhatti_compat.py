@@ -3,11 +3,12 @@ the field; never a silent success. Written from bhatti's API contract, not from 
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
-from tests.conftest import make_sandbox
+from tests.conftest import make_sandbox, run, wait_for
 
 
 def test_an_empty_name_means_no_name(api):
@@ -138,3 +139,60 @@ def test_bhatti_secret_names_are_injected_under_an_env_var_name(api):
         api.delete("/secrets/Plain_Name")
     r = api.post("/secrets", json={"name": "no spaces", "value": "x"})
     assert r.status_code == 400 and "invalid secret name" in r.json()["error"]
+
+
+def test_a_detached_exec_answers_at_once_and_outlives_the_request(api, sandbox):
+    sid = sandbox["id"]
+    r = api.post(
+        f"/sandboxes/{sid}/exec",
+        json={"cmd": ["sh", "-c", "echo out; echo err >&2; sleep 3; echo late"], "detach": True, "timeout_sec": 1},
+    )
+    assert r.status_code == 200, r.text
+    started = r.json()
+    assert started["detached"] is True and started["pid"] > 1
+    assert re.fullmatch(r"/tmp/kiln-exec-[0-9a-f]{8}\.log", started["output_file"])
+    log = started["output_file"]
+    wait_for(lambda: run(api, sandbox, ["cat", log])["stdout"] == "out\nerr\n", what="the first lines")
+    # its own session (sid == pid), owned by the default user, past the 1 s timeout
+    ps = run(api, sandbox, ["ps", "-o", "pid=,sid=,user=", "-p", str(started["pid"])])["stdout"].split()
+    assert ps == [str(started["pid"]), str(started["pid"]), "kiln"], ps
+    wait_for(lambda: run(api, sandbox, ["cat", log])["stdout"] == "out\nerr\nlate\n", what="the late line")
+    assert run(api, sandbox, ["stat", "-c", "%U", log])["stdout"] == "kiln\n"
+
+    # a chosen output file, as another user; errors are 400 and start nothing
+    r = api.post(
+        f"/sandboxes/{sid}/exec",
+        json={"cmd": ["id", "-un"], "detach": True, "output_file": "/root/id.log", "user": "root"},
+    )
+    assert r.json()["output_file"] == "/root/id.log"
+    wait_for(lambda: run(api, sandbox, ["cat", "/root/id.log"], user="root")["stdout"] == "root\n", what="root's file")
+    for body, message in [
+        ({"cmd": ["true"], "detach": True, "output_file": "/root/no.log"}, "Permission denied"),
+        ({"cmd": ["no-such-binary"], "detach": True}, "no-such-binary"),
+        ({"cmd": ["true"], "detach": True, "output_file": "rel.log"}, "absolute"),
+        ({"cmd": ["true"], "detach": True, "stdin": "x"}, "stdin"),
+        ({"cmd": ["true"], "output_file": "/tmp/x.log"}, "detach"),
+    ]:
+        r = api.post(f"/sandboxes/{sid}/exec", json=body)
+        assert r.status_code == 400 and message in r.json()["error"], (body, r.text)
+
+
+def test_an_exec_returns_when_its_command_exits_and_leaves_background_children_running(api, sandbox):
+    # the server holds the command's stdout and stderr; the exec still ends when sh does
+    script = "python3 -c 'import time; print(\"up\", flush=True); time.sleep(60)' & echo started"
+    r = api.post(f"/sandboxes/{sandbox['id']}/exec", json={"cmd": ["sh", "-c", script], "timeout_sec": 30})
+    assert r.status_code == 200, r.text
+    assert r.json()["exit_code"] == 0 and r.json()["stdout"].startswith("started\n")
+    assert "timed_out" not in r.json()
+    survivors = run(api, sandbox, ["pgrep", "-f", "time.sleep"])["stdout"].split()
+    assert len(survivors) == 1  # left running, not killed with the exec
+    # the same over NDJSON: the stream ends with the command's exit line
+    with api.stream(
+        "POST",
+        f"/sandboxes/{sandbox['id']}/exec",
+        json={"cmd": ["sh", "-c", "sleep 60 & echo bg"], "timeout_sec": 30},
+        headers={"Accept": "application/x-ndjson"},
+    ) as s:
+        lines = [json.loads(x) for x in s.iter_lines() if x]
+    assert lines[0] == {"type": "stdout", "data": "bg\n"} and lines[-1] == {"type": "exit", "exit_code": 0}
+    assert run(api, sandbox, ["pgrep", "-x", "sleep"])["stdout"].strip() != ""
