@@ -56,7 +56,7 @@ class Agent:
                 self.secret_env = json.load(f)
             self.secrets_ready.set()
         except (OSError, ValueError):
-            if not config.get("secrets_pending"):
+            if not config.get("setup_pending", config.get("secrets_pending")):  # (the key's older name)
                 self.secrets_ready.set()
         self.last_activity = time.time()
         self.started = 0  # agent servers started by PID 1 so far (more than 1: the server crashed)
@@ -171,7 +171,7 @@ class Agent:
         """Run the create-time `init` script once per sandbox (not again after a reboot)."""
         if not self.init_script or os.path.exists(INIT_MARKER):
             return
-        self.secrets_ready.wait(SECRETS_WAIT)  # init sees the secrets like every other process
+        self.secrets_ready.wait(SECRETS_WAIT)  # init sees the secrets (and create-time files) like every process
         os.makedirs(os.path.dirname(INIT_MARKER), exist_ok=True)
         with open(INIT_MARKER, "w"):
             pass

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from pydantic.json_schema import SkipJsonSchema
 
+from ..core.boot_files import FileRequest
 from ..core.errors import BadRequest, NotImplementedYet
 from ..core.lifecycle import CreateRequest, SandboxService
 from ..core.names import RESERVED_LABEL_PREFIXES
@@ -43,6 +44,15 @@ class NewVolumeBody(BaseModel):
     size_mb: StrictInt | None = None
 
 
+class FileBody(BaseModel):
+    """A file written (owned by uid 1000) before init runs: bhatti's `files`."""
+
+    model_config = ConfigDict(extra="ignore")
+    guest_path: StrictStr | None = None
+    content: StrictStr = ""  # base64
+    mode: StrictStr = "0644"
+
+
 class CreateBody(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     name: StrictStr | None = None
@@ -55,8 +65,8 @@ class CreateBody(BaseModel):
     net_policy: SkipJsonSchema[dict | None] = None
     mounts: SkipJsonSchema[list | None] = None
     hugepages: SkipJsonSchema[StrictBool | None] = None
-    files: SkipJsonSchema[list | None] = None
     persistent_volumes: list[PersistentVolumeBody] = []
+    files: list[FileBody] = []
     template_id: StrictStr | None = None
     cpus: float | None = None
     memory_mb: int | None = None
@@ -76,7 +86,6 @@ class CreateBody(BaseModel):
         for field, value in (
             ("from", self.from_),
             ("net_policy", self.net_policy),
-            ("files", self.files),
         ):
             if value:
                 raise NotImplementedYet(f"{field}: not supported by this kiln yet")
@@ -103,6 +112,7 @@ class CreateBody(BaseModel):
                 PersistentVolume(v.name, v.mount, v.read_only, v.size_mb, v.auto_create)
                 for v in self.persistent_volumes
             ],
+            files=[FileRequest(f.guest_path, f.content, f.mode) for f in self.files],
         )
 
 

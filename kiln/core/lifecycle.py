@@ -11,11 +11,12 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ..agent.client import AgentError
+from ..agent.client import AgentError, AgentRequestError
 from ..config import Config
 from ..engine.base import Capabilities, Engine, EngineError, NoSpace, SandboxHandle, SandboxSpec, State
 from ..states import DEATHS, IN_FLIGHT, Reason, Status, Tier
 from ..store.db import NameTaken, SandboxRow, Store, Template, User, now
+from .boot_files import BootFile, FileRequest, check_boot_files
 from .diagnosis import Diagnosis, death_reason
 from .errors import BadRequest, Conflict, InsufficientStorage, Internal, KilnError, NotFound, TooManyRequests
 from .events import SandboxEvents
@@ -56,6 +57,7 @@ class CreateRequest:
     volumes: list[VolumeRequest] | None = None
     new_volumes: list[VolumeRequest] = field(default_factory=list)
     persistent_volumes: list[PersistentVolume] = field(default_factory=list)
+    files: list[FileRequest] = field(default_factory=list)
 
     def with_template(self, t: Template) -> CreateRequest:
         spec = t.spec
@@ -74,7 +76,20 @@ class CreateRequest:
             volumes=self.volumes if self.volumes is not None else TemplateService.volumes(t),
             new_volumes=self.new_volumes,
             persistent_volumes=self.persistent_volumes,
+            files=self.files,
         )
+
+
+async def write_boot_files(handle: SandboxHandle, files: list[BootFile]) -> None:
+    for f in files:
+
+        async def content(data: bytes = f.content):
+            yield data
+
+        try:
+            await handle.agent.write(f.path, len(f.content), f.mode, content())
+        except AgentRequestError as e:
+            raise BadRequest(f'file "{f.path}": {e}') from e
 
 
 def check_cpus(cpus: float, max_cpus: float) -> None:
@@ -188,6 +203,7 @@ class SandboxService:
             req = req.with_template(self.templates.get(user, req.template_id, message="template not found"))
         name, cpus, memory_mb, disk_mb = self.validate_create(user, req)
         secret_env = self.secrets.resolve(user, req.secrets)
+        files = check_boot_files(req.files)
         existing = self.store.get_sandbox(user.id, name)
         if existing is not None and existing.name == name and existing.status not in IN_FLIGHT:
             return existing, True
@@ -236,11 +252,12 @@ class SandboxService:
                     image=row.image,
                     disk_mb=row.disk_mb,
                     volumes=volumes,
-                    has_secrets=bool(secret_env),
+                    setup_pending=bool(secret_env or files),
                 )
                 handle = await self.engine.create(spec)
-                if secret_env:
-                    await handle.agent.set_secrets(secret_env)
+                await write_boot_files(handle, files)
+                if secret_env or files:
+                    await handle.agent.set_secrets(secret_env)  # init starts now
         except BaseException as e:
             with contextlib.suppress(EngineError):
                 await self.engine.destroy(row.id)

@@ -47,7 +47,9 @@ class SandboxSpec:
     image: str = "default"
     disk_mb: int = 10240  # cap on what the sandbox can write to its root disk
     volumes: tuple[VolumeAttachment, ...] = ()
-    has_secrets: bool = False  # the secret environment is handed to the agent after every boot
+    # the host hands the agent its secrets after every boot (and its create-time files after the
+    # first); init waits for that
+    setup_pending: bool = False
 
 
 class State(enum.StrEnum):

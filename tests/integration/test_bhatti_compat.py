@@ -3,6 +3,7 @@ the field; never a silent success. Written from bhatti's API contract, not from 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 
@@ -56,7 +57,6 @@ def test_labels_on_create_and_the_label_filter(api):
         ("net_policy", {"default": "deny"}, 501, "net_policy"),
         ("mounts", [{"host_path": "/etc", "guest_path": "/mnt"}], 400, "mounts"),
         ("hugepages", True, 400, "hugepages"),
-        ("files", [{"guest_path": "/tmp/a", "content": "aGk="}], 501, "files"),
     ],
 )
 def test_fields_kiln_does_not_honour_are_refused_by_name(api, field, value, status, message):
@@ -196,3 +196,34 @@ def test_an_exec_returns_when_its_command_exits_and_leaves_background_children_r
         lines = [json.loads(x) for x in s.iter_lines() if x]
     assert lines[0] == {"type": "stdout", "data": "bg\n"} and lines[-1] == {"type": "exit", "exit_code": 0}
     assert run(api, sandbox, ["pgrep", "-x", "sleep"])["stdout"].strip() != ""
+
+
+def test_files_on_create_are_written_before_init_runs(api):
+    config = base64.b64encode(b'{"key": "v"}\n').decode()
+    sb = make_sandbox(
+        api,
+        name="with-files",
+        files=[
+            {"guest_path": "/workspace/app/config.json", "content": config, "mode": "0600"},
+            {"guest_path": "/home/kiln/empty", "content": ""},
+        ],
+        init="cp /workspace/app/config.json /tmp/init-saw",
+    )
+    try:
+        assert run(api, sb, ["cat", "/workspace/app/config.json"])["stdout"] == '{"key": "v"}\n'
+        stat = run(api, sb, ["stat", "-c", "%U %a %s", "/workspace/app/config.json", "/home/kiln/empty"])
+        assert stat["stdout"] == "kiln 600 13\nkiln 644 0\n"
+        wait_for(lambda: run(api, sb, ["cat", "/tmp/init-saw"])["exit_code"] == 0, what="init")
+        assert run(api, sb, ["cat", "/tmp/init-saw"])["stdout"] == '{"key": "v"}\n'  # init ran after the files
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+    for files, message in [
+        ([{"content": config}], "file guest_path required"),
+        ([{"guest_path": "/a", "content": "not base64!"}], 'file "/a": invalid base64 content'),
+        ([{"guest_path": "/a", "content": config, "mode": "rw"}], 'file "/a": invalid mode'),
+        ([{"guest_path": "a", "content": config}], "absolute"),
+        ([{"guest_path": "/tmp", "content": config}], 'file "/tmp": /tmp is a directory'),  # found by the agent
+    ]:
+        r = api.post("/sandboxes", json={"name": "bad-files", "files": files})
+        assert r.status_code == 400 and message in r.json()["error"], (files, r.text)
+        assert "bad-files" not in [s["name"] for s in api.get("/sandboxes").json()]

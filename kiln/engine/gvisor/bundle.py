@@ -113,7 +113,7 @@ def write_bundle(
     spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str, binds: list[Bind]
 ) -> None:
     (sandbox_dir / "rootfs").mkdir(exist_ok=True)
-    agent_config = {"token": token, "env": spec.env, "init": spec.init, "secrets_pending": spec.has_secrets}
+    agent_config = {"token": token, "env": spec.env, "init": spec.init, "setup_pending": spec.setup_pending}
     write_atomic(sandbox_dir / "agent.json", json.dumps(agent_config))
     write_atomic(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path, binds)))
 
