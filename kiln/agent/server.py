@@ -33,7 +33,8 @@ except ImportError:  # pragma: no cover
 DEFAULT_UID = 1000
 AUTH_DEADLINE = 5.0
 MAX_CONNECTIONS = 50
-MAX_SESSIONS = 20
+MAX_SESSIONS = 20  # running at once
+MAX_EXITED = 50  # exited ones still listed
 INIT_MARKER = "/var/lib/kiln-agent/init-started"
 # Secrets arrive from the host after boot (they are never in a file on the host); kept on the
 # sandbox's own tmpfs, root-only, so a re-forked agent server still has them.
@@ -130,19 +131,17 @@ class Agent:
     def add_session(self, session: Session) -> None:
         with self.sessions_lock:
             self.reap_sessions_locked()
-            if len(self.sessions) >= MAX_SESSIONS:
+            if sum(1 for s in self.sessions.values() if s.running) >= MAX_SESSIONS:
                 raise RequestError(f"session limit reached ({MAX_SESSIONS} sessions per sandbox)", P.LIMIT)
             self.sessions[session.id] = session
 
     def reap_sessions_locked(self) -> None:
+        """Exited sessions stay listed EXITED_SESSION_TTL seconds (init for good), at most MAX_EXITED."""
         now = time.time()
-        for sid, s in list(self.sessions.items()):
-            if s.exited_at and sid != "init" and now - s.exited_at > EXITED_SESSION_TTL:
+        exited = sorted((s.exited_at, sid) for sid, s in self.sessions.items() if s.exited_at and sid != "init")
+        for n, (at, sid) in enumerate(exited):
+            if now - at > EXITED_SESSION_TTL or n < len(exited) - MAX_EXITED:
                 del self.sessions[sid]
-
-    def remove_session(self, sid: str) -> None:
-        with self.sessions_lock:
-            self.sessions.pop(sid, None)
 
     def get_session(self, sid: str) -> Session:
         with self.sessions_lock:

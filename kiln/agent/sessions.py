@@ -145,8 +145,6 @@ class Session:
         if client:
             client.send_json(P.EXIT, {"exit_code": self.exit_code})
             client.close()
-            if self.id != "init":
-                self.agent.remove_session(self.id)
 
     def kill(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -8,7 +8,7 @@ from email.utils import formatdate
 
 from fastapi import Request, WebSocket
 
-from .. import __version__
+from .. import BHATTI_API_VERSION, __version__
 from ..config import ServerConfig
 from ..core.errors import TooManyRequests, Unauthorized
 from ..store.db import User
@@ -62,8 +62,7 @@ class CommonHeaders:
     def __init__(self, app, limits: ServerConfig | None = None):
         self.app = app
         self.max_body = (limits or ServerConfig()).max_json_body_bytes
-        version = __version__.encode()
-        self.headers = [(b"x-kiln-version", version), (b"x-bhatti-version", version)]
+        self.headers = [(b"x-kiln-version", __version__.encode()), (b"x-bhatti-version", BHATTI_API_VERSION.encode())]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":

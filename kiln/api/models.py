@@ -46,6 +46,7 @@ class SandboxOut(Out):
     cpus: float
     memory_mb: int
     disk_size_mb: int
+    disk_limit_mb: int
     image: str
     reason: str | None = None
     stopped_at: str | None = None
@@ -126,14 +127,27 @@ class TemplateVolumeOut(Out):
     read_only: bool
 
 
+class TemplateMountOut(Out):
+    volume_name: str
+    target: str
+    readonly: bool
+    auto_create: bool
+
+
 class TemplateOut(Out):
     id: str
     name: str
+    engine: str
+    image: str
     cpus: float | None = None
     memory_mb: int | None = None
+    disk_size_mb: int
     env: dict[str, str]
     init: str
     secrets: list[str]
     keep_hot: bool
+    labels: dict[str, str]
+    userdata: str
     volumes: list[TemplateVolumeOut]
+    mounts: list[TemplateMountOut]
     created_at: str

@@ -142,7 +142,8 @@ def sandbox_json(row: SandboxRow, engine: str, agent_restarts: int = 0) -> dict:
         "keep_hot": row.keep_hot,
         "cpus": row.cpus,
         "memory_mb": row.memory_mb,
-        "disk_size_mb": row.disk_mb,
+        "disk_size_mb": row.disk_asked_mb,  # bhatti's meaning: what was asked, 0 for the default
+        "disk_limit_mb": row.disk_mb,  # what the sandbox may write to its root disk
         "image": row.image,
     }
     if row.reason:

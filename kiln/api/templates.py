@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
-from ..core.templates import TemplateSpec, template_json
+from ..core.templates import TemplateMount, TemplateSpec, template_json
 from ..core.volumes import VolumeRequest
 from ..store.db import User
 from .auth import require_user
@@ -16,22 +16,44 @@ from .sandboxes import VolumeBody
 router = APIRouter()
 
 
+class TemplateMountBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    volume_name: StrictStr = ""  # empty: a workspace volume of each sandbox's own
+    target: StrictStr
+    readonly: StrictBool = False
+    auto_create: StrictBool = False
+
+
 class TemplateBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr
+    id: StrictStr | None = None
+    name: StrictStr | None = None
+    engine: StrictStr = ""
+    image: StrictStr = ""
     cpus: float | None = None
     memory_mb: int | None = None
+    disk_size_mb: StrictInt = 0
     env: dict[StrictStr, StrictStr] = {}
     init: StrictStr = ""
     secrets: list[StrictStr] = []
+    labels: dict[StrictStr, StrictStr] = {}
+    userdata: StrictStr = ""
     volumes: list[VolumeBody] = []
+    mounts: list[TemplateMountBody] = []
     keep_hot: StrictBool = False
 
 
 @router.post("/templates", status_code=201, response_model=TemplateOut)
 async def create_template(body: TemplateBody, request: Request, user: User = Depends(require_user)):
     spec = TemplateSpec(
-        name=body.name,
+        id=body.id or None,
+        name=body.name or None,
+        engine=body.engine,
+        image=body.image,
+        disk_size_mb=body.disk_size_mb,
+        labels=dict(body.labels),
+        userdata=body.userdata,
+        mounts=[TemplateMount(m.volume_name, m.target, m.readonly, m.auto_create) for m in body.mounts],
         cpus=body.cpus,
         memory_mb=body.memory_mb,
         env=dict(body.env),

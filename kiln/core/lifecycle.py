@@ -3,6 +3,7 @@ after a restart. Every status change goes through the store's intent methods (ki
 
 from __future__ import annotations
 
+import base64
 import builtins
 import contextlib
 import logging
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from ..agent.client import AgentError, AgentRequestError
 from ..config import Config
 from ..engine.base import Capabilities, Engine, EngineError, NoSpace, SandboxHandle, SandboxSpec, State
+from ..images.default import DEFAULT_IMAGE
 from ..states import DEATHS, IN_FLIGHT, Reason, Status, Tier
 from ..store.db import NameTaken, SandboxRow, Store, Template, User, now
 from .boot_files import BootFile, FileRequest, check_boot_files
@@ -23,13 +25,12 @@ from .events import SandboxEvents
 from .names import check_env_keys, check_labels, check_name
 from .runtime import Runtimes
 from .secrets import SecretService
-from .templates import TemplateService
+from .templates import USERDATA_PATH, TemplateService
 from .volumes import PersistentVolume, VolumeRequest, VolumeService
 from .waking import Waker, restore_failed_error
 
 log = logging.getLogger("kiln.sandboxes")
 
-DEFAULT_IMAGE = "default"  # the one image kiln builds (more with the images work)
 MIN_MEMORY_MB = 64
 MIN_DISK_MB = 64
 MIN_CPUS = 0.01  # below this a CFS quota rounds to nothing (no limit at all) or is refused
@@ -61,13 +62,16 @@ class CreateRequest:
 
     def with_template(self, t: Template) -> CreateRequest:
         spec = t.spec
+        name = self.name if self.name is not None else f"{t.name}-{secrets.token_hex(3)}"
+        userdata = spec.get("userdata") or ""
+        files = [FileRequest(USERDATA_PATH, base64.b64encode(userdata.encode()).decode(), "0600")] if userdata else []
         return CreateRequest(
-            name=self.name if self.name is not None else f"{t.name}-{secrets.token_hex(3)}",
-            image=self.image,
-            labels=self.labels,
+            name=name,
+            image=self.image or spec.get("image") or None,
+            labels={**spec.get("labels", {}), **self.labels},
             cpus=self.cpus if self.cpus is not None else spec.get("cpus"),
             memory_mb=self.memory_mb if self.memory_mb is not None else spec.get("memory_mb"),
-            disk_size_mb=self.disk_size_mb,
+            disk_size_mb=self.disk_size_mb if self.disk_size_mb is not None else spec.get("disk_size_mb") or None,
             env={**spec.get("env", {}), **self.env},
             init=self.init if self.init is not None else spec.get("init", ""),
             keep_hot=self.keep_hot if self.keep_hot is not None else spec.get("keep_hot", False),
@@ -75,8 +79,8 @@ class CreateRequest:
             secrets=list(dict.fromkeys(spec.get("secrets", []) + self.secrets)),
             volumes=self.volumes if self.volumes is not None else TemplateService.volumes(t),
             new_volumes=self.new_volumes,
-            persistent_volumes=self.persistent_volumes,
-            files=self.files,
+            persistent_volumes=[*TemplateService.mounts(t, name), *self.persistent_volumes],
+            files=[*files, *self.files],
         )
 
 
@@ -233,6 +237,7 @@ class SandboxService:
             template_id=req.template_id or "",
             sealed_env=self.secrets.seal_env(sandbox_id, secret_env),
             disk_mb=disk_mb,
+            disk_asked_mb=req.disk_size_mb or 0,
         )
         try:
             # The "creating" row reserves the name; a crash from here on is cleaned up at restart.

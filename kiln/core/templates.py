@@ -1,7 +1,10 @@
-"""Templates: saved create requests (size, env, init, secrets, volumes, keep_hot), owned by a user.
+"""Templates: saved create requests, owned by a user, in kiln's shape and bhatti's.
 
 A create with `template_id` starts from the template; every field the request gives overrides it
-(env maps are merged key by key, secrets are the union, volumes are replaced).
+(env and label maps are merged key by key, secrets are the union, volumes are replaced). bhatti's
+fields: a client-chosen `id`, `image`, `disk_size_mb`, `labels` (the sandboxes' labels), `userdata`
+(a file in the sandbox, USERDATA_PATH) and `mounts` (named volumes, auto-created, or a workspace volume
+of the sandbox's own when `volume_name` is empty).
 """
 
 from __future__ import annotations
@@ -11,15 +14,34 @@ import math
 import secrets
 from dataclasses import dataclass, field
 
+from ..images.default import DEFAULT_IMAGE
 from ..store.db import NameTaken, Store, Template, User, now
 from .errors import BadRequest, Conflict, NotFound
-from .names import check_env_keys, check_name, check_secret_names
-from .volumes import VolumeRequest, validate_mount
+from .names import NAME_PATTERN, NAME_RE, check_env_keys, check_labels, check_name, check_secret_names
+from .volumes import PersistentVolume, VolumeRequest, validate_mount
+
+USERDATA_PATH = "/etc/kiln/userdata"
+ENGINES = ("", "gvisor")  # what a template may name: kiln runs gVisor only
+
+
+@dataclass
+class TemplateMount:
+    """bhatti's template mount: a named volume at target (volume_name empty: the sandbox's workspace)."""
+
+    volume_name: str
+    target: str
+    readonly: bool = False
+    auto_create: bool = False
+
+    def for_sandbox(self, sandbox_name: str) -> PersistentVolume:
+        if not self.volume_name:
+            return PersistentVolume(f"{sandbox_name}-workspace"[:63], self.target, self.readonly, None, True)
+        return PersistentVolume(self.volume_name, self.target, self.readonly, None, self.auto_create)
 
 
 @dataclass
 class TemplateSpec:
-    name: str
+    name: str | None = None  # bhatti needs none: the id is the name then
     cpus: float | None = None
     memory_mb: int | None = None
     env: dict[str, str] = field(default_factory=dict)
@@ -27,16 +49,29 @@ class TemplateSpec:
     secrets: list[str] = field(default_factory=list)
     volumes: list[VolumeRequest] = field(default_factory=list)
     keep_hot: bool = False
+    id: str | None = None
+    image: str = ""
+    disk_size_mb: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    userdata: str = ""
+    mounts: list[TemplateMount] = field(default_factory=list)
+    engine: str = ""
 
     def to_dict(self) -> dict:
         return {
+            "engine": "gvisor",
             "cpus": self.cpus,
             "memory_mb": self.memory_mb,
+            "image": self.image,
+            "disk_size_mb": self.disk_size_mb,
             "env": self.env,
             "init": self.init,
             "secrets": self.secrets,
             "keep_hot": self.keep_hot,
+            "labels": self.labels,
+            "userdata": self.userdata,
             "volumes": [{"name": v.name, "mount": v.mount, "read_only": v.read_only} for v in self.volumes],
+            "mounts": [vars(m) for m in self.mounts],
         }
 
 
@@ -45,7 +80,21 @@ class TemplateService:
         self.store = store
 
     def create(self, user: User, spec: TemplateSpec) -> Template:
-        check_name("template", spec.name or "")
+        if spec.id is not None and not NAME_RE.match(spec.id):
+            raise BadRequest(f"invalid template id: must match {NAME_PATTERN}")
+        template_id = spec.id or secrets.token_hex(8)
+        name = check_name("template", spec.name or template_id)  # bhatti needs no name: the id is one
+        if spec.engine not in ENGINES:
+            raise BadRequest(f'engine "{spec.engine}": this kiln runs gvisor')
+        if spec.image not in ("", DEFAULT_IMAGE):
+            raise NotFound(f'image "{spec.image}" not found')
+        if spec.disk_size_mb < 0:
+            raise BadRequest("disk_size_mb must not be negative")
+        check_labels(spec.labels)
+        for m in spec.mounts:
+            validate_mount(m.target)
+            if m.volume_name:
+                check_name("volume", m.volume_name)
         if spec.cpus is not None and (not math.isfinite(spec.cpus) or spec.cpus <= 0):
             raise BadRequest("cpus must be a number greater than 0")
         if spec.memory_mb is not None and spec.memory_mb <= 0:
@@ -54,11 +103,13 @@ class TemplateService:
         check_secret_names(spec.secrets)
         for v in spec.volumes:
             validate_mount(v.mount)
-        t = Template(id=secrets.token_hex(8), owner_id=user.id, name=spec.name, spec=spec.to_dict(), created_at=now())
+        t = Template(id=template_id, owner_id=user.id, name=name, spec=spec.to_dict(), created_at=now())
         try:
             self.store.insert_template(t)
         except NameTaken:
-            raise Conflict(f'template "{spec.name}" already exists')
+            if spec.id and self.store.get_template(user.id, name) is None:
+                raise Conflict(f'template id "{template_id}" is taken') from None
+            raise Conflict(f'template "{name}" already exists') from None
         return t
 
     def get(self, user: User, id_or_name: str, message: str | None = None) -> Template:
@@ -77,6 +128,11 @@ class TemplateService:
     def volumes(t: Template) -> builtins.list[VolumeRequest]:
         return [VolumeRequest(v["name"], v["mount"], bool(v.get("read_only"))) for v in t.spec.get("volumes", [])]
 
+    @staticmethod
+    def mounts(t: Template, sandbox_name: str) -> builtins.list[PersistentVolume]:
+        return [TemplateMount(**m).for_sandbox(sandbox_name) for m in t.spec.get("mounts", [])]
+
 
 def template_json(t: Template) -> dict:
-    return {"id": t.id, "name": t.name, **t.spec, "created_at": t.created_at}
+    # templates made before bhatti's fields existed lack them: the defaults fill in
+    return {"id": t.id, "name": t.name, **TemplateSpec(name=t.name).to_dict(), **t.spec, "created_at": t.created_at}

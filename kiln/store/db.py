@@ -131,6 +131,10 @@ MIGRATIONS: list[str] = [
         INSERT OR REPLACE INTO freed_aliases VALUES (old.alias, old.user_id, CAST(strftime('%s', 'now') AS INTEGER));
     END;
     """,
+    # 8: the root disk size a create asked for (0: none, the default cap applies), beside the cap itself
+    """
+    ALTER TABLE sandboxes ADD COLUMN disk_asked_mb INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -185,7 +189,8 @@ class SandboxRow:
     snapshot: dict | None = None
     template_id: str = ""
     sealed_env: bytes | None = None  # secrets given at create, encrypted; never in API output
-    disk_mb: int = 0
+    disk_mb: int = 0  # the cap on its root disk
+    disk_asked_mb: int = 0  # what the create asked for (0: nothing, the default cap)
 
 
 @dataclass
@@ -340,8 +345,8 @@ class Store:
         try:
             self._exec(
                 "INSERT INTO sandboxes (id, owner_id, name, status, reason, ip, cpus, memory_mb, image, env, init,"
-                " keep_hot, labels, created_at, stopped_at, template_id, sealed_env, disk_mb)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " keep_hot, labels, created_at, stopped_at, template_id, sealed_env, disk_mb, disk_asked_mb)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     s.id,
                     s.owner_id,
@@ -361,6 +366,7 @@ class Store:
                     s.template_id,
                     s.sealed_env,
                     s.disk_mb,
+                    s.disk_asked_mb,
                 ),
             )
         except sqlite3.IntegrityError as e:

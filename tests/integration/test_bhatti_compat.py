@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from kiln import BHATTI_API_VERSION, __version__
 from tests.conftest import make_sandbox, run, wait_for
 
 
@@ -227,3 +228,63 @@ def test_files_on_create_are_written_before_init_runs(api):
         r = api.post("/sandboxes", json={"name": "bad-files", "files": files})
         assert r.status_code == 400 and message in r.json()["error"], (files, r.text)
         assert "bad-files" not in [s["name"] for s in api.get("/sandboxes").json()]
+
+
+def test_templates_in_bhatti_shape_keep_every_field(api):
+    body = {
+        "id": "tpl-web",
+        "engine": "",
+        "image": "default",
+        "cpus": 0.5,
+        "memory_mb": 256,
+        "disk_size_mb": 700,
+        "userdata": "#cloud-config\nhostname: web\n",
+        "secrets": [],
+        "labels": {"team": "web"},
+        "mounts": [{"volume_name": "", "target": "/workspace/data", "readonly": False, "auto_create": True}],
+    }
+    r = api.post("/templates", json=body)
+    assert r.status_code == 201, r.text
+    t = r.json()
+    assert t["id"] == "tpl-web" and t["name"] == "tpl-web"  # no name: the id is the name
+    for key in ("image", "disk_size_mb", "userdata", "labels", "cpus", "memory_mb"):
+        assert t[key] == body[key], key
+    assert t["mounts"] == body["mounts"] and t["engine"] == "gvisor"
+    assert api.get("/templates/tpl-web").json() == t
+    sb = make_sandbox(api, name="from-tpl", template_id="tpl-web", labels={"tier": "1"})
+    try:
+        assert sb["template_id"] == "tpl-web" and sb["disk_size_mb"] == 700 and sb["disk_limit_mb"] == 700
+        assert sb["labels"] == {"team": "web", "tier": "1"}
+        assert run(api, sb, ["cat", "/etc/kiln/userdata"], user="root")["stdout"] == body["userdata"]
+        # the empty volume_name is a workspace volume of the sandbox's own, made at create
+        assert run(api, sb, ["sh", "-c", "echo kept > /workspace/data/f && stat -c %U /workspace/data"])["stdout"] == (
+            "kiln\n"
+        )
+        vol = api.get("/volumes/from-tpl-workspace").json()
+        assert vol["attachments"] == [{"sandbox_id": sb["id"], "mount": "/workspace/data", "read_only": False}]
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+        api.delete("/volumes/from-tpl-workspace")
+    assert api.post("/templates", json={"id": "tpl-web"}).status_code == 409
+    for bad, message in [
+        ({"id": "bad id"}, "invalid template id"),
+        ({"name": "t2", "image": "browser"}, 'image "browser" not found'),
+        ({"name": "t2", "engine": "firecracker"}, "gvisor"),
+        ({"name": "t2", "mounts": [{"volume_name": "", "target": "/etc"}]}, "/etc"),
+        ({"name": "t2", "labels": {"bhatti.sh/x": "1"}}, "reserved"),
+    ]:
+        r = api.post("/templates", json=bad)
+        assert r.status_code in (400, 404) and message in r.json()["error"], (bad, r.text)
+    assert [x["id"] for x in api.get("/templates").json()] == ["tpl-web"]
+    api.delete("/templates/tpl-web")
+
+
+def test_disk_size_reports_what_was_asked_and_the_cap_beside_it(api, daemon):
+    sb = make_sandbox(api, name="disk-default")
+    try:
+        assert sb["disk_size_mb"] == 0 and sb["disk_limit_mb"] == 10240  # bhatti: 0 = the default size
+        assert api.get(f"/sandboxes/{sb['id']}").json()["disk_limit_mb"] == 10240
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+    r = api.get("/health")
+    assert r.headers["x-bhatti-version"] == BHATTI_API_VERSION and r.headers["x-kiln-version"] == __version__

@@ -93,6 +93,20 @@ def test_shell_echo_resize_reattach_new_and_kick(daemon, api, sb):
     asyncio.run(scenario())
 
 
+def test_a_shell_that_exits_stays_listed_with_its_exit_code(daemon, api, sb):
+    async def scenario():
+        ws, sid = await connect(daemon, sb, new="true")
+        await ws.send(b"exit 7\n")
+        with pytest.raises(websockets.ConnectionClosed):
+            for _ in range(1000):
+                await asyncio.wait_for(ws.recv(), 10)
+        return sid
+
+    sid = asyncio.run(scenario())
+    info = sessions(api, sb)[sid]  # bhatti keeps exited sessions listed for 30 s
+    assert info["running"] is False and info["exit_code"] == 7 and info["attached"] is False
+
+
 def test_init_output_is_in_the_init_session(daemon, api, sb):
     async def scenario():
         for _ in range(50):

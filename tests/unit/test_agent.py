@@ -207,3 +207,27 @@ def test_forward_to_a_closed_port_fails_cleanly(agent):
         run(agent.forward(free_port()))
     with pytest.raises(AgentRequestError, match="invalid port"):
         run(agent.forward(70000))
+
+
+def test_exited_sessions_stay_listed_30_seconds_and_are_bounded(tmp_path):
+    from types import SimpleNamespace
+
+    from kiln.agent.server import MAX_EXITED, Agent
+
+    agent = Agent({"token": TOKEN, "secrets_file": str(tmp_path / "none.json")})
+    now = time.time()
+
+    def session(exited_at):
+        return SimpleNamespace(exited_at=exited_at, running=exited_at is None)
+
+    agent.sessions = {
+        "old": session(now - 31),
+        "recent": session(now - 5),
+        "init": session(now - 999),
+        "live": session(None),
+    }
+    agent.reap_sessions_locked()
+    assert set(agent.sessions) == {"recent", "init", "live"}
+    agent.sessions = {f"s{i}": session(now - 20 + i * 0.1) for i in range(MAX_EXITED + 10)}
+    agent.reap_sessions_locked()
+    assert set(agent.sessions) == {f"s{i}" for i in range(10, MAX_EXITED + 10)}  # the newest are kept
