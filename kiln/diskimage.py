@@ -11,9 +11,9 @@ import contextlib
 import os
 from pathlib import Path
 
-from .proc import CommandFailed, run
+from .proc import CommandFailed, exit_status, run
 
-__all__ = ["CommandFailed", "is_mounted", "make_ext4", "mount", "unmount"]
+__all__ = ["CommandFailed", "copy_sparse", "grow_ext4", "is_mounted", "make_ext4", "mount", "unmount"]
 
 
 async def make_ext4(image: Path, size_mb: int, root_owner: tuple[int, int] | None = None) -> None:
@@ -25,6 +25,21 @@ async def make_ext4(image: Path, size_mb: int, root_owner: tuple[int, int] | Non
     if root_owner is not None:
         opts += f",root_owner={root_owner[0]}:{root_owner[1]}"
     await run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", opts, str(image)])
+
+
+async def grow_ext4(image: Path, size_mb: int) -> None:
+    """Grow an unmounted image and its ext4 to size_mb: checked first (resize2fs insists), then grown."""
+    fsck = await exit_status(["e2fsck", "-f", "-p", str(image)])
+    if fsck >= 4:  # 0: clean, 1/2: errors fixed; 4 and up: left uncorrected
+        raise CommandFailed(f"e2fsck {image.name}: exit {fsck}: the filesystem has errors it could not fix")
+    with open(image, "r+b") as f:
+        f.truncate(size_mb * 1024 * 1024)
+    await run(["resize2fs", str(image)], timeout=600)
+
+
+async def copy_sparse(source: Path, target: Path) -> None:
+    """A copy of an image that shares blocks when the filesystem can (reflink) and keeps holes."""
+    await run(["cp", "--reflink=auto", "--sparse=always", str(source), str(target)], timeout=3600)
 
 
 def is_mounted(path: Path) -> bool:

@@ -20,6 +20,11 @@ class StatusOut(Out):
     status: str
 
 
+class ResizedOut(Out):
+    status: str
+    size_mb: int
+
+
 class HealthOut(Out):
     status: str
     uptime: str

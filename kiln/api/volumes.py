@@ -1,4 +1,4 @@
-"""Routes: POST/GET /volumes, GET/DELETE /volumes/:name."""
+"""Routes: POST/GET /volumes, GET/DELETE /volumes/:name, POST /volumes/:name/resize and /snapshot."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 from ..store.db import User
 from .auth import require_user
 from .deps import services
-from .models import StatusOut, VolumeOut
+from .models import ResizedOut, StatusOut, VolumeOut
 
 router = APIRouter()
 
@@ -41,3 +41,27 @@ async def get_volume(name: str, request: Request, user: User = Depends(require_u
 async def delete_volume(name: str, request: Request, user: User = Depends(require_user)):
     await services(request).volumes.delete(user, name)
     return {"status": "deleted"}
+
+
+class ResizeBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    size_mb: StrictInt | None = None
+
+
+class VolumeSnapshotBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+
+
+@router.post("/volumes/{name}/resize", response_model=ResizedOut)
+async def resize_volume(name: str, body: ResizeBody, request: Request, user: User = Depends(require_user)):
+    """Grow a detached volume (409 while attached; shrinking is 400)."""
+    v = await services(request).volumes.resize(user, name, body.size_mb)
+    return {"status": "resized", "size_mb": v.size_mb}
+
+
+@router.post("/volumes/{name}/snapshot", status_code=201, response_model=VolumeOut)
+async def snapshot_volume(name: str, body: VolumeSnapshotBody, request: Request, user: User = Depends(require_user)):
+    """A new volume named `name` with this detached volume's content (409 while attached)."""
+    volumes = services(request).volumes
+    return volumes.volume_json(await volumes.clone(user, name, body.name))

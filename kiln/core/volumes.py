@@ -149,6 +149,53 @@ class VolumeService:
             await asyncio.to_thread(self.image(v).unlink, missing_ok=True)  # a large sparse file: off the loop
         log.info("deleted volume %s (%s)", v.id, name)
 
+    async def resize(self, user: User, name: str, size_mb: object) -> Volume:
+        """Grow a detached volume (its ext4 with it); shrinking is refused: it would lose data."""
+        v = self.get(user, name)
+        if not isinstance(size_mb, int) or isinstance(size_mb, bool) or size_mb <= v.size_mb:
+            raise BadRequest(f"size_mb must be larger than the volume's {v.size_mb} MB (volumes only grow)")
+        async with self.lock:
+            self.check_detached(v, "resized")
+            used = self.store.volume_storage_mb(user.id) - v.size_mb
+            limit = min(user.max_volume_storage_mb, self.max_storage_mb)
+            if used + size_mb > limit:
+                raise TooManyRequests(f"volume storage quota exceeded ({used}MB used, {limit}MB max)")
+            try:
+                await diskimage.grow_ext4(self.image(v), size_mb)
+            except diskimage.CommandFailed as e:
+                raise Internal(f"resize volume {name}: {e}") from e
+            self.store.set_volume_size(v.id, size_mb)
+        log.info("resized volume %s (%s) to %d MB", v.id, name, size_mb)
+        v.size_mb = size_mb
+        return v
+
+    async def clone(self, user: User, name: str, new_name: str) -> Volume:
+        """A new volume with a detached volume's content (bhatti's volume snapshot)."""
+        v = self.get(user, name)
+        async with self.lock:
+            self.check_detached(v, "snapshotted")
+            self.check_new(user, new_name, v.size_mb)
+            copy = Volume(id=secrets.token_hex(8), owner_id=user.id, name=new_name, size_mb=v.size_mb, created_at=now())
+            path = self.image(copy)
+            try:
+                await diskimage.copy_sparse(self.image(v), path)
+                self.store.insert_volume(copy)
+            except NameTaken:
+                path.unlink(missing_ok=True)
+                raise Conflict(f'volume "{new_name}" already exists') from None
+            except BaseException as e:
+                path.unlink(missing_ok=True)
+                if isinstance(e, Exception):
+                    raise Internal(f"snapshot volume {name}: {e}") from e
+                raise
+        log.info("cloned volume %s (%s) as %s (%s)", v.id, name, copy.id, new_name)
+        return copy
+
+    def check_detached(self, v: Volume, verb: str) -> None:
+        n = len(self.store.attachments(volume_id=v.id))
+        if n:
+            raise Conflict(f'volume "{v.name}" has {n} active attachment(s): it can only be {verb} detached')
+
     # ------------------------------------------------------------ attaching
 
     def split_persistent(

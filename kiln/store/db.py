@@ -582,6 +582,9 @@ class Store:
     def volume_storage_mb(self, owner_id: str) -> int:
         return self._exec("SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE owner_id=?", (owner_id,)).fetchone()[0]
 
+    def set_volume_size(self, volume_id: str, size_mb: int) -> None:
+        self._exec("UPDATE volumes SET size_mb=? WHERE id=?", (size_mb, volume_id))
+
     def delete_volume(self, volume_id: str) -> None:
         self._exec("DELETE FROM volumes WHERE id=?", (volume_id,))
 

@@ -288,3 +288,41 @@ def test_disk_size_reports_what_was_asked_and_the_cap_beside_it(api, daemon):
         api.delete(f"/sandboxes/{sb['id']}")
     r = api.get("/health")
     assert r.headers["x-bhatti-version"] == BHATTI_API_VERSION and r.headers["x-kiln-version"] == __version__
+
+
+def test_volumes_grow_and_clone_only_while_detached(api):
+    assert api.post("/volumes", json={"name": "grow", "size_mb": 64}).status_code == 201
+    sb = make_sandbox(api, name="vol-user", volumes=[{"name": "grow", "mount": "/data"}])
+    try:
+        run(api, sb, ["sh", "-c", "echo precious > /data/f"])
+        for path, body in (("resize", {"size_mb": 128}), ("snapshot", {"name": "grow-copy"})):
+            r = api.post(f"/volumes/grow/{path}", json=body)
+            assert r.status_code == 409 and "attachment" in r.json()["error"], r.text
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+    r = api.post("/volumes/grow/resize", json={"size_mb": 128})
+    assert r.status_code == 200 and r.json() == {"status": "resized", "size_mb": 128}, r.text
+    assert api.get("/volumes/grow").json()["size_mb"] == 128
+    for size in (128, 32, None):
+        r = api.post("/volumes/grow/resize", json={"size_mb": size})
+        assert r.status_code == 400 and "only grow" in r.json()["error"], r.text
+    r = api.post("/volumes/grow/snapshot", json={"name": "grow-copy"})
+    assert r.status_code == 201 and r.json()["name"] == "grow-copy" and r.json()["size_mb"] == 128, r.text
+    assert api.post("/volumes/grow/snapshot", json={"name": "grow-copy"}).status_code == 409
+    assert api.post("/volumes/nope/snapshot", json={"name": "x"}).status_code == 404
+    assert api.post("/volumes/grow/snapshot", json={"name": "bad name"}).status_code == 400
+    sb = make_sandbox(api, name="vol-user2", volumes=[{"name": "grow-copy", "mount": "/data"}])
+    try:
+        assert run(api, sb, ["cat", "/data/f"])["stdout"] == "precious\n"
+        size_kb = int(run(api, sb, ["df", "-k", "--output=size", "/data"])["stdout"].split()[-1])
+        assert 100_000 < size_kb <= 131_072, size_kb  # the grown filesystem, not the 64 MB one
+        run(api, sb, ["sh", "-c", "echo changed > /data/f"])
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+    sb = make_sandbox(api, name="vol-user3", volumes=[{"name": "grow", "mount": "/data", "read_only": True}])
+    try:
+        assert run(api, sb, ["cat", "/data/f"])["stdout"] == "precious\n"  # the clone is a copy
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+    for name in ("grow", "grow-copy"):
+        assert api.delete(f"/volumes/{name}").status_code == 200
