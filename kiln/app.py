@@ -14,6 +14,7 @@ from .api import (
     errors,
     exec as exec_api,
     files as files_api,
+    forwards as forwards_api,
     health,
     ports as ports_api,
     proxy as proxy_api,
@@ -33,6 +34,7 @@ from .config import Config
 from .core.events import SandboxEvents
 from .core.exec import ExecService
 from .core.files import FileService
+from .core.forwards import ForwardService
 from .core.http_pools import HttpPools
 from .core.lifecycle import SandboxService
 from .core.ports import PortTracker
@@ -88,6 +90,7 @@ def build_app(config: Config) -> FastAPI:
         upstreams = Upstreams(sandboxes)
         http_pools = HttpPools(sandboxes, upstreams)
         ports = PortTracker(sandboxes, upstreams, config.ports, config.limits.max_ports_per_sandbox)
+        forwards = ForwardService(sandboxes, upstreams, config.ports, config.limits.max_ports_per_sandbox)
         publish = PublishService(store, config)
         lim = config.limits
         # Who reacts to what: connections into a sandbox end before its checkpoint or destroy;
@@ -95,6 +98,7 @@ def build_app(config: Config) -> FastAPI:
         events.on_before_stop(upstreams.cut)
         events.on_before_stop(http_pools.forget)
         events.on_destroyed(ports.forget)
+        events.on_destroyed(forwards.forget)
         events.on_destroyed(publish.forget_sandbox)
         await engine.start_engine()
         await sandboxes.reconcile()
@@ -105,6 +109,7 @@ def build_app(config: Config) -> FastAPI:
             files=FileService(sandboxes),
             terminals=TerminalService(sandboxes),
             ports=ports,
+            forwards=forwards,
             upstreams=upstreams,
             http_pools=http_pools,
             publish=publish,
@@ -119,6 +124,7 @@ def build_app(config: Config) -> FastAPI:
             server=config.server,
         )
         await ports.start()
+        await forwards.start()
         thermal = ThermalPolicy(config.thermal, sandboxes)
         thermal.start()
         log.info(
@@ -132,6 +138,7 @@ def build_app(config: Config) -> FastAPI:
         finally:
             await thermal.stop()
             await ports.stop()
+            await forwards.stop()
             if config.thermal.snapshot_on_shutdown:
                 await sandboxes.shutdown()
             await engine.close_engine()
@@ -159,6 +166,7 @@ def build_app(config: Config) -> FastAPI:
         files_api,
         terminal_api,
         ports_api,
+        forwards_api,
         publish_api,
         proxy_api,
         templates_api,

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ..config import ServerConfig
     from ..core.exec import ExecService
     from ..core.files import FileService
+    from ..core.forwards import ForwardService
     from ..core.http_pools import HttpPools
     from ..core.lifecycle import SandboxService
     from ..core.ports import PortTracker
@@ -33,6 +34,7 @@ class Services:
     files: FileService
     terminals: TerminalService
     ports: PortTracker
+    forwards: ForwardService
     upstreams: Upstreams
     http_pools: HttpPools
     publish: PublishService

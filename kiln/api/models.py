@@ -20,6 +20,16 @@ class StatusOut(Out):
     status: str
 
 
+class ForwardOut(Out):
+    guest_port: int
+    host_port: int
+    host_addr: str
+
+
+class ClosedOut(Out):
+    closed: int
+
+
 class ResizedOut(Out):
     status: str
     size_mb: int

@@ -56,20 +56,22 @@ async def relay(
 
 
 class PortRelay:
-    """host_bind:host_port -> sandbox:container_port, one relay per connection."""
+    """host_bind:host_port -> sandbox:container_port, one relay per connection (waking the sandbox).
+    The host relays of listening ports and the forwards a user asks for are both such relays."""
 
-    def __init__(self, tracker: PortTracker, sandbox_id: str, container_port: int):
-        self.tracker = tracker
+    def __init__(self, upstreams: Upstreams, sandbox_id: str, container_port: int):
+        self.upstreams = upstreams
         self.sandbox_id = sandbox_id
         self.container_port = container_port
         self.server: asyncio.Server | None = None
         self.host_port = 0
 
-    async def open(self, host: str, wanted_port: int = 0) -> None:
+    async def open(self, host: str, wanted_port: int = 0, exact: bool = False) -> None:
+        """Listen on wanted_port (any free port if 0). If it is taken: another port, or OSError if exact."""
         try:
             self.server = await asyncio.start_server(self.serve, host, wanted_port)
         except OSError:
-            if not wanted_port:
+            if not wanted_port or exact:
                 raise
             self.server = await asyncio.start_server(self.serve, host, 0)  # the old port is taken
         self.host_port = self.server.sockets[0].getsockname()[1]
@@ -79,11 +81,11 @@ class PortRelay:
             self.server.close()
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        row = self.tracker.sandboxes.store.sandbox_by_id(self.sandbox_id)
+        row = self.upstreams.sandboxes.store.sandbox_by_id(self.sandbox_id)
         try:
             if row is None:
                 return
-            async with self.tracker.upstreams.connection(row, self.container_port) as sock:
+            async with self.upstreams.connection(row, self.container_port) as sock:
                 upstream = await asyncio.open_connection(sock=sock)
                 await relay((reader, writer), upstream)
         except KilnError as e:
@@ -167,7 +169,7 @@ class PortTracker:
         changed = False
         for port in ports:
             if port not in relays:
-                relay = PortRelay(self, sandbox_id, port)
+                relay = PortRelay(self.upstreams, sandbox_id, port)
                 await relay.open(self.config.host_bind, (wanted or {}).get(port, 0))
                 relays[port] = relay
                 changed = True

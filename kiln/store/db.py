@@ -135,6 +135,14 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sandboxes ADD COLUMN disk_asked_mb INTEGER NOT NULL DEFAULT 0;
     """,
+    # 9: host ports forwarded into sandboxes on request (bhatti's forward), reopened after a restart
+    """
+    CREATE TABLE forwards (
+        sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
+        host_port INTEGER NOT NULL PRIMARY KEY,
+        guest_port INTEGER NOT NULL
+    );
+    """,
 ]
 
 
@@ -465,6 +473,20 @@ class Store:
         with self.transaction() as db:
             db.execute("DELETE FROM sandbox_ports WHERE sandbox_id=?", (sandbox_id,))
             db.executemany("INSERT INTO sandbox_ports VALUES (?,?,?)", [(sandbox_id, p, h) for p, h in ports.items()])
+
+    def forwards(self) -> list[tuple[str, int, int]]:
+        """[(sandbox_id, host_port, guest_port)] of every forward."""
+        rows = self._exec("SELECT * FROM forwards ORDER BY sandbox_id, host_port")
+        return [(r["sandbox_id"], r["host_port"], r["guest_port"]) for r in rows]
+
+    def insert_forward(self, sandbox_id: str, host_port: int, guest_port: int) -> None:
+        self._exec("INSERT OR REPLACE INTO forwards VALUES (?,?,?)", (sandbox_id, host_port, guest_port))
+
+    def delete_forward(self, host_port: int) -> None:
+        self._exec("DELETE FROM forwards WHERE host_port=?", (host_port,))
+
+    def delete_forwards(self, sandbox_id: str) -> None:
+        self._exec("DELETE FROM forwards WHERE sandbox_id=?", (sandbox_id,))
 
     def insert_publish_rule(self, rule: PublishRule) -> None:
         """Raises NameTaken if the alias, or this sandbox's port, is already published."""

@@ -7,10 +7,12 @@ import base64
 import json
 import re
 
+import httpx
 import pytest
 
 from kiln import BHATTI_API_VERSION, __version__
-from tests.conftest import make_sandbox, run, wait_for
+from tests.conftest import make_sandbox, run, start_web_app, wait_for
+from tests.daemon import Daemon, free_port
 
 
 def test_an_empty_name_means_no_name(api):
@@ -326,3 +328,54 @@ def test_volumes_grow_and_clone_only_while_detached(api):
         api.delete(f"/sandboxes/{sb['id']}")
     for name in ("grow", "grow-copy"):
         assert api.delete(f"/volumes/{name}").status_code == 200
+
+
+def test_a_forward_relays_a_host_port_wakes_the_sandbox_and_survives_a_restart(default_image):
+    d = Daemon()
+    try:
+        d.start()
+        api = d.client()
+        sb = make_sandbox(api, name="fwd")
+        chosen = free_port()
+        r = api.post("/sandboxes/fwd/forward", json={"guest_port": 3000, "host_port": chosen})
+        assert r.status_code == 200, r.text
+        assert r.json() == {"guest_port": 3000, "host_port": chosen, "host_addr": f"127.0.0.1:{chosen}"}
+        with pytest.raises(httpx.HTTPError):  # nothing listens in the sandbox yet: the connection just ends
+            httpx.get(f"http://127.0.0.1:{chosen}/ready", timeout=5)
+        start_web_app(api, sb, 3000)
+        assert httpx.get(f"http://127.0.0.1:{chosen}/ready", timeout=10).status_code == 200
+        auto = api.post("/sandboxes/fwd/forward", json={"guest_port": 3000}).json()
+        assert auto["host_port"] not in (0, chosen)
+        assert sorted(f["host_port"] for f in api.get("/sandboxes/fwd/forward").json()) == sorted(
+            [chosen, auto["host_port"]]
+        )
+        for body, status, message in [
+            ({"guest_port": 0}, 400, "guest_port"),
+            ({"guest_port": "3000"}, 400, "guest_port"),
+            ({"guest_port": 3000, "host_port": 80}, 400, "host_port"),
+            ({"guest_port": 3000, "host_port": chosen}, 409, "not free"),
+        ]:
+            r = api.post("/sandboxes/fwd/forward", json=body)
+            assert r.status_code == status and message in r.json()["error"], (body, r.text)
+        assert api.post("/sandboxes/nope/forward", json={"guest_port": 1}).status_code == 404
+
+        assert api.post("/sandboxes/fwd/stop").json()["status"] == "stopped"
+        assert httpx.get(f"http://127.0.0.1:{chosen}/ready", timeout=30).status_code == 200  # woke it
+        assert api.get("/sandboxes/fwd").json()["status"] == "running"
+
+        d.kill9()
+        d.start()
+        api = d.client()
+        assert httpx.get(f"http://127.0.0.1:{auto['host_port']}/ready", timeout=30).status_code == 200
+        assert len(api.get("/sandboxes/fwd/forward").json()) == 2
+        assert api.delete("/sandboxes/fwd/forward").json() == {"closed": 2}
+        assert api.get("/sandboxes/fwd/forward").json() == []
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{chosen}/ready", timeout=5)
+        last = api.post("/sandboxes/fwd/forward", json={"guest_port": 3000}).json()["host_port"]
+        assert api.delete("/sandboxes/fwd").status_code == 200  # destroy closes its forwards
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{last}/ready", timeout=5)
+        assert d.clean()
+    finally:
+        d.scrub()
