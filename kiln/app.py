@@ -26,6 +26,7 @@ from .api import (
     terminal as terminal_api,
     volumes as volumes_api,
     web,
+    web_shell as web_shell_api,
 )
 from .api.auth import CommonHeaders
 from .api.deps import Services
@@ -48,6 +49,7 @@ from .core.thermal import ThermalPolicy
 from .core.upstream import Upstreams
 from .core.users import ensure_admin
 from .core.volumes import VolumeService
+from .core.web_shell import WebShellService
 from .engine import make_engine
 from .engine.gvisor.reaper import become_subreaper
 from .images.default import ensure_default_image
@@ -120,6 +122,7 @@ def build_app(config: Config) -> FastAPI:
             secrets=secrets,
             templates=templates,
             volumes=volumes,
+            web_shells=WebShellService(sandboxes),
             started=time.monotonic(),
             server=config.server,
         )
@@ -172,6 +175,7 @@ def build_app(config: Config) -> FastAPI:
         templates_api,
         secrets_api,
         volumes_api,
+        web_shell_api,
         web,
     ):
         app.include_router(module.router)

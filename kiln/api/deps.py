@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..core.terminal import TerminalService
     from ..core.upstream import Upstreams
     from ..core.volumes import VolumeService
+    from ..core.web_shell import WebShellService
     from ..store.db import Store
     from .public import PublicLimits
 
@@ -43,6 +44,7 @@ class Services:
     secrets: SecretService
     templates: TemplateService
     volumes: VolumeService
+    web_shells: WebShellService
     started: float
     server: ServerConfig
 

@@ -20,6 +20,11 @@ class StatusOut(Out):
     status: str
 
 
+class ShellTokenOut(Out):
+    token: str
+    url: str
+
+
 class ForwardOut(Out):
     guest_port: int
     host_port: int

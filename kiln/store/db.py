@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import sqlite3
 import threading
@@ -141,6 +142,14 @@ MIGRATIONS: list[str] = [
         sandbox_id TEXT NOT NULL REFERENCES sandboxes(id) ON DELETE CASCADE,
         host_port INTEGER NOT NULL PRIMARY KEY,
         guest_port INTEGER NOT NULL
+    );
+    """,
+    # 10: web shell share tokens (their SHA-256 only), one per sandbox
+    """
+    CREATE TABLE shell_tokens (
+        sandbox_id TEXT PRIMARY KEY REFERENCES sandboxes(id) ON DELETE CASCADE,
+        token_hash TEXT NOT NULL,
+        created_at TEXT NOT NULL
     );
     """,
 ]
@@ -312,6 +321,10 @@ class Store:
         row = self._exec("SELECT * FROM users WHERE name=?", (name,)).fetchone()
         return User(**dict(row)) if row else None
 
+    def user_by_id(self, user_id: str) -> User | None:
+        row = self._exec("SELECT * FROM users WHERE id=?", (user_id,)).fetchone()
+        return User(**dict(row)) if row else None
+
     def user_by_key(self, key: str) -> User | None:
         row = self._exec(
             "SELECT u.* FROM users u JOIN api_keys k ON k.user_id=u.id WHERE k.key_hash=?", (hash_key(key),)
@@ -473,6 +486,18 @@ class Store:
         with self.transaction() as db:
             db.execute("DELETE FROM sandbox_ports WHERE sandbox_id=?", (sandbox_id,))
             db.executemany("INSERT INTO sandbox_ports VALUES (?,?,?)", [(sandbox_id, p, h) for p, h in ports.items()])
+
+    # ------------------------------------------------------------ web shell tokens and forwards
+
+    def set_shell_token(self, sandbox_id: str, token: str) -> None:
+        self._exec("INSERT OR REPLACE INTO shell_tokens VALUES (?,?,?)", (sandbox_id, hash_key(token), now()))
+
+    def shell_token_matches(self, sandbox_id: str, token: str) -> bool:
+        row = self._exec("SELECT token_hash FROM shell_tokens WHERE sandbox_id=?", (sandbox_id,)).fetchone()
+        return row is not None and hmac.compare_digest(row["token_hash"], hash_key(token))
+
+    def delete_shell_token(self, sandbox_id: str) -> bool:
+        return self._exec("DELETE FROM shell_tokens WHERE sandbox_id=?", (sandbox_id,)).rowcount > 0
 
     def forwards(self) -> list[tuple[str, int, int]]:
         """[(sandbox_id, host_port, guest_port)] of every forward."""

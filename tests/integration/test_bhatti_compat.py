@@ -4,11 +4,16 @@ the field; never a silent success. Written from bhatti's API contract, not from 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
+import socket
+import time
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from kiln import BHATTI_API_VERSION, __version__
 from tests.conftest import make_sandbox, run, start_web_app, wait_for
@@ -379,3 +384,79 @@ def test_a_forward_relays_a_host_port_wakes_the_sandbox_and_survives_a_restart(d
         assert d.clean()
     finally:
         d.scrub()
+
+
+def read_shell(ws, needle: bytes, timeout: float = 15.0) -> bytes:
+    out = b""
+    deadline = time.monotonic() + timeout
+    while needle not in out:
+        msg = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+        out += msg if isinstance(msg, bytes) else msg.encode()
+    return out
+
+
+def test_a_web_shell_link_opens_a_terminal_without_a_key_until_revoked(daemon, api, sandbox):
+    r = api.post(f"/sandboxes/{sandbox['name']}/shell-token")
+    assert r.status_code == 200, r.text
+    token, url = r.json()["token"], r.json()["url"]
+    assert re.fullmatch(r"[0-9a-f]{64}", token)
+    assert url == f"{daemon.url}/_shell/{sandbox['id']}#token={token}"
+    page = httpx.get(f"{daemon.url}/_shell/{sandbox['id']}")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert page.headers["cache-control"] == "no-store" and page.headers["x-frame-options"] == "DENY"
+    nonce = re.search(r"script-src 'self' 'nonce-([^']+)'", page.headers["content-security-policy"]).group(1)
+    assert f'nonce="{nonce}"' in page.text and token not in page.text
+    other = httpx.get(f"{daemon.url}/_shell/0000000000000000")
+    assert other.status_code == 200 and other.text.split("nonce=")[0] == page.text.split("nonce=")[0]
+
+    ws_base = daemon.url.replace("http", "ws") + "/_shell"
+
+    def attempt(sandbox_id: str, first: str) -> dict:
+        with ws_connect(f"{ws_base}/{sandbox_id}/ws") as ws:
+            ws.send(first)
+            return json.loads(ws.recv(timeout=15))
+
+    unauthorized = {"type": "error", "error": "unauthorized"}
+    assert attempt(sandbox["id"], json.dumps({"type": "auth", "token": "0" * 64})) == unauthorized
+    assert attempt("0000000000000000", json.dumps({"type": "auth", "token": token})) == unauthorized  # no leak
+    assert attempt(sandbox["id"], "not json") == unauthorized
+    assert attempt(sandbox["id"], json.dumps({"token": token})) == unauthorized  # no "type": "auth"
+    time.sleep(1)  # the attempts above count against this address's 10 per second
+
+    with contextlib.ExitStack() as shells:
+        opened = []
+        for _ in range(5):
+            ws = shells.enter_context(ws_connect(f"{ws_base}/{sandbox['id']}/ws"))
+            ws.send(json.dumps({"type": "auth", "token": token}))
+            assert json.loads(ws.recv(timeout=15)) == {"type": "connected", "sandbox": "shared", "status": "running"}
+            opened.append(ws)
+        assert attempt(sandbox["id"], json.dumps({"type": "auth", "token": token})) == {
+            "type": "error",
+            "error": "too many sessions",
+        }
+        opened[0].send(b"echo web-$((6*7))\n")
+        read_shell(opened[0], b"web-42")
+        assert api.delete(f"/sandboxes/{sandbox['id']}/shell-token").status_code == 204
+        for ws in opened:  # revoking ends every web shell opened with the link
+            with pytest.raises(ConnectionClosed):
+                for _ in range(1000):
+                    ws.recv(timeout=15)
+    assert attempt(sandbox["id"], json.dumps({"type": "auth", "token": token})) == unauthorized
+    fresh = api.post(f"/sandboxes/{sandbox['id']}/shell-token").json()["token"]
+    renewed = api.post(f"/sandboxes/{sandbox['id']}/shell-token").json()["token"]
+    assert attempt(sandbox["id"], json.dumps({"type": "auth", "token": fresh})) == unauthorized  # replaced
+    assert attempt(sandbox["id"], json.dumps({"type": "auth", "token": renewed}))["type"] == "connected"
+    assert api.post("/sandboxes/nope/shell-token").status_code == 404
+    assert httpx.post(f"{daemon.url}/sandboxes/{sandbox['id']}/shell-token").status_code == 401
+
+    # more than 10 attempts a second from one address: 429 before any upgrade
+    statuses = []
+    for _ in range(30):
+        with socket.create_connection(("127.0.0.1", daemon.port), source_address=("127.0.0.4", 0)) as s:
+            s.sendall(
+                f"GET /_shell/{sandbox['id']}/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            statuses.append(s.recv(64).split(b" ")[1])
+    assert statuses[:10] == [b"101"] * 10 and statuses.count(b"429") >= 10, statuses  # (refilled at 10/s)
