@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
+from ..core.errors import NotImplementedYet
 from ..store.db import User
 from .auth import require_user
 from .deps import services
@@ -65,3 +66,10 @@ async def snapshot_volume(name: str, body: VolumeSnapshotBody, request: Request,
     """A new volume named `name` with this detached volume's content (409 while attached)."""
     volumes = services(request).volumes
     return volumes.volume_json(await volumes.clone(user, name, body.name))
+
+
+@router.api_route("/volumes/{name}/backups", methods=["GET", "POST"], include_in_schema=False)
+@router.api_route("/volumes/{name}/backups/{rest:path}", methods=["GET", "POST", "DELETE"], include_in_schema=False)
+async def volume_backups(name: str, user: User = Depends(require_user), rest: str = ""):
+    """bhatti's volume backups need object storage; kiln says so instead of a 404."""
+    raise NotImplementedYet("backup not configured: volume backups need object storage, which this kiln lacks")

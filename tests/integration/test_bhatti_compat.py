@@ -331,6 +331,9 @@ def test_volumes_grow_and_clone_only_while_detached(api):
         assert run(api, sb, ["cat", "/data/f"])["stdout"] == "precious\n"  # the clone is a copy
     finally:
         api.delete(f"/sandboxes/{sb['id']}")
+    for method, path in (("GET", "backups"), ("POST", "backups"), ("POST", "backups/restore"), ("DELETE", "backups/x")):
+        r = api.request(method, f"/volumes/grow/{path}")
+        assert r.status_code == 501 and "backup not configured" in r.json()["error"], (method, path, r.text)
     for name in ("grow", "grow-copy"):
         assert api.delete(f"/volumes/{name}").status_code == 200
 
