@@ -285,6 +285,25 @@ def publish_report(res: dict) -> list[str]:
     ]
 
 
+def cli_report(res: dict) -> list[str]:
+    curl, cli, version, python = (ms(pct(res[k], 50)) for k in ("curl", "cli", "version", "python"))
+    return [
+        "## CLI",
+        "",
+        f"Wall time of a whole process, p50 of {len(res['cli'])} runs each (interleaved with curl). The CLI parses",
+        "its hot verbs (exec, list, inspect, file read/write) on the standard library and loads Typer, Rich and",
+        "httpx only for the other commands.",
+        "",
+        "| command | p50 ms | compared with | target |",
+        "|---|---|---|---|",
+        f"| `curl` POST /sandboxes/cli/exec `true` | {curl:.0f} | | |",
+        f"| `kiln exec cli -- true` | {cli:.0f} | curl + {cli - curl:.0f} ms | <= curl + 120 ms |",
+        f"| `python -c pass` | {python:.0f} | | |",
+        f"| `kiln --version` | {version:.0f} | python + {version - python:.0f} ms | <= 150 ms |",
+        "",
+    ]
+
+
 def load_report(res) -> list[str]:
     rows = [f"| {op} | {len(v)} | {ms(pct(v, 50)):.0f} | {ms(pct(v, 99)):.0f} |" for op, v in res.latencies.items()]
     return [
@@ -312,11 +331,13 @@ def main() -> int:
     parser.add_argument("--thermal", type=int, default=8, help="samples per thermal measure")
     parser.add_argument("--files", type=int, default=30, help="samples per file operation")
     parser.add_argument("--publish", type=int, default=20, help="samples per publish measure")
+    parser.add_argument("--cli", type=int, default=30, help="runs per CLI measure")
     parser.add_argument(
-        "--only", choices=["publish", "load"], help="re-measure one section and replace it in the report"
+        "--only", choices=["publish", "load", "cli"], help="re-measure one section and replace it in the report"
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
+    from bench.cli import bench_cli
     from bench.load import bench_load
     from bench.publish import bench_publish
 
@@ -324,6 +345,7 @@ def main() -> int:
         title, section = {
             "publish": ("## Publish and proxy", lambda: publish_report(bench_publish(args.publish))),
             "load": ("## Load", lambda: load_report(bench_load())),
+            "cli": ("## CLI", lambda: cli_report(bench_cli(args.cli))),
         }[args.only]
         out = Path(args.out)
         text = out.read_text() if out.exists() else ""
@@ -349,6 +371,8 @@ def main() -> int:
     files = bench_files(args.files)
     print(f"publish and proxy: {args.publish} samples each ...", flush=True)
     publish = bench_publish(args.publish)
+    print(f"cli: {args.cli} runs each of kiln exec, curl, kiln --version ...", flush=True)
+    cli = bench_cli(args.cli)
     print("load: 50 clients for 60 s ...", flush=True)
     load = bench_load()
     text = (
@@ -358,6 +382,8 @@ def main() -> int:
         + "\n".join(files_report(files))
         + "\n"
         + "\n".join(publish_report(publish))
+        + "\n"
+        + "\n".join(cli_report(cli))
         + "\n"
         + "\n".join(load_report(load))
     )

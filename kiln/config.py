@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-DEFAULT_CONFIG_PATHS = [Path("/etc/kiln/config.yaml")]
+from .config_paths import DEFAULT_DATA_DIR, config_file
 
 
 class Section(BaseModel):
@@ -99,7 +99,7 @@ class ServerConfig(Section):
 
 class Config(Section):
     listen: str = "127.0.0.1:8080"
-    data_dir: Path = Path("/var/lib/kiln")
+    data_dir: Path = DEFAULT_DATA_DIR
     images_dir: Path | None = None  # default: <data_dir>/images
     runsc: str = "runsc"
     log_level: str = "info"
@@ -153,14 +153,13 @@ def describe(err: ValidationError, source: str) -> str:
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
     """Load from `path`, else $KILN_CONFIG, else /etc/kiln/config.yaml if present, else defaults."""
-    path = path or os.environ.get("KILN_CONFIG")
-    candidates = [Path(path)] if path else [p for p in DEFAULT_CONFIG_PATHS if p.exists()]
+    chosen = config_file(path)
     data: Any = {}
     source = "(defaults)"
-    if candidates:
-        source = str(candidates[0])
+    if chosen is not None:
+        source = str(chosen)
         try:
-            data = yaml.safe_load(candidates[0].read_text()) or {}
+            data = yaml.safe_load(chosen.read_text()) or {}
         except OSError as e:
             raise ConfigError(f"cannot read config {source}: {e.strerror}") from e
         except yaml.YAMLError as e:

@@ -24,6 +24,7 @@ command -v ip >/dev/null || need_apt+=(iproute2)
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
+command -v curl >/dev/null || need_apt+=(curl)   # the README's examples; `make bench` compares the CLI with it
 if [ "$mode" = "--test" ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)   # driven by Playwright in tests/browser
 fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from rich.table import Table
 
 from ..client import KilnError
 from ..client.aio import AsyncKiln, AsyncSandbox
+from . import fast
 from .server import app, client_settings, fail
 
 JsonOpt = typer.Option(False, "--json", help="print JSON instead of text")
@@ -23,6 +25,14 @@ template_app = typer.Typer(help="Templates: saved create requests.", no_args_is_
 file_app = typer.Typer(help="Files inside a sandbox.", no_args_is_help=True)
 for sub, name in ((secret_app, "secret"), (volume_app, "volume"), (template_app, "template"), (file_app, "file")):
     app.add_typer(sub, name=name)
+
+
+def hot_verb(fn, *args):
+    """Run one of the verbs fast.py implements (the same code `kiln` runs without Typer)."""
+    try:
+        return fn(fast.Api(*client_settings()), *args)
+    except fast.Failed as e:
+        raise fail(str(e)) from None
 
 
 def run(coro_fn):
@@ -76,6 +86,7 @@ def kv(pairs: list[str], what: str) -> dict[str, str]:
 @app.command()
 def create(
     name: str | None = typer.Argument(None),
+    name_option: str | None = typer.Option(None, "--name", help="the name (as docker and bhatti take it)"),
     cpus: float | None = typer.Option(None),
     memory: int | None = typer.Option(None, help="MB"),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeat)"),
@@ -87,6 +98,9 @@ def create(
     as_json: bool = JsonOpt,
 ):
     """Create a sandbox (or show the existing one of that name)."""
+    if name and name_option and name != name_option:
+        raise fail(f"two names given: {name!r} and --name {name_option!r}")
+    name = name or name_option
     volumes = []
     for spec in volume:
         parts = spec.split(":")
@@ -123,8 +137,7 @@ class _nothing:
 @app.command("list")
 def list_(as_json: bool = JsonOpt):
     """Your sandboxes."""
-    rows = run(lambda k: k.json("GET", "/sandboxes"))
-    emit(rows, as_json, lambda d: table(d, ["name", "id", "status", "thermal", "cpus", "memory_mb", "ip"]))
+    hot_verb(fast.list_sandboxes, as_json)
 
 
 app.command("ls", hidden=True)(list_)
@@ -133,7 +146,7 @@ app.command("ls", hidden=True)(list_)
 @app.command()
 def inspect(sandbox: str, as_json: bool = JsonOpt):
     """One sandbox, in full."""
-    emit(run(lambda k: k.json("GET", f"/sandboxes/{sandbox}")), True)
+    hot_verb(fast.inspect_sandbox, sandbox)
 
 
 @app.command()
@@ -203,37 +216,13 @@ def exec_(
     cwd: str | None = typer.Option(None),
     user: str | None = typer.Option(None),
     as_json: bool = JsonOpt,
+    detach: bool = typer.Option(False, "--detach", help="start it in the background; prints its pid and log file"),
 ):
     """Run a command; exits with its exit code. Output streams when stdout is a terminal."""
-    stream = not as_json and (sys.stdout.isatty() or os.environ.get("KILN_FORCE_STREAM") == "1")
-
-    def out(text):
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def err(text):
-        sys.stderr.write(text)
-        sys.stderr.flush()
-
-    async def go(kiln):
-        sb = AsyncSandbox(kiln, {"id": sandbox, "name": sandbox, "status": ""})
-        return await sb.commands.run(
-            list(cmd),
-            env=kv(env, "--env") or None,
-            cwd=cwd,
-            user=user,
-            timeout=timeout,
-            on_stdout=out if stream else None,
-            on_stderr=err if stream else None,
-        )
-
-    result = run(go)
-    if as_json:
-        emit(result.__dict__, True)
-    elif not stream:
-        sys.stdout.write(result.stdout)
-        sys.stderr.write(result.stderr)
-    raise typer.Exit(result.exit_code)
+    code = hot_verb(
+        fast.exec_command, sandbox, list(cmd), timeout, kv(env, "--env") or None, cwd, user, as_json, detach
+    )
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -304,8 +293,7 @@ def unpublish(sandbox: str, port: int = typer.Option(..., "--port", "-p"), as_js
 @file_app.command("read")
 def file_read(sandbox: str, path: str):
     """Print a file's bytes to stdout."""
-    data = run(lambda k: k.request("GET", f"/sandboxes/{sandbox}/files", params={"path": path}))
-    sys.stdout.buffer.write(data.content)
+    hot_verb(fast.read_file, sandbox, path)
 
 
 @file_app.command("write")
@@ -319,41 +307,23 @@ def file_write(
     """Write stdin (or --from FILE) to a file, atomically; a progress bar for large files."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    f = open(source, "rb") if source else sys.stdin.buffer  # noqa: SIM115 (closed by the process exit)
-    size = os.fstat(f.fileno()).st_size if source else None
-    data = None if source else f.read()
-    show = source is not None and size is not None and size > 8 * 1024 * 1024 and not as_json and sys.stderr.isatty()
+    if source is None:
+        data = sys.stdin.buffer.read()
+        return hot_verb(fast.write_file, sandbox, path, io.BytesIO(data), len(data), mode, as_json)
+    f = open(source, "rb")  # noqa: SIM115 (closed by the process exit)
+    size = os.fstat(f.fileno()).st_size
+    show = size > fast.PROGRESS_ABOVE and not as_json and sys.stderr.isatty()
+    columns = ("{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, disable=not show, console=Console(stderr=True)) as bar:
+        task = bar.add_task(f"upload {os.path.basename(source)}", total=size)
 
-    async def go(kiln):
-        params = {"path": path} | ({"mode": mode} if mode else {})
-        if data is not None:
-            return await kiln.request("PUT", f"/sandboxes/{sandbox}/files", params=params, content=data)
-        with Progress(
-            "{task.description}",
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            disable=not show,
-            console=Console(stderr=True),
-        ) as bar:
-            task = bar.add_task(f"upload {os.path.basename(source or 'stdin')}", total=size)
+        class Counted(io.RawIOBase):
+            def read(self, n: int = -1) -> bytes:
+                chunk = f.read(n)
+                bar.update(task, advance=len(chunk))
+                return chunk
 
-            async def chunks():
-                while chunk := f.read(1 << 20):
-                    bar.update(task, advance=len(chunk))
-                    yield chunk
-
-            return await kiln.request(
-                "PUT",
-                f"/sandboxes/{sandbox}/files",
-                params=params,
-                content=chunks(),
-                headers={"Content-Length": str(size)},
-                timeout=3600,
-            )
-
-    run(go)
-    emit({"status": "ok"}, as_json, lambda d: None)
+        hot_verb(fast.write_file, sandbox, path, Counted(), size, mode, as_json)
 
 
 @file_app.command("ls")

@@ -1,12 +1,26 @@
-"""Entry point of the `kiln` command (see server.py for the app and commands.py for the client side)."""
+"""Entry point of the `kiln` command. The hot verbs run on the standard library (fast.py); everything
+else loads the Typer app (server.py for the app and the server-host commands, commands.py for the
+client side)."""
 
-from . import commands
-from .server import app
+from __future__ import annotations
 
-__all__ = ["app", "commands", "main"]
+import sys
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:  # before any other import: scripts ask this to probe for kiln
+        from .. import __version__
+
+        print(f"kiln {__version__}")
+        return
+    from . import fast
+
+    code = fast.main(sys.argv[1:])
+    if code is not None:
+        sys.exit(code)
+    from . import commands  # noqa: F401 (registers the client commands on the app)
+    from .server import app
+
     app()
 
 

@@ -11,17 +11,16 @@ as root, the admin key in <data_dir>/admin.token.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import sys
-from pathlib import Path
 
 import typer
 import yaml
 
+from .. import __version__
 from ..config import ConfigError, load_config
 from ..fileio import write_atomic
+from .settings import CLIENT_CONFIG, client_settings as settings_from
 
 app = typer.Typer(
     name="kiln",
@@ -35,7 +34,6 @@ user_app = typer.Typer(help="API users and keys (server host).", no_args_is_help
 app.add_typer(image_app, name="image")
 app.add_typer(user_app, name="user")
 
-CLIENT_CONFIG = Path.home() / ".kiln" / "config.yaml"
 ConfigOpt = typer.Option(None, "--config", help="config.yaml (default: $KILN_CONFIG, then /etc/kiln/config.yaml)")
 
 
@@ -51,20 +49,16 @@ settings = Settings()
 def main_options(
     url: str | None = typer.Option(None, "--url", help="daemon URL (default $KILN_URL)"),
     token: str | None = typer.Option(None, "--token", help="API key (default $KILN_TOKEN)"),
+    version: bool = typer.Option(False, "--version", is_eager=True, help="print kiln's version and exit"),
 ):
+    if version:
+        typer.echo(f"kiln {__version__}")
+        raise typer.Exit()
     settings.url, settings.token = url, token
 
 
 def client_settings() -> tuple[str, str]:
-    saved: dict = {}
-    if CLIENT_CONFIG.exists():
-        saved = yaml.safe_load(CLIENT_CONFIG.read_text()) or {}
-    url = settings.url or os.environ.get("KILN_URL") or saved.get("url") or "http://127.0.0.1:8080"
-    token = settings.token or os.environ.get("KILN_TOKEN") or saved.get("token") or ""
-    if not token:
-        with contextlib.suppress(OSError, ConfigError):  # on the server host, as root: the admin key
-            token = (load_config().data_dir / "admin.token").read_text().strip()
-    return url, token
+    return settings_from(settings.url, settings.token)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

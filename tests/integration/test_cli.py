@@ -12,7 +12,7 @@ import time
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import start_web_app
+from tests.conftest import start_web_app, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,45 @@ def test_errors_are_clear_and_exit_nonzero(env):
     assert r.returncode == 1 and b"invalid api key" in r.stderr
     r = kiln(env, "create", "bad name!")
     assert r.returncode == 1 and b"invalid sandbox name" in r.stderr
+
+
+def test_the_hot_verbs_never_import_typer_rich_or_httpx(env, dev):
+    heavy = ("typer", "rich", "httpx", "pydantic", "kiln.client")
+    for args in (
+        ["exec", "dev", "--", "true"],
+        ["exec", "dev", "--json", "--", "echo", "x"],
+        ["list"],
+        ["inspect", "dev"],
+        ["file", "read", "dev", "/etc/hostname"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "kiln.cli.main", *args], env=env, capture_output=True, timeout=60
+        )
+        assert r.returncode == 0, (args, r.stderr[-2000:])
+        imported = {line.split("|")[-1].strip() for line in r.stderr.decode().splitlines() if "import time:" in line}
+        assert "kiln.cli.fast" in imported, args
+        assert not [m for m in imported if m.split(".")[0] in heavy or m.startswith("kiln.client")], args
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "kiln.cli.main", "--version"], env=env, capture_output=True
+    )
+    assert r.stdout.decode().startswith("kiln ") and b"kiln.cli.fast" not in r.stderr
+    # what the fast path does not parse goes to the full CLI, with its help and errors
+    assert b"--timeout" in kiln(env, "exec", "--help").stdout
+    r = kiln(env, "exec", "dev", "--bogus", "--", "true")
+    assert r.returncode == 2 and b"No such option" in r.stderr
+
+
+def test_create_takes_name_as_an_option_and_exec_detaches(env, api):
+    r = kiln(env, "create", "--name", "named-opt", "--json")
+    assert r.returncode == 0, r.stderr
+    sb = json.loads(r.stdout)
+    try:
+        assert sb["name"] == "named-opt"
+        r = kiln(env, "exec", "named-opt", "--detach", "--", "sh", "-c", "echo bg-ran")
+        assert r.returncode == 0, r.stderr
+        pid, log = r.stdout.decode().split()
+        assert int(pid) > 1 and log.startswith("/tmp/kiln-exec-")
+        wait_for(lambda: kiln(env, "file", "read", "named-opt", log).stdout == b"bg-ran\n", what="the detached output")
+        assert kiln(env, "create", "a", "--name", "b").returncode == 1
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
