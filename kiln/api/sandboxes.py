@@ -182,7 +182,7 @@ async def list_sandboxes(request: Request, user: User = Depends(require_user)):
     publish = services(request).publish
     out = []
     for row in sandboxes.list(user):
-        if any(row.labels.get(k) != v for k, v in wanted.items()):
+        if any(row.labels.get(k) != v for k, v in wanted):
             continue
         d = sandbox_json(row, engine, sandboxes.agent_restarts(row.id))
         thermal = sandboxes.tier(row)
@@ -195,17 +195,17 @@ async def list_sandboxes(request: Request, user: User = Depends(require_user)):
     return out
 
 
-def label_filter(filters: list[str]) -> dict[str, str]:
-    """`?label=k=v` (repeatable, AND): split on the first `=`; a missing `=`, an empty key or a reserved
-    prefix is 400."""
-    wanted: dict[str, str] = {}
+def label_filter(filters: list[str]) -> list[tuple[str, str]]:
+    """`?label=k=v` (repeatable, AND: the same key twice with two values matches nothing): split on the
+    first `=`; a missing `=`, an empty key or a reserved prefix is 400."""
+    wanted: list[tuple[str, str]] = []
     for f in filters:
         key, sep, value = f.partition("=")
         if not sep or not key:
             raise BadRequest(f"invalid label filter {f!r}: want key=value")
         if key.rpartition("/")[0].startswith(RESERVED_LABEL_PREFIXES):
             raise BadRequest(f"invalid label filter {f!r}: the prefix is reserved")
-        wanted[key] = value
+        wanted.append((key, value))
     return wanted
 
 

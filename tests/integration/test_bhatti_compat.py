@@ -46,6 +46,7 @@ def test_labels_on_create_and_the_label_filter(api):
         assert names("team=nobody") == []
         assert names() == ["lab-a", "lab-b", "lab-c"]
         assert names("tier=") == []  # an empty value is a value
+        assert names("team=ci", "team=web") == []  # one key, two values: AND matches nothing
         for bad in ("team", "=ci", "bhatti.sh/x=1"):
             r = api.get("/sandboxes", params={"label": bad})
             assert r.status_code == 400 and "label" in r.json()["error"], (bad, r.text)
