@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,6 +18,24 @@ class Section(BaseModel):
 
 class NetworkConfig(Section):
     subnet: str = "10.77.0.0/16"
+    uplink: str = Field("auto", description='egress interface; "auto": the default route\'s; "none": no egress')
+    egress_default: Literal["public", "deny"] = "public"
+    deny_cidrs: list[str] = Field([], description="never reachable from sandboxes, beside the private ranges")
+    dns_upstream: list[str] = Field([], description="resolvers kiln's resolver asks (default: the host's)")
+
+    @field_validator("deny_cidrs")
+    @classmethod
+    def _deny_cidrs(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        return [str(ipaddress.IPv4Network(c, strict=False)) for c in v]
+
+    @field_validator("dns_upstream")
+    @classmethod
+    def _dns_upstream(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        return [str(ipaddress.IPv4Address(a)) for a in v]
 
     @field_validator("subnet")
     @classmethod

@@ -58,7 +58,8 @@ class Daemon:
             "listen": f"127.0.0.1:{self.port}",
             "data_dir": str(self.data_dir),
             "images_dir": str(IMAGES),
-            "network": {"subnet": self.subnet},
+            # no egress unless a test builds its own fake internet: tests never reach the real one
+            "network": {"subnet": self.subnet, "uplink": "none"},
             # tests and benchmarks drive the API far faster than a user would
             "limits": {
                 "rate_create": unlimited,

@@ -53,6 +53,12 @@ class SnapshotOut(Out):
     taken_at: str
 
 
+class NetPolicyOut(Out):
+    default: str
+    allow_hosts: list[str]
+    allow_cidrs: list[str]
+
+
 class SandboxOut(Out):
     id: str
     name: str
@@ -68,6 +74,7 @@ class SandboxOut(Out):
     disk_size_mb: int
     disk_limit_mb: int
     image: str
+    net_policy: NetPolicyOut
     reason: str | None = None
     stopped_at: str | None = None
     labels: dict[str, str] | None = None
@@ -170,4 +177,5 @@ class TemplateOut(Out):
     userdata: str
     volumes: list[TemplateVolumeOut]
     mounts: list[TemplateMountOut]
+    net_policy: NetPolicyOut | None = None
     created_at: str

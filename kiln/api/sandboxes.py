@@ -11,6 +11,7 @@ from ..core.errors import BadRequest, NotImplementedYet
 from ..core.lifecycle import CreateRequest, SandboxService
 from ..core.names import RESERVED_LABEL_PREFIXES
 from ..core.volumes import PersistentVolume, VolumeRequest
+from ..netpolicy import NetPolicy
 from ..store.db import SandboxRow, User
 from .auth import require_user
 from .deps import services
@@ -53,6 +54,19 @@ class FileBody(BaseModel):
     mode: StrictStr = "0644"
 
 
+class NetPolicyBody(BaseModel):
+    """Egress: `public` (every public address) or `deny` (only these hosts and CIDRs); private ranges
+    are always denied. `*.example.com` is any subdomain, not example.com itself."""
+
+    model_config = ConfigDict(extra="allow")  # an unknown key is refused by name, not dropped
+    default: StrictStr | None = None
+    allow_hosts: list[StrictStr] | None = None
+    allow_cidrs: list[StrictStr] | None = None
+
+    def given(self) -> dict:
+        return self.model_dump(exclude_none=True)
+
+
 class CreateBody(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     name: StrictStr | None = None
@@ -62,7 +76,7 @@ class CreateBody(BaseModel):
     # them empty every time, and empty asks for nothing); left out of the OpenAPI schema, which documents
     # what kiln does
     from_: SkipJsonSchema[StrictStr | None] = Field(None, alias="from")
-    net_policy: SkipJsonSchema[dict | None] = None
+    net_policy: NetPolicyBody | None = None
     mounts: SkipJsonSchema[list | None] = None
     hugepages: SkipJsonSchema[StrictBool | None] = None
     persistent_volumes: list[PersistentVolumeBody] = []
@@ -83,12 +97,8 @@ class CreateBody(BaseModel):
             raise BadRequest("mounts: kiln never binds host directories into sandboxes (use volumes)")
         if self.hugepages:
             raise BadRequest("hugepages: not supported by the gVisor engine")
-        for field, value in (
-            ("from", self.from_),
-            ("net_policy", self.net_policy),
-        ):
-            if value:
-                raise NotImplementedYet(f"{field}: not supported by this kiln yet")
+        if self.from_:
+            raise NotImplementedYet("from: not supported by this kiln yet")
 
     def request(self) -> CreateRequest:
         self.refuse_what_kiln_lacks()
@@ -113,6 +123,7 @@ class CreateBody(BaseModel):
                 for v in self.persistent_volumes
             ],
             files=[FileRequest(f.guest_path, f.content, f.mode) for f in self.files],
+            net_policy=self.net_policy.given() if self.net_policy is not None else None,
         )
 
 
@@ -127,9 +138,10 @@ class PatchBody(BaseModel):
     keep_hot: StrictBool | None = None
     labels_add: dict[StrictStr, StrictStr] | None = None
     labels_remove: list[StrictStr] | None = None
+    net_policy: NetPolicyBody | None = None
 
 
-def sandbox_json(row: SandboxRow, engine: str, agent_restarts: int = 0) -> dict:
+def sandbox_json(row: SandboxRow, engine: str, agent_restarts: int = 0, default_policy: str = "public") -> dict:
     d = {
         "id": row.id,
         "name": row.name,
@@ -145,6 +157,7 @@ def sandbox_json(row: SandboxRow, engine: str, agent_restarts: int = 0) -> dict:
         "disk_size_mb": row.disk_asked_mb,  # bhatti's meaning: what was asked, 0 for the default
         "disk_limit_mb": row.disk_mb,  # what the sandbox may write to its root disk
         "image": row.image,
+        "net_policy": NetPolicy.from_json(row.net_policy, default_policy).to_json(),
     }
     if row.reason:
         d["reason"] = row.reason
@@ -229,7 +242,10 @@ async def delete_sandbox(sandbox_id: str, request: Request, user: User = Depends
 
 @router.patch("/sandboxes/{sandbox_id}", response_model=SandboxOut, response_model_exclude_none=True)
 async def patch_sandbox(sandbox_id: str, body: PatchBody, request: Request, user: User = Depends(require_user)):
-    row = await service(request).update(user, sandbox_id, body.name, body.labels_add, body.labels_remove, body.keep_hot)
+    policy = body.net_policy.given() if body.net_policy is not None else None
+    row = await service(request).update(
+        user, sandbox_id, body.name, body.labels_add, body.labels_remove, body.keep_hot, policy
+    )
     return sandbox_json(row, service(request).engine.name)
 
 

@@ -11,7 +11,7 @@ from ..store.db import User
 from .auth import require_user
 from .deps import services
 from .models import StatusOut, TemplateOut
-from .sandboxes import VolumeBody
+from .sandboxes import NetPolicyBody, VolumeBody
 
 router = APIRouter()
 
@@ -41,6 +41,7 @@ class TemplateBody(BaseModel):
     volumes: list[VolumeBody] = []
     mounts: list[TemplateMountBody] = []
     keep_hot: StrictBool = False
+    net_policy: NetPolicyBody | None = None
 
 
 @router.post("/templates", status_code=201, response_model=TemplateOut)
@@ -54,6 +55,7 @@ async def create_template(body: TemplateBody, request: Request, user: User = Dep
         labels=dict(body.labels),
         userdata=body.userdata,
         mounts=[TemplateMount(m.volume_name, m.target, m.readonly, m.auto_create) for m in body.mounts],
+        net_policy=body.net_policy.given() if body.net_policy is not None else None,
         cpus=body.cpus,
         memory_mb=body.memory_mb,
         env=dict(body.env),

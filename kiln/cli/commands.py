@@ -95,6 +95,9 @@ def create(
     template: str | None = typer.Option(None, help="template id or name"),
     secret: list[str] = typer.Option([], "--secret", help="secret name (repeat)"),
     volume: list[str] = typer.Option([], "--volume", "-v", help="NAME:/mount[:ro] (repeat)"),
+    egress: str | None = typer.Option(None, "--egress", help="public | deny (default: the daemon's)"),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="with --egress deny: a name or *.suffix (repeat)"),
+    allow_cidr: list[str] = typer.Option([], "--allow-cidr", help="with --egress deny: an IPv4 CIDR (repeat)"),
     as_json: bool = JsonOpt,
 ):
     """Create a sandbox (or show the existing one of that name)."""
@@ -120,10 +123,43 @@ def create(
                 template=template,
                 secrets=secret or None,
                 volumes=volumes or None,
+                net_policy=policy_of(egress, allow_host, allow_cidr),
             )
         return sb.info
 
     emit(run(go), as_json, lambda d: typer.echo(f"{d['name']}\t{d['id']}\t{d['status']}\t{d['ip']}"))
+
+
+def policy_of(egress: str | None, hosts: list[str], cidrs: list[str]) -> dict | None:
+    if egress is None and not hosts and not cidrs:
+        return None
+    return {"default": egress or "deny", "allow_hosts": hosts, "allow_cidrs": cidrs}
+
+
+@app.command()
+def net(
+    sandbox: str,
+    egress: str | None = typer.Option(None, "--egress", help="public | deny"),
+    allow_host: list[str] = typer.Option([], "--allow-host", help="a name or *.suffix (repeat)"),
+    allow_cidr: list[str] = typer.Option([], "--allow-cidr", help="an IPv4 CIDR (repeat)"),
+    as_json: bool = JsonOpt,
+):
+    """Show a sandbox's egress policy, or replace it (kiln net dev --egress deny --allow-host pypi.org)."""
+    policy = policy_of(egress, allow_host, allow_cidr)
+
+    async def go(kiln):
+        if policy is None:
+            return (await kiln.json("GET", f"/sandboxes/{sandbox}"))["net_policy"]
+        return (await kiln.json("PATCH", f"/sandboxes/{sandbox}", json={"net_policy": policy}))["net_policy"]
+
+    def text(p: dict) -> None:
+        typer.echo(f"egress: {p['default']}")
+        for h in p["allow_hosts"]:
+            typer.echo(f"  allow host {h}")
+        for c in p["allow_cidrs"]:
+            typer.echo(f"  allow cidr {c}")
+
+    emit(run(go), as_json, text)
 
 
 class _nothing:

@@ -114,9 +114,11 @@ class AsyncSandboxes:
         secrets: list[str] | None = None,
         volumes: list[dict] | None = None,
         new_volumes: list[dict] | None = None,
+        net_policy: dict | None = None,
         timeout: float = 120.0,
     ) -> AsyncSandbox:
-        """Create a sandbox (or get the existing one of that name)."""
+        """Create a sandbox (or get the existing one of that name). net_policy: egress, e.g.
+        {"default": "deny", "allow_hosts": ["pypi.org", "*.pythonhosted.org"], "allow_cidrs": []}."""
         body = {
             k: v
             for k, v in {
@@ -130,6 +132,7 @@ class AsyncSandboxes:
                 "secrets": secrets,
                 "volumes": volumes,
                 "new_volumes": new_volumes,
+                "net_policy": net_policy,
             }.items()
             if v is not None
         }
@@ -199,6 +202,18 @@ class AsyncSandbox:
         }
         self.info = await self.kiln.json("PATCH", self.path, json=body)
         return self
+
+    async def set_net_policy(
+        self, default: str = "public", allow_hosts: list[str] | None = None, allow_cidrs: list[str] | None = None
+    ) -> AsyncSandbox:
+        """Replace its egress policy; new connections follow it at once."""
+        policy = {"default": default, "allow_hosts": allow_hosts or [], "allow_cidrs": allow_cidrs or []}
+        self.info = await self.kiln.json("PATCH", self.path, json={"net_policy": policy})
+        return self
+
+    @property
+    def net_policy(self) -> dict:
+        return self.info.get("net_policy", {})
 
     async def stop(self, timeout: float = 300.0) -> AsyncSandbox:
         """Snapshot to disk and free its memory (the next request wakes it)."""

@@ -16,6 +16,7 @@ from ..agent.client import AgentError, AgentRequestError
 from ..config import Config
 from ..engine.base import Capabilities, Engine, EngineError, NoSpace, SandboxHandle, SandboxSpec, State
 from ..images.default import DEFAULT_IMAGE
+from ..netpolicy import InvalidPolicy, NetPolicy, parse_policy
 from ..states import DEATHS, IN_FLIGHT, Reason, Status, Tier
 from ..store.db import NameTaken, SandboxRow, Store, Template, User, now
 from .boot_files import BootFile, FileRequest, check_boot_files
@@ -59,6 +60,7 @@ class CreateRequest:
     new_volumes: list[VolumeRequest] = field(default_factory=list)
     persistent_volumes: list[PersistentVolume] = field(default_factory=list)
     files: list[FileRequest] = field(default_factory=list)
+    net_policy: object = None  # as the request gave it: checked by the service
 
     def with_template(self, t: Template) -> CreateRequest:
         spec = t.spec
@@ -81,6 +83,7 @@ class CreateRequest:
             new_volumes=self.new_volumes,
             persistent_volumes=[*TemplateService.mounts(t, name), *self.persistent_volumes],
             files=[*files, *self.files],
+            net_policy=self.net_policy if self.net_policy is not None else spec.get("net_policy"),
         )
 
 
@@ -193,6 +196,7 @@ class SandboxService:
             )
         name = check_name("sandbox", req.name if req.name is not None else f"sandbox-{secrets.token_hex(3)}")
         check_labels(req.labels)
+        self.net_policy(req.net_policy)
         check_env_keys(req.env)
         return name, cpus, memory_mb, disk_mb
 
@@ -206,6 +210,7 @@ class SandboxService:
         if req.template_id:
             req = req.with_template(self.templates.get(user, req.template_id, message="template not found"))
         name, cpus, memory_mb, disk_mb = self.validate_create(user, req)
+        policy = self.net_policy(req.net_policy)
         secret_env = self.secrets.resolve(user, req.secrets)
         files = check_boot_files(req.files)
         existing = self.store.get_sandbox(user.id, name)
@@ -238,6 +243,7 @@ class SandboxService:
             sealed_env=self.secrets.seal_env(sandbox_id, secret_env),
             disk_mb=disk_mb,
             disk_asked_mb=req.disk_size_mb or 0,
+            net_policy=policy.to_json(),
         )
         try:
             # The "creating" row reserves the name; a crash from here on is cleaned up at restart.
@@ -258,6 +264,7 @@ class SandboxService:
                     disk_mb=row.disk_mb,
                     volumes=volumes,
                     setup_pending=bool(secret_env or files),
+                    net_policy=policy,
                 )
                 handle = await self.engine.create(spec)
                 await write_boot_files(handle, files)
@@ -389,6 +396,19 @@ class SandboxService:
 
     # ------------------------------------------------------------ update
 
+    def net_policy(self, raw: object) -> NetPolicy:
+        """A request's policy, checked (400 `invalid net_policy: ...`); none given: the default."""
+        default = self.config.network.egress_default
+        if raw is None:
+            return NetPolicy(default)
+        try:
+            return parse_policy(raw, default)
+        except InvalidPolicy as e:
+            raise BadRequest(f"invalid net_policy: {e}") from None
+
+    def policy_of(self, row: SandboxRow) -> NetPolicy:
+        return NetPolicy.from_json(row.net_policy, self.config.network.egress_default)
+
     async def update(
         self,
         user: User,
@@ -397,21 +417,32 @@ class SandboxService:
         labels_add: dict[str, str] | None,
         labels_remove: builtins.list[str] | None,
         keep_hot: bool | None,
+        net_policy: object = None,
     ) -> SandboxRow:
-        """PATCH: rename, then labels, then keep_hot (which wakes the sandbox when set)."""
+        """PATCH: rename, then labels, then the egress policy, then keep_hot (which wakes the sandbox
+        when set). Everything is checked before anything changes."""
         row = self.get(user, id_or_name)
         if name is not None and name != row.name:
             check_name("sandbox", name)
+        check_labels(labels_add or {})
+        policy = self.net_policy(net_policy) if net_policy is not None else None
+        if name is not None and name != row.name:
             try:
                 self.store.rename_sandbox(row.id, name)
             except NameTaken:
                 raise Conflict(f'name "{name}" is already in use') from None
         if labels_add or labels_remove:
-            check_labels(labels_add or {})
             labels = {**row.labels, **(labels_add or {})}
             for key in labels_remove or []:
                 labels.pop(key, None)
             self.store.set_sandbox_labels(row.id, labels)
+        if policy is not None:
+            async with self.runtimes.lock(row.id):
+                try:
+                    await self.engine.set_net_policy(row.id, policy)
+                except EngineError as e:
+                    raise Internal(f"set the network policy of {row.id}: {e}") from e
+                self.store.set_sandbox_net_policy(row.id, policy.to_json())
         if keep_hot is not None:
             self.store.set_keep_hot(row.id, keep_hot)
             if keep_hot:

@@ -15,6 +15,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from ..images.default import DEFAULT_IMAGE
+from ..netpolicy import InvalidPolicy, parse_policy
 from ..store.db import NameTaken, Store, Template, User, now
 from .errors import BadRequest, Conflict, NotFound
 from .names import NAME_PATTERN, NAME_RE, check_env_keys, check_labels, check_name, check_secret_names
@@ -56,6 +57,7 @@ class TemplateSpec:
     userdata: str = ""
     mounts: list[TemplateMount] = field(default_factory=list)
     engine: str = ""
+    net_policy: dict | None = None  # the sandboxes' egress policy (None: the daemon's default)
 
     def to_dict(self) -> dict:
         return {
@@ -72,6 +74,7 @@ class TemplateSpec:
             "userdata": self.userdata,
             "volumes": [{"name": v.name, "mount": v.mount, "read_only": v.read_only} for v in self.volumes],
             "mounts": [vars(m) for m in self.mounts],
+            "net_policy": self.net_policy,
         }
 
 
@@ -91,6 +94,11 @@ class TemplateService:
         if spec.disk_size_mb < 0:
             raise BadRequest("disk_size_mb must not be negative")
         check_labels(spec.labels)
+        if spec.net_policy is not None:
+            try:
+                spec.net_policy = parse_policy(spec.net_policy).to_json()
+            except InvalidPolicy as e:
+                raise BadRequest(f"invalid net_policy: {e}") from None
         for m in spec.mounts:
             validate_mount(m.target)
             if m.volume_name:

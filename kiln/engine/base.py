@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ..agent.client import AgentClient
+from ..netpolicy import NetPolicy
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class SandboxSpec:
     # the host hands the agent its secrets after every boot (and its create-time files after the
     # first); init waits for that
     setup_pending: bool = False
+    net_policy: NetPolicy = field(default_factory=NetPolicy)  # what it may reach on the internet
 
 
 class State(enum.StrEnum):
@@ -147,6 +149,10 @@ class Engine(Protocol):
     async def destroy(self, sandbox_id: str) -> None:
         """Remove the sandbox and everything the engine made for it, in any state. Idempotent:
         destroying a MISSING sandbox is a no-op."""
+
+    async def set_net_policy(self, sandbox_id: str, policy: NetPolicy) -> None:
+        """Apply a new egress policy to a sandbox in any state: new connections follow it at once
+        (open ones carry on); it lasts across stops, restarts and wakes."""
 
     async def status(self, sandbox_id: str) -> Status:
         """The engine's view now. Right after an unexpected exit a sandbox may read RUNNING briefly."""

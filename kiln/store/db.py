@@ -152,6 +152,10 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL
     );
     """,
+    # 11: the sandbox's egress policy (JSON; NULL: made before policies, the daemon's default applies)
+    """
+    ALTER TABLE sandboxes ADD COLUMN net_policy TEXT;
+    """,
 ]
 
 
@@ -208,6 +212,7 @@ class SandboxRow:
     sealed_env: bytes | None = None  # secrets given at create, encrypted; never in API output
     disk_mb: int = 0  # the cap on its root disk
     disk_asked_mb: int = 0  # what the create asked for (0: nothing, the default cap)
+    net_policy: dict | None = None  # NetPolicy.to_json()
 
 
 @dataclass
@@ -359,6 +364,7 @@ class Store:
         d["labels"] = json.loads(d["labels"])
         d["keep_hot"] = bool(d["keep_hot"])
         d["snapshot"] = json.loads(d["snapshot"]) if d["snapshot"] else None
+        d["net_policy"] = json.loads(d["net_policy"]) if d["net_policy"] else None
         d["status"], d["reason"] = Status(d["status"]), Reason(d["reason"])
         return SandboxRow(**d)
 
@@ -366,8 +372,8 @@ class Store:
         try:
             self._exec(
                 "INSERT INTO sandboxes (id, owner_id, name, status, reason, ip, cpus, memory_mb, image, env, init,"
-                " keep_hot, labels, created_at, stopped_at, template_id, sealed_env, disk_mb, disk_asked_mb)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " keep_hot, labels, created_at, stopped_at, template_id, sealed_env, disk_mb, disk_asked_mb,"
+                " net_policy) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     s.id,
                     s.owner_id,
@@ -388,6 +394,7 @@ class Store:
                     s.sealed_env,
                     s.disk_mb,
                     s.disk_asked_mb,
+                    json.dumps(s.net_policy) if s.net_policy is not None else None,
                 ),
             )
         except sqlite3.IntegrityError as e:
@@ -426,6 +433,9 @@ class Store:
         self._transition(sandbox_id, Status.DESTROYING, Reason.NONE)
 
     # Changes that are not status moves.
+
+    def set_sandbox_net_policy(self, sandbox_id: str, policy: dict) -> None:
+        self._exec("UPDATE sandboxes SET net_policy=? WHERE id=?", (json.dumps(policy), sandbox_id))
 
     def rename_sandbox(self, sandbox_id: str, name: str) -> None:
         try:

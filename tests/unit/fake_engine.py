@@ -35,6 +35,9 @@ class FakeEngine:
         self.states[sandbox_id] = State.RUNNING
         return self._handle(sandbox_id)
 
+    async def set_net_policy(self, sandbox_id: str, policy) -> None:
+        self.calls["set_net_policy"] += 1
+
     async def destroy(self, sandbox_id: str) -> None:
         self.calls["destroy"] += 1
         self.states.pop(sandbox_id, None)

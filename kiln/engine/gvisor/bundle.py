@@ -27,6 +27,7 @@ from .proc import run
 Bind = tuple[str, str, bool]  # host source, guest target, read-only
 GUEST_AGENT_DIR = "/opt/kiln/agent"
 GUEST_AGENT_CONFIG = "/opt/kiln/config.json"
+RESOLV_CONF = "resolv.conf"
 CPU_PERIOD = 100_000
 
 # Docker's default capability set plus SYS_PTRACE: the agent runs as root and must be able to
@@ -86,6 +87,13 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
                 "source": str(sandbox_dir / "agent.json"),
                 "options": ["bind", "ro"],
             },
+            # kiln's resolver, never the image's own resolv.conf (read-only: the policy's DNS is this one)
+            {
+                "destination": "/etc/resolv.conf",
+                "type": "bind",
+                "source": str(sandbox_dir / RESOLV_CONF),
+                "options": ["bind", "ro"],
+            },
             *(
                 {"destination": target, "type": "bind", "source": source, "options": ["rbind", "ro" if ro else "rw"]}
                 for source, target, ro in binds
@@ -110,9 +118,10 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
 
 
 def write_bundle(
-    spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str, binds: list[Bind]
+    spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str, binds: list[Bind], resolver: str
 ) -> None:
     (sandbox_dir / "rootfs").mkdir(exist_ok=True)
+    write_atomic(sandbox_dir / RESOLV_CONF, f"nameserver {resolver}\noptions timeout:2 attempts:2\n", mode=0o644)
     agent_config = {"token": token, "env": spec.env, "init": spec.init, "setup_pending": spec.setup_pending}
     write_atomic(sandbox_dir / "agent.json", json.dumps(agent_config))
     write_atomic(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path, binds)))

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
+import json
 import logging
 import os
 import secrets
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from ...agent.client import AgentClient
 from ...agent.protocol import AGENT_PORT
 from ...fileio import write_atomic
+from ...netpolicy import NEVER, Denylist, NetPolicy
 from ..base import (
     DeathCause,
     EngineError,
@@ -33,9 +37,10 @@ from ..base import (
 )
 from . import bundle, recovery
 from .cgroups import Cgroups
-from .network import Link, Network
+from .network import EgressSettings, Link, Network, find_uplink
 from .reaper import ProcessWatcher
 from .records import Record
+from .resolver import Resolver
 from .runsc import Runsc, tail
 from .snapshots import PageStore, remove_scratch
 from .volumes import VolumeMounts
@@ -43,6 +48,7 @@ from .volumes import VolumeMounts
 log = logging.getLogger("kiln.engine.gvisor")
 
 BOOT_TIMEOUT = 30.0
+RESOLVED_FILE = "resolved.json"  # {ip: unix time until which a deny-mode sandbox may reach it}
 SNAPSHOT_MARGIN = 32 << 20
 CREATE_MIN_FREE = 64 << 20
 
@@ -55,12 +61,21 @@ def host_prefix(data_dir: Path) -> str:
 class GVisorEngine:
     name = "gvisor"
 
-    def __init__(self, data_dir: Path, images_dir: Path, subnet: str, runsc_binary: str = "runsc"):
+    def __init__(
+        self,
+        data_dir: Path,
+        images_dir: Path,
+        subnet: str,
+        runsc_binary: str = "runsc",
+        egress: EgressSettings | None = None,
+    ):
         self.data_dir = data_dir
+        self.egress = egress or EgressSettings()
         self.images_dir = images_dir
         self.sandboxes_dir = data_dir / "sandboxes"
         self.prefix = host_prefix(data_dir)
-        self.network = Network(self.prefix, subnet)
+        self.network = Network(self.prefix, subnet, marker_dir=data_dir)
+        self.resolver: Resolver | None = None
         self.runsc = Runsc(data_dir / "runsc", runsc_binary)
         self.cgroups = Cgroups(f"kiln-{self.prefix}")
         self.volume_mounts = VolumeMounts(data_dir / "volume-mounts")
@@ -83,7 +98,6 @@ class GVisorEngine:
     async def start_engine(self) -> None:
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.sandboxes_dir.chmod(0o700)  # memory snapshots (with the sandboxes' secrets) are root's only
-        await self.network.install_firewall()
         for d in self.sandboxes_dir.iterdir():
             try:
                 rec = Record.load(d)
@@ -91,6 +105,17 @@ class GVisorEngine:
             except (OSError, ValueError, TypeError):
                 log.warning("removing half-made sandbox directory %s", d)
                 await self.remove_leftovers(d.name, None)
+        uplink = await find_uplink(
+            self.egress.uplink, str(self.network.subnet), list(self.egress.deny_cidrs), [str(n) for n in NEVER]
+        )
+        await self.network.install_firewall(uplink, [(self.link(r), self.policy(r)) for r in self.records.values()])
+        if uplink is not None:
+            denylist = Denylist([ipaddress.IPv4Network(c) for c in uplink.denied])
+            self.resolver = Resolver(
+                self.network.resolver_ip, self.egress.upstreams(), denylist, self.policy_behind, self.allow_addresses
+            )
+            for rec in self.records.values():
+                await self.attach_resolver(rec)
         await recovery.remove_strays(self)
         await self.volume_mounts.release_unused(self.volumes_in_use())
         for rec in self.records.values():
@@ -107,6 +132,8 @@ class GVisorEngine:
         for sandbox_id in list(self.indexing):
             await self.index_done(sandbox_id)
         self.processes.close()
+        if self.resolver is not None:
+            self.resolver.close()
         if not self.records:
             await self.network.remove_firewall()
             self.cgroups.remove_parent()
@@ -118,6 +145,55 @@ class GVisorEngine:
 
     def link(self, rec: Record) -> Link:
         return self.network.link(rec.id, rec.slot)
+
+    # ------------------------------------------------------------ egress
+
+    def policy(self, rec: Record) -> NetPolicy:
+        return NetPolicy.from_json(rec.net_policy, self.egress.default)
+
+    def policy_behind(self, host_if: str) -> NetPolicy | None:
+        rec = self.record_behind(host_if)
+        return self.policy(rec) if rec is not None else None
+
+    def record_behind(self, host_if: str) -> Record | None:
+        return next((r for r in self.records.values() if self.link(r).host_if == host_if), None)
+
+    async def set_net_policy(self, sandbox_id: str, policy: NetPolicy) -> None:
+        rec = self.records.get(sandbox_id)
+        if rec is None:
+            raise EngineError(f"unknown sandbox {sandbox_id}")
+        rec.net_policy = policy.to_json()
+        write_atomic(self.dir(sandbox_id) / "engine.json", rec.to_json())
+        self.network.set_policy(self.link(rec), policy)
+        (self.dir(sandbox_id) / RESOLVED_FILE).unlink(missing_ok=True)  # resolved under the old policy
+
+    def allow_addresses(self, host_if: str, addresses: list[tuple[str, int]]) -> None:
+        """The resolver answered these addresses to a deny-mode sandbox: let it reach them for their
+        TTL, and remember them so a daemon restart lets them through again."""
+        rec = self.record_behind(host_if)
+        if rec is None:
+            return
+        self.network.allow_addresses(self.link(rec), addresses)
+        path = self.dir(rec.id) / RESOLVED_FILE
+        now = time.time()
+        known = {ip: until for ip, until in read_json(path, {}).items() if until > now}
+        known.update({ip: now + seconds for ip, seconds in addresses})
+        write_atomic(path, json.dumps(known))
+
+    async def attach_resolver(self, rec: Record) -> None:
+        """Serve DNS to a sandbox whose veth exists, and let through what it resolved before."""
+        if self.resolver is None:
+            return
+        link = self.link(rec)
+        if not os.path.exists(f"/sys/class/net/{link.host_if}"):
+            return
+        await self.network.ensure_egress_side(link)  # a veth made before egress was configured
+        await self.resolver.listen(link.host_if)
+        now = time.time()
+        known = read_json(self.dir(rec.id) / RESOLVED_FILE, {})
+        seed = [(ip, int(until - now)) for ip, until in known.items() if until - now >= 1]
+        if seed:
+            self.network.allow_addresses(link, seed)
 
     def volumes_in_use(self) -> set[str]:
         return {v["image"] for r in self.records.values() for v in r.volumes}
@@ -154,16 +230,26 @@ class GVisorEngine:
                 image=spec.image,
                 memory_mb=spec.memory_mb,
                 volumes=[{"image": v.image, "mount": v.mount, "read_only": v.read_only} for v in spec.volumes],
+                net_policy=spec.net_policy.to_json(),
             )
             self.records[spec.id] = rec
         try:
             sandbox_dir.mkdir(parents=True)
             link = self.link(rec)
             binds = [(str(self.volume_mounts.mountpoint(v.image)), v.mount, v.read_only) for v in spec.volumes]
-            bundle.write_bundle(spec, sandbox_dir, link, self.cgroups.path_for_runsc(spec.id), rec.token, binds)
+            bundle.write_bundle(
+                spec,
+                sandbox_dir,
+                link,
+                self.cgroups.path_for_runsc(spec.id),
+                rec.token,
+                binds,
+                self.network.resolver_ip,
+            )
             await self.volume_mounts.ensure(list(spec.volumes))
             await bundle.make_disk(sandbox_dir, spec.disk_mb)
-            await self.network.create(link)
+            await self.network.create(link, spec.net_policy)
+            await self.attach_resolver(rec)
             await bundle.mount_rootfs(image_dir, sandbox_dir)
             # engine.json last: a directory without it is a half-made sandbox, removed on start.
             write_atomic(sandbox_dir / "engine.json", rec.to_json())
@@ -211,7 +297,8 @@ class GVisorEngine:
         await self.delete_container(sandbox_id)
         link = self.link(rec)
         if not os.path.exists(link.netns_path):
-            await self.network.create(link)
+            await self.network.create(link, self.policy(rec))
+            await self.attach_resolver(rec)
         else:
             await self.network.prepare_for_boot(link)
         await self.volume_mounts.ensure(rec.volume_attachments())
@@ -403,6 +490,8 @@ class GVisorEngine:
         sandbox_dir = self.dir(sandbox_id)
         await bundle.unmount_rootfs(sandbox_dir)
         if rec is not None:
+            if self.resolver is not None:
+                self.resolver.stop(self.link(rec).host_if)
             await self.network.destroy(self.link(rec))
         else:
             await self.network.remove_netns(self.network.netns_name(sandbox_id))
@@ -491,11 +580,17 @@ class GVisorEngine:
         ]
         kept = [r for r in map(self.record_on_disk, keep) if r is not None]  # works without start_engine
         kept_ifs = {self.link(r).host_if for r in kept}
+        kept_slots = {str(r.slot) for r in kept}
         kept_volumes = {str(self.volume_mounts.mountpoint(v["image"])) for r in kept for v in r.volumes}
         return {
             "runsc": [c for c in self.runsc.list_ids() if c not in keep],
             "netns": [n for n in netns if stray(n)],
             "veth": [i for i in host_ifs if i not in kept_ifs],
+            "nft": [
+                o
+                for o in self.network.sandbox_objects()
+                if o.rpartition("_")[2] not in kept_slots and not any(f'"{i}"' in o for i in kept_ifs)
+            ],
             "cgroups": [c for c in self.cgroups.leftovers() if stray(c)],
             "mounts": [m for m in mounts if stray(m) and m not in kept_volumes],
             "dirs": [d.name for d in dirs if d.name not in keep],
@@ -527,3 +622,17 @@ class GVisorEngine:
             self.cgroups.remove(Path(cg).name)
         self.cgroups.remove_parent()
         subprocess.run(["nft", "delete", "table", "inet", self.network.table], capture_output=True, check=False)
+        subprocess.run(["ip", "-4", "route", "flush", "table", str(self.network.route_table)], capture_output=True)
+        for _ in range(10):
+            if subprocess.run(
+                ["ip", "-4", "rule", "del", "fwmark", str(self.network.mark)], capture_output=True
+            ).returncode:
+                break
+        self.network.restore_uplink_forwarding()
+
+
+def read_json(path: Path, default):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default

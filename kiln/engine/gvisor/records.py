@@ -20,6 +20,7 @@ class Record:
     image: str
     memory_mb: int
     volumes: list[dict] = field(default_factory=list)  # VolumeAttachment fields
+    net_policy: dict | None = None  # NetPolicy.to_json(); None: the daemon's default
 
     def volume_attachments(self) -> list[VolumeAttachment]:
         return [VolumeAttachment(**v) for v in self.volumes]

@@ -52,7 +52,8 @@ async function refresh() {
     const tr = document.createElement("tr");
     tr.dataset.id = sb.id;
     tr.dataset.name = sb.name;
-    [sb.name, sb.status, sb.thermal, sb.cpus, `${sb.memory_mb} MB`, sb.ip].forEach((v) => tr.appendChild(cell(v)));
+    [sb.name, sb.status, sb.thermal, sb.cpus, `${sb.memory_mb} MB`, sb.ip, egress(sb.net_policy)]
+      .forEach((v) => tr.appendChild(cell(v)));
     const links = document.createElement("td");
     for (const rule of published) {
       const a = document.createElement("a");
@@ -77,6 +78,13 @@ async function refresh() {
   }));
   tbody.replaceChildren(...rows);
   showError(null);
+}
+
+function egress(policy) {
+  if (!policy) return "";
+  if (policy.default === "public") return "public";
+  const allowed = [...policy.allow_hosts, ...policy.allow_cidrs];
+  return allowed.length ? `deny, except ${allowed.join(", ")}` : "deny";
 }
 
 async function act(promise) {

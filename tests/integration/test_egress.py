@@ -1,0 +1,266 @@
+"""Egress under a policy, against a fake internet this test builds (issue 13).
+
+The "internet" is a network namespace joined to the host by a veth whose /30 is TEST-NET-2
+(198.51.100.0/30, the "ISP link": a connected subnet, so always denied to sandboxes). Behind it,
+TEST-NET-3 addresses (203.0.113.0/24) on the namespace's side, routed from the host via 198.51.100.2,
+serve HTTP (every address, port 80) and DNS (203.0.113.53). A decoy private address (10.254.99.1)
+sits there too, routed from the host, so a refusal proves the firewall, not a missing route. The
+daemon's uplink is the host end of that veth; nothing is sent anywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_sandbox, run, wait_for
+from tests.daemon import Daemon, running_daemon
+
+APPS = Path(__file__).parent / "apps"
+NS = f"kt-inet-{os.getpid() % 100000}"
+UPLINK = f"ktup{os.getpid() % 100000}"
+HOST_IP, NS_IP = "198.51.100.1", "198.51.100.2"
+WEB = ["203.0.113.10", "203.0.113.11", "203.0.113.12", "203.0.113.13"]
+DNS_IP = "203.0.113.53"
+DECOY = "10.254.99.1"
+
+PROBE = r"""
+import socket, sys, time, urllib.request
+what, target = sys.argv[1], sys.argv[2]
+t = time.monotonic()
+try:
+    if what == "http":
+        print("ok", urllib.request.urlopen(target, timeout=5).read().decode().strip())
+    elif what == "resolve":
+        print("ok", ",".join(sorted({a[4][0] for a in socket.getaddrinfo(target, 80, socket.AF_INET)})))
+    else:
+        host, port = target.rsplit(":", 1)
+        socket.create_connection((host, int(port)), timeout=5).close()
+        print("ok")
+except Exception as e:
+    print("fail", type(e).__name__, f"{(time.monotonic() - t) * 1000:.0f}ms", e)
+"""
+
+
+def ns(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", NS, *argv], capture_output=True, check=check, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def internet(tmp_path_factory):
+    """The fake internet, torn down (processes by PID, routes with the veth, the namespace) after."""
+    www = tmp_path_factory.mktemp("www")
+    (www / "hello").write_text("fake-internet\n")
+    dns_log = www.parent / "dns.log"
+    procs: list[subprocess.Popen] = []
+    try:
+        subprocess.run(["ip", "netns", "add", NS], check=True)
+        subprocess.run(["ip", "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns", NS], check=True)
+        batch = f"addr add {HOST_IP}/30 dev {UPLINK}\nlink set {UPLINK} up\n"
+        batch += f"route add 203.0.113.0/24 via {NS_IP} dev {UPLINK}\nroute add {DECOY}/32 via {NS_IP} dev {UPLINK}\n"
+        subprocess.run(["ip", "-b", "-"], input=batch.encode(), check=True)
+        inside = f"addr add {NS_IP}/30 dev eth0\nlink set eth0 up\nlink set lo up\n"
+        inside += "".join(f"addr add {ip}/32 dev lo\n" for ip in [*WEB, DNS_IP, DECOY])
+        subprocess.run(["ip", "-n", NS, "-b", "-"], input=inside.encode(), check=True)
+        env = {**os.environ, "FAKE_DNS_LOG": str(dns_log)}
+        procs.append(
+            subprocess.Popen(
+                ["ip", "netns", "exec", NS, sys.executable, "-m", "http.server", "80", "-d", str(www)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+        procs.append(
+            subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, str(APPS / "fake_dns.py"), DNS_IP], env=env)
+        )
+        wait_for(lambda: port_open(WEB[0], 80) and port_open(DECOY, 80), what="the fake internet")
+        yield dns_log
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        subprocess.run(["ip", "link", "delete", UPLINK], capture_output=True)  # its routes go with it
+        subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+        return True
+    return False
+
+
+EGRESS = {"network": {"uplink": UPLINK, "dns_upstream": [DNS_IP]}}
+
+
+@pytest.fixture(scope="module")
+def egress_daemon(internet, default_image):
+    with running_daemon(EGRESS) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def eapi(egress_daemon):
+    with egress_daemon.client() as c:
+        yield c
+
+
+def probe(api, sb, what: str, target: str) -> str:
+    return run(api, sb, ["python3", "-c", PROBE, what, target], user="root")["stdout"].strip()
+
+
+def http_ok(api, sb, url: str) -> bool:
+    return probe(api, sb, "http", url) == "ok fake-internet"
+
+
+def test_public_egress_reaches_the_fake_internet_by_name_and_address(eapi, egress_daemon):
+    sb = make_sandbox(eapi, name="pub")
+    try:
+        assert sb["net_policy"] == {"default": "public", "allow_hosts": [], "allow_cidrs": []}
+        resolv = run(eapi, sb, ["cat", "/etc/resolv.conf"])["stdout"]
+        assert resolv.startswith("nameserver 10.") and DNS_IP not in resolv  # kiln's resolver, never the image's
+        assert http_ok(eapi, sb, "http://allowed.test/hello")
+        assert http_ok(eapi, sb, f"http://{WEB[2]}/hello")
+        assert probe(eapi, sb, "resolve", "other.test") == f"ok {WEB[2]}"
+        # private answers are stripped in every mode (DNS rebinding); a name with only those has none
+        assert probe(eapi, sb, "resolve", "rebind.test").startswith("fail gaierror")
+        assert probe(eapi, sb, "resolve", "mixed.test") == f"ok {WEB[0]}"
+    finally:
+        eapi.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_deny_lets_through_only_the_allowed_names_and_cidrs(eapi, egress_daemon, internet):
+    policy = {"default": "deny", "allow_hosts": ["allowed.test"]}
+    sb = make_sandbox(eapi, name="deny", net_policy=policy)
+    try:
+        assert sb["net_policy"] == {"default": "deny", "allow_hosts": ["allowed.test"], "allow_cidrs": []}
+        assert probe(eapi, sb, "connect", f"{WEB[0]}:80").startswith("fail")  # not resolved yet: not allowed
+        assert http_ok(eapi, sb, "http://allowed.test/hello")
+        assert probe(eapi, sb, "connect", f"{WEB[0]}:80") == "ok"  # its address, now resolved
+        before = internet.read_text() if internet.exists() else ""
+        assert probe(eapi, sb, "resolve", "other.test").startswith("fail gaierror")  # NXDOMAIN ...
+        assert internet.read_text().count("other.test") == before.count("other.test")  # ... never asked upstream
+        refused = probe(eapi, sb, "connect", f"{WEB[2]}:80").split()
+        assert refused[:2] == ["fail", "ConnectionRefusedError"], refused  # a reset, not a hang
+        assert int(refused[2].removesuffix("ms")) < 100, refused
+        assert probe(eapi, sb, "resolve", "a.allowed.test").startswith("fail")  # exact names only
+
+        r = eapi.patch(
+            f"/sandboxes/{sb['id']}", json={"net_policy": {"default": "deny", "allow_hosts": ["*.allowed.test"]}}
+        )
+        assert r.status_code == 200 and r.json()["net_policy"]["allow_hosts"] == ["*.allowed.test"], r.text
+        assert probe(eapi, sb, "resolve", "a.allowed.test") == f"ok {WEB[1]}"
+        assert http_ok(eapi, sb, "http://a.allowed.test/hello")
+        assert probe(eapi, sb, "resolve", "allowed.test").startswith("fail")  # *.x is not x itself
+        assert probe(eapi, sb, "connect", f"{WEB[0]}:80").startswith("fail")  # resolved under the old policy
+
+        r = eapi.patch(
+            f"/sandboxes/{sb['id']}", json={"net_policy": {"default": "deny", "allow_cidrs": [f"{WEB[2]}/32"]}}
+        )
+        assert r.status_code == 200, r.text
+        assert probe(eapi, sb, "connect", f"{WEB[2]}:80") == "ok"
+        assert probe(eapi, sb, "connect", f"{WEB[3]}:80").startswith("fail")  # the neighbour
+    finally:
+        eapi.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_private_ranges_and_the_host_are_out_of_reach_whatever_the_policy(eapi, egress_daemon):
+    assert port_open(DECOY, 80)  # the host reaches the decoy: only the firewall keeps sandboxes off it
+    for cidr in ("10.0.0.0/8", "169.254.169.254/32", "192.168.1.0/24"):
+        r = eapi.post("/sandboxes", json={"name": "nope", "net_policy": {"default": "deny", "allow_cidrs": [cidr]}})
+        assert r.status_code == 400 and "invalid net_policy" in r.json()["error"] and "private" in r.json()["error"]
+    sb = make_sandbox(eapi, name="wide", net_policy={"default": "deny", "allow_cidrs": ["0.0.0.0/0"]})
+    try:
+        gateway = sb["ip"].rsplit(".", 1)[0] + "." + str(int(sb["ip"].rsplit(".", 1)[1]) - 1)
+        resolver = run(eapi, sb, ["cat", "/etc/resolv.conf"])["stdout"].split()[1]
+        assert probe(eapi, sb, "connect", f"{WEB[0]}:80") == "ok"  # inside 0.0.0.0/0 ...
+        daemon_port = egress_daemon.port
+        never = [f"{DECOY}:80", "169.254.169.254:80", f"{HOST_IP}:22", f"{NS_IP}:80"]
+        never += [f"{gateway}:{daemon_port}", f"{resolver}:{daemon_port}", f"{resolver}:80"]
+        for target in never:
+            assert probe(eapi, sb, "connect", target).startswith("fail"), target  # ... but never these
+        # even put into its allow set by hand
+        engine = egress_daemon.engine()
+        table, slot = engine.network.table, engine.record_on_disk(sb["id"]).slot
+        subprocess.run(
+            ["nft", "add", "element", "inet", table, f"dns_{slot}", f"{{ {DECOY} timeout 60s }}"], check=True
+        )
+        assert probe(eapi, sb, "connect", f"{DECOY}:80").startswith("fail")
+    finally:
+        eapi.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_a_policy_change_cuts_new_connections_at_once_and_a_bad_one_changes_nothing(eapi):
+    sb = make_sandbox(eapi, name="flip")
+    try:
+        assert http_ok(eapi, sb, f"http://{WEB[0]}/hello")
+        for bad in (
+            {"default": "sometimes"},
+            {"default": "deny", "allow_hosts": ["*"]},
+            {"default": "deny", "allow_hosts": ["a.*.test"]},
+            {"default": "deny", "allow_cidrs": ["300.1.2.3/8"]},
+            {"default": "deny", "allow": ["x"]},
+        ):
+            r = eapi.patch(f"/sandboxes/{sb['id']}", json={"net_policy": bad, "name": "renamed"})
+            assert r.status_code == 400 and r.json()["error"].startswith("invalid net_policy: "), (bad, r.text)
+        got = eapi.get(f"/sandboxes/{sb['id']}").json()
+        assert got["name"] == "flip" and got["net_policy"]["default"] == "public"  # nothing changed
+        assert http_ok(eapi, sb, f"http://{WEB[0]}/hello")
+        r = eapi.patch(f"/sandboxes/{sb['id']}", json={"net_policy": {"default": "deny"}})
+        assert r.json()["net_policy"] == {"default": "deny", "allow_hosts": [], "allow_cidrs": []}
+        assert eapi.get(f"/sandboxes/{sb['id']}").json()["net_policy"]["default"] == "deny"
+        assert probe(eapi, sb, "connect", f"{WEB[0]}:80").startswith("fail")
+        assert probe(eapi, sb, "resolve", "allowed.test").startswith("fail")
+    finally:
+        eapi.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_templates_carry_a_policy(eapi):
+    r = eapi.post(
+        "/templates", json={"name": "locked", "net_policy": {"default": "deny", "allow_hosts": ["allowed.test"]}}
+    )
+    assert r.status_code == 201 and r.json()["net_policy"]["default"] == "deny", r.text
+    assert eapi.post("/templates", json={"name": "bad", "net_policy": {"default": "x"}}).status_code == 400
+    sb = make_sandbox(eapi, template_id="locked")
+    try:
+        assert sb["net_policy"]["allow_hosts"] == ["allowed.test"]
+        assert http_ok(eapi, sb, "http://allowed.test/hello")
+        assert probe(eapi, sb, "connect", f"{WEB[2]}:80").startswith("fail")
+    finally:
+        eapi.delete(f"/sandboxes/{sb['id']}")
+        eapi.delete("/templates/locked")
+
+
+def test_egress_and_policy_survive_stop_start_and_a_daemon_kill_9(internet, default_image):
+    d = Daemon(EGRESS)
+    route_table = d.engine().network.route_table
+    try:
+        d.start()
+        api = d.client()
+        sb = make_sandbox(api, name="keeps", net_policy={"default": "deny", "allow_hosts": ["allowed.test"]})
+        assert http_ok(api, sb, "http://allowed.test/hello")
+        assert api.post(f"/sandboxes/{sb['id']}/stop").json()["status"] == "stopped"
+        assert http_ok(api, sb, "http://allowed.test/hello")  # woken: the default route is back
+        d.kill9()
+        d.start()
+        api = d.client()
+        assert api.get(f"/sandboxes/{sb['id']}").json()["net_policy"]["allow_hosts"] == ["allowed.test"]
+        assert probe(api, sb, "connect", f"{WEB[0]}:80") == "ok"  # what it resolved is still let through
+        assert probe(api, sb, "connect", f"{WEB[2]}:80").startswith("fail")
+        assert http_ok(api, sb, "http://allowed.test/hello")
+        assert api.delete(f"/sandboxes/{sb['id']}").status_code == 200
+        assert d.clean()  # no netns, veth, nft set, chain or element of it is left
+        assert d.engine().leftovers()["nft"] == []
+    finally:
+        d.scrub()
+    # the daemon is gone: its routing guard went with it
+    rules = subprocess.run(["ip", "-4", "rule", "show"], capture_output=True, text=True).stdout
+    assert f"lookup {route_table}" not in rules
+    routes = subprocess.run(["ip", "-j", "route", "show", "table", str(route_table)], capture_output=True, text=True)
+    assert json.loads(routes.stdout or "[]") == []
