@@ -28,6 +28,7 @@ def test_create_a_sandbox_and_use_its_terminal(browser, daemon, api):
         row = page.locator("#sandboxes tbody tr[data-name=browser]")
         expect(row).to_be_visible(timeout=60_000)
         expect(row.locator("td").nth(1)).to_have_text("running")
+        expect(row.locator("td").nth(6)).to_have_text("public")  # its egress policy
         row.locator("button.terminal").click()
         terminal = page.locator("#terminal .xterm-rows")
         expect(terminal).to_contain_text("$", timeout=30_000)  # the prompt

@@ -1,35 +1,20 @@
-"""Egress under a policy, against a fake internet this test builds (issue 13).
-
-The "internet" is a network namespace joined to the host by a veth whose /30 is TEST-NET-2
-(198.51.100.0/30, the "ISP link": a connected subnet, so always denied to sandboxes). Behind it,
-TEST-NET-3 addresses (203.0.113.0/24) on the namespace's side, routed from the host via 198.51.100.2,
-serve HTTP (every address, port 80) and DNS (203.0.113.53). A decoy private address (10.254.99.1)
-sits there too, routed from the host, so a refusal proves the firewall, not a missing route. The
-daemon's uplink is the host end of that veth; nothing is sent anywhere else.
-"""
+"""Egress under a policy, against a fake internet this test builds (issue 13; tests/fake_internet.py):
+the daemon's uplink is the host end of its veth, and nothing is sent anywhere else."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_sandbox, run, wait_for
+from tests.conftest import make_sandbox, run
 from tests.daemon import Daemon, running_daemon
+from tests.fake_internet import DECOY, DNS_IP, HOST_IP, NS_IP, WEB, fake_internet, port_open
 
-APPS = Path(__file__).parent / "apps"
-NS = f"kt-inet-{os.getpid() % 100000}"
-UPLINK = f"ktup{os.getpid() % 100000}"
-HOST_IP, NS_IP = "198.51.100.1", "198.51.100.2"
-WEB = ["203.0.113.10", "203.0.113.11", "203.0.113.12", "203.0.113.13"]
-DNS_IP = "203.0.113.53"
-DECOY = "10.254.99.1"
+EGRESS = {}  # the daemon config for the fake internet (filled by the fixture)
 
 PROBE = r"""
 import socket, sys, time, urllib.request
@@ -49,54 +34,11 @@ except Exception as e:
 """
 
 
-def ns(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", NS, *argv], capture_output=True, check=check, timeout=30)
-
-
 @pytest.fixture(scope="module")
-def internet(tmp_path_factory):
-    """The fake internet, torn down (processes by PID, routes with the veth, the namespace) after."""
-    www = tmp_path_factory.mktemp("www")
-    (www / "hello").write_text("fake-internet\n")
-    dns_log = www.parent / "dns.log"
-    procs: list[subprocess.Popen] = []
-    try:
-        subprocess.run(["ip", "netns", "add", NS], check=True)
-        subprocess.run(["ip", "link", "add", UPLINK, "type", "veth", "peer", "name", "eth0", "netns", NS], check=True)
-        batch = f"addr add {HOST_IP}/30 dev {UPLINK}\nlink set {UPLINK} up\n"
-        batch += f"route add 203.0.113.0/24 via {NS_IP} dev {UPLINK}\nroute add {DECOY}/32 via {NS_IP} dev {UPLINK}\n"
-        subprocess.run(["ip", "-b", "-"], input=batch.encode(), check=True)
-        inside = f"addr add {NS_IP}/30 dev eth0\nlink set eth0 up\nlink set lo up\n"
-        inside += "".join(f"addr add {ip}/32 dev lo\n" for ip in [*WEB, DNS_IP, DECOY])
-        subprocess.run(["ip", "-n", NS, "-b", "-"], input=inside.encode(), check=True)
-        env = {**os.environ, "FAKE_DNS_LOG": str(dns_log)}
-        procs.append(
-            subprocess.Popen(
-                ["ip", "netns", "exec", NS, sys.executable, "-m", "http.server", "80", "-d", str(www)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        procs.append(
-            subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, str(APPS / "fake_dns.py"), DNS_IP], env=env)
-        )
-        wait_for(lambda: port_open(WEB[0], 80) and port_open(DECOY, 80), what="the fake internet")
-        yield dns_log
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-        subprocess.run(["ip", "link", "delete", UPLINK], capture_output=True)  # its routes go with it
-        subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
-
-
-def port_open(host: str, port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-        return True
-    return False
-
-
-EGRESS = {"network": {"uplink": UPLINK, "dns_upstream": [DNS_IP]}}
+def internet():
+    with fake_internet() as net:
+        EGRESS.update(net.daemon_config)
+        yield net.dns_log
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +127,9 @@ def test_private_ranges_and_the_host_are_out_of_reach_whatever_the_policy(eapi, 
         never += [f"{gateway}:{daemon_port}", f"{resolver}:{daemon_port}", f"{resolver}:80"]
         for target in never:
             assert probe(eapi, sb, "connect", target).startswith("fail"), target  # ... but never these
+        other = make_sandbox(eapi, name="neighbour")
+        assert probe(eapi, sb, "connect", f"{other['ip']}:1024").startswith("fail")  # another sandbox's agent
+        eapi.delete(f"/sandboxes/{other['id']}")
         # even put into its allow set by hand
         engine = egress_daemon.engine()
         table, slot = engine.network.table, engine.record_on_disk(sb["id"]).slot
@@ -264,3 +209,35 @@ def test_egress_and_policy_survive_stop_start_and_a_daemon_kill_9(internet, defa
     assert f"lookup {route_table}" not in rules
     routes = subprocess.run(["ip", "-j", "route", "show", "table", str(route_table)], capture_output=True, text=True)
     assert json.loads(routes.stdout or "[]") == []
+
+
+def test_the_cli_and_the_sdk_show_and_change_the_policy(eapi, egress_daemon):
+    from kiln.client import Kiln
+
+    env = {**os.environ, "KILN_URL": egress_daemon.url, "KILN_TOKEN": egress_daemon.admin_token}
+
+    def kiln(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kiln.cli.main", *args], env=env, capture_output=True, timeout=120)
+
+    r = kiln("create", "cli-net", "--egress", "deny", "--allow-host", "allowed.test", "--json")
+    assert r.returncode == 0, r.stderr
+    sb = json.loads(r.stdout)
+    try:
+        assert sb["net_policy"] == {"default": "deny", "allow_hosts": ["allowed.test"], "allow_cidrs": []}
+        shown = kiln("net", "cli-net").stdout.decode()
+        assert shown == "egress: deny\n  allow host allowed.test\n"
+        r = kiln("net", "cli-net", "--egress", "deny", "--allow-cidr", f"{WEB[2]}/32", "--json")
+        assert json.loads(r.stdout) == {"default": "deny", "allow_hosts": [], "allow_cidrs": [f"{WEB[2]}/32"]}
+        assert probe(eapi, sb, "connect", f"{WEB[2]}:80") == "ok"
+        r = kiln("net", "cli-net", "--egress", "sometimes")
+        assert r.returncode == 1 and b"invalid net_policy" in r.stderr
+        with Kiln(egress_daemon.url, egress_daemon.admin_token) as k:
+            s = k.sandboxes.get("cli-net")
+            s.set_net_policy("public")
+            assert s.net_policy == {"default": "public", "allow_hosts": [], "allow_cidrs": []}
+            made = k.sandboxes.create("sdk-net", net_policy={"default": "deny"})
+            assert made.net_policy["default"] == "deny"
+            made.destroy()
+        assert probe(eapi, sb, "connect", f"{WEB[3]}:80") == "ok"
+    finally:
+        eapi.delete(f"/sandboxes/{sb['id']}")
