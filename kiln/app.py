@@ -35,6 +35,7 @@ from .config import Config
 from .core.events import SandboxEvents
 from .core.exec import ExecService
 from .core.files import FileService
+from .core.forks import ForkService
 from .core.forwards import ForwardService
 from .core.http_pools import HttpPools
 from .core.lifecycle import SandboxService
@@ -112,6 +113,7 @@ def build_app(config: Config) -> FastAPI:
             terminals=TerminalService(sandboxes),
             ports=ports,
             forwards=forwards,
+            forks=ForkService(sandboxes),
             upstreams=upstreams,
             http_pools=http_pools,
             publish=publish,

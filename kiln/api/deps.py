@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from ..config import ServerConfig
     from ..core.exec import ExecService
     from ..core.files import FileService
+    from ..core.forks import ForkService
     from ..core.forwards import ForwardService
     from ..core.http_pools import HttpPools
     from ..core.lifecycle import SandboxService
@@ -36,6 +37,7 @@ class Services:
     terminals: TerminalService
     ports: PortTracker
     forwards: ForwardService
+    forks: ForkService
     upstreams: Upstreams
     http_pools: HttpPools
     publish: PublishService

@@ -59,6 +59,11 @@ class NetPolicyOut(Out):
     allow_cidrs: list[str]
 
 
+class ForkOut(Out):
+    source: str
+    paused_ms: int
+
+
 class SandboxOut(Out):
     id: str
     name: str
@@ -82,6 +87,7 @@ class SandboxOut(Out):
     agent_restarts: int | None = None
     thermal: str | None = None  # hot | warm | cold (listings only)
     urls: list[str] | None = None  # published URLs (listings only)
+    fork: ForkOut | None = None  # a fork's answer: its source and how long the source was paused
 
 
 class ExecOut(Out):

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic.json_schema import SkipJsonSchema
 
 from ..core.boot_files import FileRequest
-from ..core.errors import BadRequest, NotImplementedYet
+from ..core.errors import BadRequest
 from ..core.lifecycle import CreateRequest, SandboxService
 from ..core.names import RESERVED_LABEL_PREFIXES
 from ..core.volumes import PersistentVolume, VolumeRequest
@@ -75,7 +75,7 @@ class CreateBody(BaseModel):
     # bhatti fields kiln does not have (yet): refused by name when they ask for something (the CLI sends
     # them empty every time, and empty asks for nothing); left out of the OpenAPI schema, which documents
     # what kiln does
-    from_: SkipJsonSchema[StrictStr | None] = Field(None, alias="from")
+    from_: StrictStr | None = Field(None, alias="from", description="fork this sandbox (id or name)")
     net_policy: NetPolicyBody | None = None
     mounts: SkipJsonSchema[list | None] = None
     hugepages: SkipJsonSchema[StrictBool | None] = None
@@ -97,8 +97,6 @@ class CreateBody(BaseModel):
             raise BadRequest("mounts: kiln never binds host directories into sandboxes (use volumes)")
         if self.hugepages:
             raise BadRequest("hugepages: not supported by the gVisor engine")
-        if self.from_:
-            raise NotImplementedYet("from: not supported by this kiln yet")
 
     def request(self) -> CreateRequest:
         self.refuse_what_kiln_lacks()
@@ -180,6 +178,13 @@ def service(request: Request) -> SandboxService:
 
 @router.post("/sandboxes", status_code=201, response_model=SandboxOut, response_model_exclude_none=True)
 async def create_sandbox(body: CreateBody, request: Request, response: Response, user: User = Depends(require_user)):
+    """Create a sandbox, or with `from`, fork one (a copy of it at this instant, memory included)."""
+    if body.from_:
+        row, source_id, paused_ms = await services(request).forks.fork(user, body.from_, body.request())
+        return {
+            **sandbox_json(row, service(request).engine.name),
+            "fork": {"source": source_id, "paused_ms": paused_ms},
+        }
     row, existed = await service(request).create(user, body.request())
     if existed:
         response.status_code = 200

@@ -137,6 +137,22 @@ def policy_of(egress: str | None, hosts: list[str], cidrs: list[str]) -> dict | 
 
 
 @app.command()
+def fork(source: str, name: str | None = typer.Argument(None), as_json: bool = JsonOpt):
+    """Copy a sandbox at this instant, memory and processes included (the source keeps running)."""
+
+    async def go(kiln):
+        body = {"from": source} | ({"name": name} if name else {})
+        return await kiln.json("POST", "/sandboxes", json=body, timeout=300)
+
+    out = run(go)
+    emit(
+        out,
+        as_json,
+        lambda d: typer.echo(f"{d['name']}\t{d['id']}\t{d['ip']}\t(source paused {d['fork']['paused_ms']} ms)"),
+    )
+
+
+@app.command()
 def net(
     sandbox: str,
     egress: str | None = typer.Option(None, "--egress", help="public | deny"),

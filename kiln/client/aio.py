@@ -203,6 +203,13 @@ class AsyncSandbox:
         self.info = await self.kiln.json("PATCH", self.path, json=body)
         return self
 
+    async def fork(
+        self, name: str | None = None, net_policy: dict | None = None, timeout: float = 300.0
+    ) -> AsyncSandbox:
+        """A copy of this sandbox at this instant, memory and processes included (it keeps running)."""
+        body = {"from": self.id} | ({"name": name} if name else {}) | ({"net_policy": net_policy} if net_policy else {})
+        return AsyncSandbox(self.kiln, await self.kiln.json("POST", "/sandboxes", json=body, timeout=timeout))
+
     async def set_net_policy(
         self, default: str = "public", allow_hosts: list[str] | None = None, allow_cidrs: list[str] | None = None
     ) -> AsyncSandbox:

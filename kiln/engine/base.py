@@ -204,13 +204,33 @@ class Snapshottable(Protocol):
         answers. EngineError leaves it STOPPED with its snapshot."""
 
 
+@dataclass
+class ForkResult:
+    handle: SandboxHandle
+    paused_ms: int  # how long the source was paused (0: it was stopped and never touched)
+
+
+@runtime_checkable
+class Forkable(Protocol):
+    async def fork(self, source_id: str, spec: SandboxSpec) -> ForkResult:
+        """A new sandbox (spec.id) with the source's processes, memory and files at one instant, on
+        its own address, cgroup and disk. A running (or paused) source keeps running, paused only
+        while its memory is imaged and its disk cloned; a stopped one is left as it is. On failure
+        the source is as it was and nothing of the fork is left."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What an engine can do beyond the basic lifecycle, resolved once (isinstance on a Protocol is slow)."""
 
     pause: bool
     snapshot: bool
+    fork: bool
 
     @classmethod
     def of(cls, engine: Engine) -> Capabilities:
-        return cls(pause=isinstance(engine, Pausable), snapshot=isinstance(engine, Snapshottable))
+        return cls(
+            pause=isinstance(engine, Pausable),
+            snapshot=isinstance(engine, Snapshottable),
+            fork=isinstance(engine, Forkable),
+        )

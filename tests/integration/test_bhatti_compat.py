@@ -62,8 +62,8 @@ def test_labels_on_create_and_the_label_filter(api):
     ("field", "value", "status", "message"),
     [
         ("image", "browser", 404, 'image "browser" not found'),
-        ("from", "some-sandbox", 501, "from"),
-        ("net_policy", {"default": "deny"}, 501, "net_policy"),
+        ("from", "some-sandbox", 404, 'source sandbox "some-sandbox" not found'),
+        ("net_policy", {"default": "sometimes"}, 400, "invalid net_policy"),
         ("mounts", [{"host_path": "/etc", "guest_path": "/mnt"}], 400, "mounts"),
         ("hugepages", True, 400, "hugepages"),
     ],

@@ -61,7 +61,7 @@ def add_row(store, engine, sandbox_id: str, state: State) -> SandboxRow:
 
 def test_capabilities_are_resolved_once(world):
     _, _, service = world
-    assert service.caps == Capabilities(pause=True, snapshot=True)
+    assert service.caps == Capabilities(pause=True, snapshot=True, fork=False)  # the fake cannot fork
 
 
 def test_a_wake_storm_asks_the_engine_once(world):
@@ -152,3 +152,14 @@ def test_one_forged_activity_reply_never_stops_the_thermal_loop(world, monkeypat
     assert engine.states["idle"] == State.PAUSED  # the other tenant's sandbox still goes warm
     assert engine.states["forger"] == State.RUNNING
     assert service.runtimes["forger"].agent_failures == 1  # counted as an agent that did not answer
+
+
+def test_an_engine_that_cannot_fork_answers_501(world):
+    from kiln.core.errors import NotImplementedYet
+    from kiln.core.forks import ForkService
+    from kiln.core.lifecycle import CreateRequest
+
+    store, _, service = world
+    user = store.user_by_name("alice")
+    with pytest.raises(NotImplementedYet, match="cannot fork"):
+        asyncio.run(ForkService(service).fork(user, "anything", CreateRequest()))

@@ -317,7 +317,7 @@ class Network:
                 found.append(obj["name"])
             elif obj and obj.get("name") in ("sources", "sandboxes"):
                 found += [f"{obj['name']}:{json.dumps(e)}" for e in obj.get("elem", [])]
-        return found
+        return sorted(found)
 
     # ------------------------------------------------------------ namespaces and veths
 

@@ -65,9 +65,21 @@ class Runsc:
         if rc != 0:
             raise EngineError(f"runsc {command} {container_id}: exit {rc}: {tail(log)}")
 
-    async def checkpoint(self, container_id: str, image_dir: Path) -> None:
-        """Uncompressed, so pages.img is raw memory that chunks well; the sandbox exits after."""
-        await run(self.argv("checkpoint", f"--image-path={image_dir}", "--compression=none", container_id), timeout=600)
+    async def checkpoint(self, container_id: str, image_dir: Path, leave_running: bool = False) -> None:
+        """Uncompressed, so pages.img is raw memory that chunks well; the sandbox exits after, unless
+        leave_running (then it stays as it was: running, or paused by `pause`)."""
+        extra = ["--leave-running"] if leave_running else []
+        await run(
+            self.argv("checkpoint", f"--image-path={image_dir}", "--compression=none", *extra, container_id),
+            timeout=600,
+        )
+
+    async def pause(self, container_id: str) -> None:
+        """gVisor's own pause (not the freezer): its control server still answers, so it can checkpoint."""
+        await run(self.argv("pause", container_id))
+
+    async def resume(self, container_id: str) -> None:
+        await run(self.argv("resume", container_id))
 
     def checkpoint_running(self, container_id: str) -> bool:
         """Whether a `runsc checkpoint` of this container (under our root) is still at work: it may

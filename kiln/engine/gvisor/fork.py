@@ -1,0 +1,135 @@
+"""Forking a sandbox: a new sandbox with the source's processes, memory and files at one instant.
+
+Hot or warm source (the only order measured to be both correct and gentle on the source):
+1. thaw it if frozen (a checkpoint of a frozen sandbox never finishes) and drop kiln's own agent
+   connections to it (the checkpoint resets them anyway);
+2. `runsc pause` (gVisor's own pause: its control server keeps answering);
+3. `runsc checkpoint --leave-running`: the memory image; the source stays paused;
+4. fsfreeze the source's disk, clone it (reflink where the data dir's filesystem can, else a sparse
+   copy), thaw: the disk is exactly as of the image (cloning it later would give a disk newer than the
+   memory, which gVisor trusts: silent corruption);
+5. `runsc resume`, and freeze it again if it was warm. The source was paused for steps 2-5 only.
+A stopped source is not touched at all: its disk is quiescent, its snapshot is assembled as for a
+restore. Then the fork is built like a create (own slot, netns, IP, cgroup, disk, resolver) and
+restored from the image. Whatever fails, the source is resumed as it was and nothing of the fork stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ... import diskimage
+from ...fileio import write_atomic
+from ..base import EngineError, ForkResult, SandboxSpec, State
+from . import bundle
+from .proc import run
+from .records import Record
+from .snapshots import PageStore, remove_scratch
+
+if TYPE_CHECKING:
+    from .engine import GVisorEngine
+
+
+async def fork(engine: GVisorEngine, source_id: str, spec: SandboxSpec) -> ForkResult:
+    src = engine.records.get(source_id)
+    if src is None:
+        raise EngineError(f"unknown sandbox {source_id}")
+    if not (engine.dir(source_id) / "disk.ext4").exists():
+        raise EngineError(f"sandbox {source_id} was made before per-sandbox disks and cannot be forked")
+    fork_dir = engine.dir(spec.id)
+    scratch = fork_dir / "fork.tmp"
+    async with engine.slot_lock:
+        used = {r.slot for r in engine.records.values()}
+        slot = next((s for s in range(engine.network.max_slots) if s not in used), None)
+        if slot is None:
+            raise EngineError(f"no free address left in {engine.network.subnet}")
+        # the fork's agent is the source's, memory and all: it knows the source's token
+        rec = Record(spec.id, slot, src.token, src.image, src.memory_mb, [], spec.net_policy.to_json())
+        engine.records[spec.id] = rec
+    try:
+        fork_dir.mkdir(parents=True)
+        state = (await engine.status(source_id)).state
+        if state in (State.RUNNING, State.PAUSED):
+            paused_ms = await checkpoint_and_clone(engine, source_id, scratch, fork_dir / "disk.ext4")
+        elif state == State.STOPPED and PageStore(engine.dir(source_id)).restorable():
+            await clone_disk(engine, source_id, fork_dir / "disk.ext4")
+            await asyncio.to_thread(PageStore(engine.dir(source_id)).assemble, scratch)
+            paused_ms = 0
+        else:
+            raise EngineError(f"sandbox {source_id} is {state} and cannot be forked")
+        link = engine.link(rec)
+        path = engine.cgroups.path_for_runsc(spec.id)
+        bundle.write_bundle(spec, fork_dir, link, path, rec.token, [], engine.network.resolver_ip)
+        if src.net_policy == rec.net_policy:  # what the source resolved stays reachable from its copy
+            resolved = engine.dir(source_id) / "resolved.json"
+            if resolved.exists():
+                shutil.copyfile(resolved, fork_dir / "resolved.json")
+        await engine.network.create(link, spec.net_policy)
+        await engine.attach_resolver(rec)
+        await bundle.mount_rootfs(engine.images_dir / rec.image, fork_dir)
+        write_atomic(fork_dir / "engine.json", rec.to_json())  # last: a directory without it is half-made
+        await engine.restore_detached(rec.id, fork_dir, fork_dir / "console.log", scratch)
+        handle = await engine.until_ready(rec)
+        return ForkResult(handle, paused_ms)
+    except BaseException:
+        await engine.destroy(spec.id)
+        raise
+    finally:
+        await asyncio.to_thread(remove_scratch, scratch)
+
+
+async def checkpoint_and_clone(engine: GVisorEngine, source_id: str, image_dir: Path, disk_copy: Path) -> int:
+    """Steps 1-5 above; returns how long the source was paused, in ms."""
+    warm = engine.is_paused(source_id)
+    if warm:
+        await engine.resume(source_id)
+    agent = engine.agents.get(source_id)
+    if agent is not None:
+        agent.abort()
+    started = time.monotonic()
+    await engine.runsc.pause(source_id)
+    try:
+        await engine.runsc.checkpoint(source_id, image_dir, leave_running=True)
+        await clone_disk(engine, source_id, disk_copy)
+    finally:
+        await engine.runsc.resume(source_id)
+        paused_ms = int((time.monotonic() - started) * 1000)
+        if warm:
+            await engine.pause(source_id)
+    return paused_ms
+
+
+async def clone_disk(engine: GVisorEngine, source_id: str, target: Path) -> None:
+    """Copy the source's disk image as it is on its filesystem: frozen meanwhile (which also writes
+    out what the host still caches of it, and leaves a clean journal), when it is mounted."""
+    disk = engine.dir(source_id) / "disk"
+    mounted = diskimage.is_mounted(disk)
+    if mounted:
+        await run(["fsfreeze", "-f", str(disk)])
+    try:
+        await diskimage.copy_sparse(engine.dir(source_id) / "disk.ext4", target)
+    finally:
+        if mounted:
+            await run(["fsfreeze", "-u", str(disk)], check=False)
+
+
+FICLONE = 0x40049409
+
+
+def reflink_supported(directory) -> bool:
+    """Whether files in directory can be cloned by reference (FICLONE: XFS with reflink, btrfs)."""
+    import fcntl
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(dir=directory) as a, tempfile.NamedTemporaryFile(dir=directory) as b:
+        a.write(b"x" * 4096)
+        a.flush()
+        try:
+            fcntl.ioctl(b.fileno(), FICLONE, a.fileno())
+            return True
+        except OSError:
+            return False

@@ -1,0 +1,196 @@
+"""Forks (issue 15): POST /sandboxes {"from": ...}, against real sandboxes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import listed, make_sandbox, run, wait_for
+from tests.daemon import running_daemon
+
+COUNTER = Path(__file__).parent / "apps" / "counter.py"
+
+
+def state(api, sb) -> dict:
+    r = api.get(f"/sandboxes/{sb['id']}/proxy/7000/", timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def start_counter(api, sb) -> dict:
+    r = api.put(f"/sandboxes/{sb['id']}/files", params={"path": "/tmp/counter.py"}, content=COUNTER.read_bytes())
+    assert r.status_code == 200, r.text
+    run(api, sb, ["sh", "-c", "nohup python3 /tmp/counter.py 7000 >/tmp/counter.out 2>&1 &"], user="root")
+    wait_for(lambda: run(api, sb, ["test", "-f", "/tmp/counter-ready"])["exit_code"] == 0, timeout=60, what="counter")
+    up = wait_for(lambda: api.get(f"/sandboxes/{sb['id']}/proxy/7000/").status_code == 200, what="its server")
+    return state(api, sb) if up else {}
+
+
+def fork(api, source, **body) -> dict:
+    r = api.post("/sandboxes", json={"from": source["name"], **body}, timeout=120)
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def source(api):
+    sb = make_sandbox(api, name="fork-src", memory_mb=512)
+    start_counter(api, sb)
+    yield sb
+    api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_a_fork_continues_from_the_fork_point_while_the_source_carries_on(api, source):
+    before = state(api, source)
+    f = fork(api, source, name="fork-a", labels={"kind": "fork"})
+    try:
+        assert f["name"] == "fork-a" and f["id"] != source["id"] and f["ip"] != source["ip"]
+        assert f["fork"]["source"] == source["id"] and 0 < f["fork"]["paused_ms"] < 30_000
+        assert (f["cpus"], f["memory_mb"], f["labels"]) == (source["cpus"], source["memory_mb"], {"kind": "fork"})
+        theirs, mine = state(api, f), state(api, source)
+        assert theirs["token"] == before["token"] and theirs["ballast_ok"] and theirs["pid"] == before["pid"]
+        assert mine["pid"] == before["pid"] and mine["counter"] > before["counter"]  # never restarted
+        # the fork's file holds exactly what the source's held at the fork point, and nothing after
+        assert theirs["sequential"] and mine["sequential"]
+        time.sleep(0.5)
+        later_f, later_s = state(api, f), state(api, source)
+        assert later_f["counter"] > theirs["counter"] and later_s["counter"] > mine["counter"]  # both live
+        assert later_f["lines"] == later_f["last_line"] and later_s["lines"] == later_s["last_line"]
+        # writes in one never appear in the other
+        run(api, f, ["sh", "-c", "echo fork-only > /root/only-in-fork"], user="root")
+        assert run(api, source, ["test", "-e", "/root/only-in-fork"], user="root")["exit_code"] == 1
+        assert api.get("/sandboxes", params={"label": "kind=fork"}).json()[0]["id"] == f["id"]
+    finally:
+        api.delete(f"/sandboxes/{f['id']}")
+    assert state(api, source)["token"] == before["token"]  # the source is unaffected by the fork's end
+
+
+def test_three_concurrent_forks_of_one_source(api, source):
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        forks = list(pool.map(lambda i: fork(api, source, name=f"fork-c{i}"), range(3)))
+    try:
+        tokens = {state(api, f)["token"] for f in forks}
+        assert tokens == {state(api, source)["token"]} and len({f["ip"] for f in forks}) == 3
+    finally:
+        for f in forks:
+            api.delete(f"/sandboxes/{f['id']}")
+
+
+def test_a_cold_source_is_forked_untouched(api):
+    sb = make_sandbox(api, name="fork-cold")
+    try:
+        run(api, sb, ["sh", "-c", "echo kept > /home/kiln/mark"])
+        assert api.post(f"/sandboxes/{sb['id']}/stop").json()["status"] == "stopped"
+        cold = fork(api, sb, name="fork-of-cold")
+        assert cold["fork"]["paused_ms"] == 0
+        assert api.get(f"/sandboxes/{sb['id']}").json()["status"] == "stopped"  # still cold
+        assert run(api, cold, ["cat", "/home/kiln/mark"])["stdout"] == "kept\n"
+        api.delete(f"/sandboxes/{cold['id']}")
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_a_warm_source_is_forked_and_left_warm(default_image):
+    with running_daemon({"thermal": {"warm_after": 0.5, "cold_after": 3600, "tick": 0.1}}) as d, d.client() as api:
+        sb = make_sandbox(api, name="fork-warm")
+        run(api, sb, ["sh", "-c", "echo kept > /home/kiln/mark"])
+        wait_for(lambda: listed(api, sb).get("thermal") == "warm", what="the source to go warm")
+        f = fork(api, sb, name="fork-of-warm")
+        assert run(api, f, ["cat", "/home/kiln/mark"])["stdout"] == "kept\n"
+        assert listed(api, sb)["thermal"] == "warm"  # frozen again: nothing woke it
+        assert run(api, sb, ["cat", "/home/kiln/mark"])["stdout"] == "kept\n"
+
+
+def test_a_fork_during_heavy_writes_has_consistent_files(api):
+    sb = make_sandbox(api, name="fork-writer")
+    try:
+        whole = "head -c 20000000 /dev/urandom > /home/kiln/whole && sha256sum /home/kiln/whole > /home/kiln/whole.sum"
+        run(api, sb, ["sh", "-c", whole])
+        churn = "while true; do for i in 1 2 3 4; do head -c 1000000 /dev/urandom > /home/kiln/churn.$i; done; done"
+        run(api, sb, ["sh", "-c", f"nohup sh -c '{churn}' >/dev/null 2>&1 &"])
+        time.sleep(1)
+        f = fork(api, sb, name="fork-of-writer")
+        try:
+            assert run(api, f, ["sha256sum", "-c", "/home/kiln/whole.sum"])["exit_code"] == 0
+            sizes = run(api, f, ["sh", "-c", "stat -c %s /home/kiln/churn.*"])["stdout"].split()
+            assert sizes and all(int(n) <= 1_000_000 for n in sizes)  # no file longer than ever written
+        finally:
+            api.delete(f"/sandboxes/{f['id']}")
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_forks_are_refused_clearly(api, daemon, source):
+    r = api.post("/sandboxes", json={"from": "no-such-sandbox"})
+    assert r.status_code == 404 and r.json()["error"] == 'source sandbox "no-such-sandbox" not found'
+    for field, value in (("cpus", 2), ("image", "default"), ("env", {"A": "1"}), ("init", "true")):
+        r = api.post("/sandboxes", json={"from": source["name"], field: value})
+        assert r.status_code == 400 and field in r.json()["error"], r.text
+    r = api.post("/sandboxes", json={"from": source["name"], "net_policy": {"default": "nope"}})
+    assert r.status_code == 400 and "invalid net_policy" in r.json()["error"]
+    # another user's sandbox is not there for them
+    token = daemon.create_user(f"forker-{time.time_ns() % 100000}")
+    with httpx.Client(base_url=daemon.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as other:
+        r = other.post("/sandboxes", json={"from": source["id"]})
+        assert r.status_code == 404 and "not found" in r.json()["error"]
+    before = {s["id"] for s in api.get("/sandboxes").json()}
+    assert {s["id"] for s in api.get("/sandboxes").json()} == before
+
+
+def test_the_cli_and_the_sdk_fork(api, daemon, source):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from kiln.client import Kiln
+
+    env = {**os.environ, "KILN_URL": daemon.url, "KILN_TOKEN": daemon.admin_token}
+    r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "fork", source["name"], "cli-fork", "--json"],
+                       env=env, capture_output=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    made = json.loads(r.stdout)
+    assert made["name"] == "cli-fork" and made["fork"]["source"] == source["id"]
+    api.delete(f"/sandboxes/{made['id']}")
+    with Kiln(daemon.url, daemon.admin_token) as k:
+        f = k.sandboxes.get(source["name"]).fork("sdk-fork")
+        assert f.info["name"] == "sdk-fork" and state(api, f.info)["token"] == state(api, source)["token"]
+        f.destroy()
+
+
+def test_a_fork_that_fails_leaves_the_source_as_it_was_and_nothing_behind(default_image):
+    import subprocess
+
+    from tests.daemon import Daemon
+    from tests.integration.test_thermal_restart import small_filesystem
+
+    with small_filesystem(400) as fs:
+        d = Daemon(parent_dir=fs)
+        try:
+            d.start()
+            with d.client() as api:
+                sb = make_sandbox(api, name="no-room-src", memory_mb=256)
+                run(api, sb, ["sh", "-c", "head -c 30000000 /dev/urandom > /dev/shm/b; sha256sum /dev/shm/b > /tmp/s"])
+                before = d.leftovers()
+                free = subprocess.run(["df", "--output=avail", "-B1", str(fs)], capture_output=True, text=True)
+                subprocess.run(["fallocate", "-l", str(int(free.stdout.split()[-1]) - 2_000_000), str(fs / "filler")],
+                               check=True)  # fmt: skip
+                r = api.post("/sandboxes", json={"from": "no-room-src", "name": "no-room-fork"})
+                assert r.status_code >= 500, r.text
+                assert [s["name"] for s in api.get("/sandboxes").json()] == ["no-room-src"]
+                got = api.get(f"/sandboxes/{sb['id']}").json()
+                assert got["status"] == "running" and listed(api, sb).get("thermal") == "hot"
+                assert run(api, sb, ["sha256sum", "-c", "/tmp/s"])["exit_code"] == 0  # memory intact, running
+                assert d.leftovers() == before  # no netns, veth, cgroup, dir, mount or container of the fork
+                (fs / "filler").unlink()
+                again = api.post("/sandboxes", json={"from": "no-room-src", "name": "no-room-fork"})
+                assert again.status_code == 201, again.text
+                api.delete(f"/sandboxes/{again.json()['id']}")
+                api.delete(f"/sandboxes/{sb['id']}")
+            assert d.clean()
+        finally:
+            d.scrub()
