@@ -22,6 +22,7 @@ from .api import (
     sandboxes as sandboxes_api,
     secrets as secrets_api,
     sessions as sessions_api,
+    snapshots as snapshots_api,
     templates as templates_api,
     terminal as terminal_api,
     volumes as volumes_api,
@@ -32,6 +33,7 @@ from .api.auth import CommonHeaders
 from .api.deps import Services
 from .api.public import PublicLimits, PublicProxy
 from .config import Config
+from .core.checkpoints import CheckpointService
 from .core.events import SandboxEvents
 from .core.exec import ExecService
 from .core.files import FileService
@@ -114,6 +116,7 @@ def build_app(config: Config) -> FastAPI:
             ports=ports,
             forwards=forwards,
             forks=ForkService(sandboxes),
+            checkpoints=CheckpointService(sandboxes),
             upstreams=upstreams,
             http_pools=http_pools,
             publish=publish,
@@ -177,6 +180,7 @@ def build_app(config: Config) -> FastAPI:
         templates_api,
         secrets_api,
         volumes_api,
+        snapshots_api,
         web_shell_api,
         web,
     ):

@@ -96,6 +96,7 @@ class LimitsConfig(Section):
         256000, ge=64, description="sum of the root disk caps of one user's sandboxes (they are sparse: a cap, not use)"
     )
     max_ports_per_sandbox: int = Field(16, ge=1, le=1024, description="listening ports that get host relays")
+    max_snapshots: int = Field(10, ge=0, description="named snapshots per user")
     # per user: POST /sandboxes; exec, file uploads and WebSockets; everything else
     rate_create: RateConfig = RateConfig(burst=10, per_minute=30)
     rate_exec: RateConfig = RateConfig(burst=30, per_minute=600)

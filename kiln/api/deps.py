@@ -9,6 +9,7 @@ from fastapi import Request, WebSocket
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
+    from ..core.checkpoints import CheckpointService
     from ..core.exec import ExecService
     from ..core.files import FileService
     from ..core.forks import ForkService
@@ -38,6 +39,7 @@ class Services:
     ports: PortTracker
     forwards: ForwardService
     forks: ForkService
+    checkpoints: CheckpointService
     upstreams: Upstreams
     http_pools: HttpPools
     publish: PublishService

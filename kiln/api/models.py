@@ -59,6 +59,16 @@ class NetPolicyOut(Out):
     allow_cidrs: list[str]
 
 
+class NamedSnapshotOut(Out):
+    id: str
+    user_id: str
+    name: str
+    source_sandbox: str
+    size_mb: int
+    created_at: str
+    paused_ms: int | None = None  # on create: how long the sandbox was paused
+
+
 class ForkOut(Out):
     source: str
     paused_ms: int

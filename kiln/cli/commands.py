@@ -22,8 +22,15 @@ console = Console()
 secret_app = typer.Typer(help="Secrets: values injected as env vars into new sandboxes.", no_args_is_help=True)
 volume_app = typer.Typer(help="Volumes: persistent, size-capped filesystems.", no_args_is_help=True)
 template_app = typer.Typer(help="Templates: saved create requests.", no_args_is_help=True)
+snapshot_app = typer.Typer(help="Named snapshots: copies of sandboxes to resume from.", no_args_is_help=True)
 file_app = typer.Typer(help="Files inside a sandbox.", no_args_is_help=True)
-for sub, name in ((secret_app, "secret"), (volume_app, "volume"), (template_app, "template"), (file_app, "file")):
+for sub, name in (
+    (secret_app, "secret"),
+    (volume_app, "volume"),
+    (template_app, "template"),
+    (file_app, "file"),
+    (snapshot_app, "snapshot"),
+):
     app.add_typer(sub, name=name)
 
 
@@ -464,3 +471,33 @@ def template_list(as_json: bool = JsonOpt):
 @template_app.command("delete")
 def template_delete(template: str, as_json: bool = JsonOpt):
     delete_and_say(template, as_json, lambda k: k.templates.delete(template))
+
+
+# ---------------------------------------------------------------- named snapshots
+
+
+@snapshot_app.command("create")
+def snapshot_create(sandbox: str, name: str, as_json: bool = JsonOpt):
+    """Keep a copy of a sandbox (memory and disk) under a name; the sandbox keeps running."""
+    snap = run(lambda k: k.json("POST", f"/sandboxes/{sandbox}/checkpoint", json={"name": name}, timeout=300))
+    emit(snap, as_json, lambda d: typer.echo(f"{d['name']}\t{d['size_mb']} MB\t(paused {d['paused_ms']} ms)"))
+
+
+@snapshot_app.command("list")
+def snapshot_list(as_json: bool = JsonOpt):
+    """Your snapshots."""
+    rows = run(lambda k: k.json("GET", "/snapshots"))
+    emit(rows, as_json, lambda d: fast.print_table(d, ["name", "source_sandbox", "size_mb", "created_at"]))
+
+
+@snapshot_app.command("resume")
+def snapshot_resume(name: str, sandbox_name: str | None = typer.Argument(None), as_json: bool = JsonOpt):
+    """A new sandbox from a snapshot."""
+    body = {"name": sandbox_name} if sandbox_name else {}
+    sb = run(lambda k: k.json("POST", f"/snapshots/{name}/resume", json=body, timeout=300))
+    emit(sb, as_json, lambda d: typer.echo(f"{d['name']}\t{d['id']}\t{d['ip']}"))
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(name: str, as_json: bool = JsonOpt):
+    delete_and_say(name, as_json, lambda k: k.json("DELETE", f"/snapshots/{name}"))

@@ -54,6 +54,7 @@ class AsyncKiln:
         self.secrets = AsyncSecrets(self)
         self.volumes = AsyncVolumes(self)
         self.templates = AsyncTemplates(self)
+        self.snapshots = AsyncSnapshots(self)
 
     async def __aenter__(self) -> AsyncKiln:
         return self
@@ -209,6 +210,10 @@ class AsyncSandbox:
         """A copy of this sandbox at this instant, memory and processes included (it keeps running)."""
         body = {"from": self.id} | ({"name": name} if name else {}) | ({"net_policy": net_policy} if net_policy else {})
         return AsyncSandbox(self.kiln, await self.kiln.json("POST", "/sandboxes", json=body, timeout=timeout))
+
+    async def checkpoint(self, name: str, timeout: float = 300.0) -> dict:
+        """Keep a copy of this sandbox (memory and disk) as the named snapshot; it keeps running."""
+        return await self.kiln.json("POST", f"{self.path}/checkpoint", json={"name": name}, timeout=timeout)
 
     async def set_net_policy(
         self, default: str = "public", allow_hosts: list[str] | None = None, allow_cidrs: list[str] | None = None
@@ -452,6 +457,28 @@ class AsyncVolumes:
 
     async def delete(self, name: str) -> None:
         await self.kiln.json("DELETE", f"/volumes/{name}")
+
+
+class AsyncSnapshots:
+    """Named snapshots: copies of sandboxes (memory and disk) to resume from, any number of times."""
+
+    def __init__(self, kiln: AsyncKiln):
+        self.kiln = kiln
+
+    async def list(self) -> list[dict]:
+        return await self.kiln.json("GET", "/snapshots")
+
+    async def get(self, name: str) -> dict:
+        return await self.kiln.json("GET", f"/snapshots/{name}")
+
+    async def resume(self, name: str, sandbox_name: str | None = None, timeout: float = 300.0) -> AsyncSandbox:
+        body = {"name": sandbox_name} if sandbox_name else {}
+        return AsyncSandbox(
+            self.kiln, await self.kiln.json("POST", f"/snapshots/{name}/resume", json=body, timeout=timeout)
+        )
+
+    async def delete(self, name: str) -> None:
+        await self.kiln.json("DELETE", f"/snapshots/{name}")
 
 
 class AsyncTemplates:

@@ -156,6 +156,20 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sandboxes ADD COLUMN net_policy TEXT;
     """,
+    # 12: named snapshots (memory and disk kept by the engine; what a resume needs to make a sandbox)
+    """
+    CREATE TABLE named_snapshots (
+        id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES users(id),
+        name TEXT NOT NULL,
+        source_sandbox TEXT NOT NULL,
+        size_mb INTEGER NOT NULL,
+        created_at TEXT NOT NULL,
+        spec TEXT NOT NULL,
+        sealed_env BLOB,
+        UNIQUE (owner_id, name)
+    );
+    """,
 ]
 
 
@@ -213,6 +227,18 @@ class SandboxRow:
     disk_mb: int = 0  # the cap on its root disk
     disk_asked_mb: int = 0  # what the create asked for (0: nothing, the default cap)
     net_policy: dict | None = None  # NetPolicy.to_json()
+
+
+@dataclass
+class NamedSnapshot:
+    id: str
+    owner_id: str
+    name: str
+    source_sandbox: str
+    size_mb: int
+    created_at: str
+    spec: dict  # cpus, memory_mb, image, env, init, disk_mb, disk_asked_mb, net_policy, template_id
+    sealed_env: bytes | None = None  # the source's secrets, sealed to this snapshot
 
 
 @dataclass
@@ -349,7 +375,7 @@ class Store:
         """What a user still owns (a user is deleted only when this is all zeros)."""
         return {
             t: self._exec(f"SELECT COUNT(*) FROM {t} WHERE owner_id=?", (user_id,)).fetchone()[0]
-            for t in ("sandboxes", "secrets", "volumes", "templates")
+            for t in ("sandboxes", "secrets", "volumes", "templates", "named_snapshots")
         }
 
     def delete_user(self, user_id: str) -> None:
@@ -496,6 +522,34 @@ class Store:
         with self.transaction() as db:
             db.execute("DELETE FROM sandbox_ports WHERE sandbox_id=?", (sandbox_id,))
             db.executemany("INSERT INTO sandbox_ports VALUES (?,?,?)", [(sandbox_id, p, h) for p, h in ports.items()])
+
+    # ------------------------------------------------------------ named snapshots
+
+    def insert_named_snapshot(self, s: NamedSnapshot) -> None:
+        try:
+            self._exec(
+                "INSERT INTO named_snapshots VALUES (?,?,?,?,?,?,?,?)",
+                (s.id, s.owner_id, s.name, s.source_sandbox, s.size_mb, s.created_at, json.dumps(s.spec), s.sealed_env),
+            )
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(s.name) from e
+
+    def named_snapshots(self, owner_id: str) -> list[NamedSnapshot]:
+        rows = self._exec("SELECT * FROM named_snapshots WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
+        return [self._named_snapshot(r) for r in rows]
+
+    def named_snapshot(self, owner_id: str, name: str) -> NamedSnapshot | None:
+        r = self._exec("SELECT * FROM named_snapshots WHERE owner_id=? AND name=?", (owner_id, name)).fetchone()
+        return self._named_snapshot(r) if r else None
+
+    def delete_named_snapshot(self, snapshot_id: str) -> None:
+        self._exec("DELETE FROM named_snapshots WHERE id=?", (snapshot_id,))
+
+    @staticmethod
+    def _named_snapshot(r: sqlite3.Row) -> NamedSnapshot:
+        d = dict(r)
+        d["spec"] = json.loads(d["spec"])
+        return NamedSnapshot(**d)
 
     # ------------------------------------------------------------ web shell tokens and forwards
 

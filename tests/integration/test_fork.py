@@ -194,3 +194,80 @@ def test_a_fork_that_fails_leaves_the_source_as_it_was_and_nothing_behind(defaul
             assert d.clean()
         finally:
             d.scrub()
+
+
+def test_a_named_snapshot_resumes_into_independent_sandboxes_after_its_source_is_gone(api, daemon):
+    sb = make_sandbox(api, name="snap-src", memory_mb=512)
+    at_snapshot = start_counter(api, sb)
+    r = api.post(f"/sandboxes/{sb['id']}/checkpoint", json={"name": "cp1"})
+    assert r.status_code == 201, r.text
+    snap = r.json()
+    assert snap["name"] == "cp1" and snap["source_sandbox"] == sb["id"] and snap["size_mb"] > 64
+    assert snap["paused_ms"] > 0 and snap["user_id"].startswith("usr_")
+    for body, status, message in [
+        ({"name": "cp1"}, 409, "already exists"),
+        ({"name": "bad name"}, 400, "invalid snapshot name"),
+        ({"name": "cp2", "type": "filesystem"}, 501, "filesystem"),
+    ]:
+        r = api.post(f"/sandboxes/{sb['id']}/checkpoint", json=body)
+        assert r.status_code == status and message in r.json()["error"], r.text
+    assert api.post("/sandboxes/nope/checkpoint", json={"name": "x"}).status_code == 404
+    assert state(api, sb)["counter"] > at_snapshot["counter"]  # the source carried on
+    assert [s["name"] for s in api.get("/snapshots").json()] == ["cp1"]
+    assert api.get("/snapshots/cp1").json()["id"] == snap["id"]
+    assert api.delete(f"/sandboxes/{sb['id']}").status_code == 200  # the snapshot outlives its source
+
+    a = api.post("/snapshots/cp1/resume", json={"name": "from-cp1"}).json()
+    b = api.post("/snapshots/cp1/resume").json()
+    try:
+        assert a["name"] == "from-cp1" and b["name"].startswith("cp1-") and a["ip"] != b["ip"]
+        sa, sb_ = state(api, a), state(api, b)
+        assert sa["token"] == sb_["token"] == at_snapshot["token"] and sa["ballast_ok"] and sb_["ballast_ok"]
+        run(api, a, ["sh", "-c", "echo only-a > /root/a"], user="root")
+        assert run(api, b, ["test", "-e", "/root/a"], user="root")["exit_code"] == 1
+        token = daemon.create_user(f"snapper-{time.time_ns() % 100000}")
+        with httpx.Client(base_url=daemon.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as other:
+            assert other.get("/snapshots").json() == []
+            assert other.get("/snapshots/cp1").status_code == 404
+            assert other.post("/snapshots/cp1/resume").status_code == 404
+            assert other.delete("/snapshots/cp1").status_code == 404
+    finally:
+        api.delete(f"/sandboxes/{a['id']}")
+        api.delete(f"/sandboxes/{b['id']}")
+    assert api.delete("/snapshots/cp1").json() == {"status": "deleted"}
+    assert api.get("/snapshots/cp1").status_code == 404 and api.post("/snapshots/cp1/resume").status_code == 404
+    assert daemon.leftovers()["snapshots"] == []
+
+
+def test_the_cli_and_the_sdk_keep_and_resume_snapshots(api, daemon):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from kiln.client import Kiln
+
+    env = {**os.environ, "KILN_URL": daemon.url, "KILN_TOKEN": daemon.admin_token}
+
+    def kiln(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kiln.cli.main", *args], env=env, capture_output=True, timeout=300)
+
+    sb = make_sandbox(api, name="snap-cli")
+    run(api, sb, ["sh", "-c", "echo from-cli > /home/kiln/m"])
+    try:
+        made = json.loads(kiln("snapshot", "create", "snap-cli", "cli-cp", "--json").stdout)
+        assert made["name"] == "cli-cp"
+        assert "cli-cp" in kiln("snapshot", "list").stdout.decode()
+        resumed = json.loads(kiln("snapshot", "resume", "cli-cp", "cli-resumed", "--json").stdout)
+        assert run(api, resumed, ["cat", "/home/kiln/m"])["stdout"] == "from-cli\n"
+        api.delete(f"/sandboxes/{resumed['id']}")
+        with Kiln(daemon.url, daemon.admin_token) as k:
+            k.sandboxes.get("snap-cli").checkpoint("sdk-cp")
+            again = k.snapshots.resume("sdk-cp", "sdk-resumed")
+            assert again.commands.run("cat /home/kiln/m").stdout == "from-cli\n"
+            again.destroy()
+            k.snapshots.delete("sdk-cp")
+        assert kiln("snapshot", "delete", "cli-cp").returncode == 0
+        assert api.get("/snapshots").json() == []
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")

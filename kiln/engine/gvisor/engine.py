@@ -449,6 +449,19 @@ class GVisorEngine:
     async def fork(self, source_id: str, spec: SandboxSpec) -> ForkResult:
         return await forking.fork(self, source_id, spec)
 
+    def copy_dir(self, copy_id: str) -> Path:
+        return self.data_dir / "snapshots" / copy_id
+
+    async def checkpoint_named(self, sandbox_id: str, copy_id: str) -> tuple[int, int]:
+        self.copy_dir(copy_id).parent.mkdir(mode=0o700, exist_ok=True)  # memory images: root's only
+        return await forking.checkpoint(self, sandbox_id, self.copy_dir(copy_id))
+
+    async def resume_named(self, copy_id: str, spec: SandboxSpec) -> SandboxHandle:
+        return await forking.resume(self, self.copy_dir(copy_id), spec)
+
+    async def delete_named(self, copy_id: str) -> None:
+        await asyncio.to_thread(shutil.rmtree, self.copy_dir(copy_id), True)
+
     async def restore_detached(self, sandbox_id: str, *args, **kwargs) -> None:
         self.frozen.pop(sandbox_id, None)  # a restored container starts thawed
         await self.runsc.restore_detached(sandbox_id, *args, **kwargs)
@@ -604,6 +617,7 @@ class GVisorEngine:
             "cgroups": [c for c in self.cgroups.leftovers() if stray(c)],
             "mounts": [m for m in mounts if stray(m) and m not in kept_volumes],
             "dirs": [d.name for d in dirs if d.name not in keep],
+            "snapshots": [d.name for d in (self.data_dir / "snapshots").glob("*")],
             "scratch": [str(p) for d in dirs for p in d.glob("*.tmp")],
             "packs": [p for d in dirs for p in PageStore(d).stray_packs()],
         }
@@ -628,6 +642,7 @@ class GVisorEngine:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
         for i in left["veth"]:
             subprocess.run(["ip", "link", "delete", i], capture_output=True, check=False)
+        shutil.rmtree(self.data_dir / "snapshots", ignore_errors=True)
         for cg in sorted(self.cgroups.leftovers(), key=len, reverse=True):
             self.cgroups.remove(Path(cg).name)
         self.cgroups.remove_parent()

@@ -17,6 +17,7 @@ restored from the image. Whatever fails, the source is resumed as it was and not
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from ... import diskimage
 from ...fileio import write_atomic
-from ..base import EngineError, ForkResult, SandboxSpec, State
+from ..base import EngineError, ForkResult, SandboxHandle, SandboxSpec, State
 from . import bundle
 from .proc import run
 from .records import Record
@@ -34,52 +35,113 @@ if TYPE_CHECKING:
     from .engine import GVisorEngine
 
 
+SNAPSHOT_META = "snapshot.json"
+
+
 async def fork(engine: GVisorEngine, source_id: str, spec: SandboxSpec) -> ForkResult:
-    src = engine.records.get(source_id)
-    if src is None:
-        raise EngineError(f"unknown sandbox {source_id}")
-    if not (engine.dir(source_id) / "disk.ext4").exists():
-        raise EngineError(f"sandbox {source_id} was made before per-sandbox disks and cannot be forked")
+    src = source_record(engine, source_id)
     fork_dir = engine.dir(spec.id)
     scratch = fork_dir / "fork.tmp"
-    async with engine.slot_lock:
-        used = {r.slot for r in engine.records.values()}
-        slot = next((s for s in range(engine.network.max_slots) if s not in used), None)
-        if slot is None:
-            raise EngineError(f"no free address left in {engine.network.subnet}")
-        # the fork's agent is the source's, memory and all: it knows the source's token
-        rec = Record(spec.id, slot, src.token, src.image, src.memory_mb, [], spec.net_policy.to_json())
-        engine.records[spec.id] = rec
+    # the fork's agent is the source's, memory and all: it knows the source's token
+    rec = await new_record(engine, spec, src.token, src.image, src.memory_mb)
     try:
         fork_dir.mkdir(parents=True)
-        state = (await engine.status(source_id)).state
-        if state in (State.RUNNING, State.PAUSED):
-            paused_ms = await checkpoint_and_clone(engine, source_id, scratch, fork_dir / "disk.ext4")
-        elif state == State.STOPPED and PageStore(engine.dir(source_id)).restorable():
-            await clone_disk(engine, source_id, fork_dir / "disk.ext4")
-            await asyncio.to_thread(PageStore(engine.dir(source_id)).assemble, scratch)
-            paused_ms = 0
-        else:
-            raise EngineError(f"sandbox {source_id} is {state} and cannot be forked")
-        link = engine.link(rec)
-        path = engine.cgroups.path_for_runsc(spec.id)
-        bundle.write_bundle(spec, fork_dir, link, path, rec.token, [], engine.network.resolver_ip)
-        if src.net_policy == rec.net_policy:  # what the source resolved stays reachable from its copy
-            resolved = engine.dir(source_id) / "resolved.json"
-            if resolved.exists():
-                shutil.copyfile(resolved, fork_dir / "resolved.json")
-        await engine.network.create(link, spec.net_policy)
-        await engine.attach_resolver(rec)
-        await bundle.mount_rootfs(engine.images_dir / rec.image, fork_dir)
-        write_atomic(fork_dir / "engine.json", rec.to_json())  # last: a directory without it is half-made
-        await engine.restore_detached(rec.id, fork_dir, fork_dir / "console.log", scratch)
-        handle = await engine.until_ready(rec)
+        paused_ms = await capture(engine, source_id, scratch, fork_dir / "disk.ext4")
+        resolved = engine.dir(source_id) / "resolved.json" if src.net_policy == rec.net_policy else None
+        handle = await restore_copy(engine, rec, spec, scratch, resolved)
         return ForkResult(handle, paused_ms)
     except BaseException:
         await engine.destroy(spec.id)
         raise
     finally:
         await asyncio.to_thread(remove_scratch, scratch)
+
+
+async def checkpoint(engine: GVisorEngine, source_id: str, snapshot_dir: Path) -> tuple[int, int]:
+    """A named snapshot: the memory image and a disk clone in snapshot_dir, taken as for a fork.
+    Returns (bytes it holds, ms the source was paused); on failure nothing of it is left."""
+    src = source_record(engine, source_id)
+    try:
+        snapshot_dir.mkdir(parents=True)
+        paused_ms = await capture(engine, source_id, snapshot_dir / "image", snapshot_dir / "disk.ext4")
+        meta = {"token": src.token, "image": src.image, "memory_mb": src.memory_mb}
+        write_atomic(snapshot_dir / SNAPSHOT_META, json.dumps(meta))
+        return await asyncio.to_thread(used_bytes, snapshot_dir), paused_ms
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, snapshot_dir, True)
+        raise
+
+
+async def resume(engine: GVisorEngine, snapshot_dir: Path, spec: SandboxSpec) -> SandboxHandle:
+    """A new sandbox from a named snapshot (any number of times: the snapshot is only read)."""
+    try:
+        meta = json.loads((snapshot_dir / SNAPSHOT_META).read_text())
+    except (OSError, ValueError) as e:
+        raise EngineError(f"snapshot at {snapshot_dir} is unreadable: {e}") from e
+    rec = await new_record(engine, spec, meta["token"], meta["image"], spec.memory_mb)
+    try:
+        engine.dir(spec.id).mkdir(parents=True)
+        await diskimage.copy_sparse(snapshot_dir / "disk.ext4", engine.dir(spec.id) / "disk.ext4")
+        return await restore_copy(engine, rec, spec, snapshot_dir / "image", None)
+    except BaseException:
+        await engine.destroy(spec.id)
+        raise
+
+
+def source_record(engine: GVisorEngine, source_id: str) -> Record:
+    src = engine.records.get(source_id)
+    if src is None:
+        raise EngineError(f"unknown sandbox {source_id}")
+    if not (engine.dir(source_id) / "disk.ext4").exists():
+        raise EngineError(f"sandbox {source_id} was made before per-sandbox disks and cannot be copied")
+    return src
+
+
+async def new_record(engine: GVisorEngine, spec: SandboxSpec, token: str, image: str, memory_mb: int) -> Record:
+    async with engine.slot_lock:
+        used = {r.slot for r in engine.records.values()}
+        slot = next((s for s in range(engine.network.max_slots) if s not in used), None)
+        if slot is None:
+            raise EngineError(f"no free address left in {engine.network.subnet}")
+        rec = Record(spec.id, slot, token, image, memory_mb, [], spec.net_policy.to_json())
+        engine.records[spec.id] = rec
+    return rec
+
+
+async def capture(engine: GVisorEngine, source_id: str, image_dir: Path, disk_copy: Path) -> int:
+    """The source's memory image into image_dir and its disk into disk_copy, consistent with each
+    other; returns how long it was paused (ms; 0 for a stopped source, which is not touched)."""
+    state = (await engine.status(source_id)).state
+    if state in (State.RUNNING, State.PAUSED):
+        return await checkpoint_and_clone(engine, source_id, image_dir, disk_copy)
+    if state == State.STOPPED and PageStore(engine.dir(source_id)).restorable():
+        await clone_disk(engine, source_id, disk_copy)
+        await asyncio.to_thread(PageStore(engine.dir(source_id)).assemble, image_dir)
+        return 0
+    raise EngineError(f"sandbox {source_id} is {state} and cannot be copied")
+
+
+async def restore_copy(
+    engine: GVisorEngine, rec: Record, spec: SandboxSpec, image_dir: Path, resolved: Path | None
+) -> SandboxHandle:
+    """Build the new sandbox around its disk (already in its directory) like a create, and restore it
+    from image_dir: its own slot, netns, address, cgroup and resolver."""
+    new_dir = engine.dir(rec.id)
+    link = engine.link(rec)
+    path = engine.cgroups.path_for_runsc(rec.id)
+    bundle.write_bundle(spec, new_dir, link, path, rec.token, [], engine.network.resolver_ip)
+    if resolved is not None and resolved.exists():  # what the source resolved stays reachable from its copy
+        shutil.copyfile(resolved, new_dir / "resolved.json")
+    await engine.network.create(link, spec.net_policy)
+    await engine.attach_resolver(rec)
+    await bundle.mount_rootfs(engine.images_dir / rec.image, new_dir)
+    write_atomic(new_dir / "engine.json", rec.to_json())  # last: a directory without it is half-made
+    await engine.restore_detached(rec.id, new_dir, new_dir / "console.log", image_dir)
+    return await engine.until_ready(rec)
+
+
+def used_bytes(directory: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
 
 
 async def checkpoint_and_clone(engine: GVisorEngine, source_id: str, image_dir: Path, disk_copy: Path) -> int:

@@ -1,0 +1,180 @@
+"""Named snapshots (bhatti's checkpoints): `POST /sandboxes/:id/checkpoint {"name"}` keeps a copy of a
+sandbox as a fork would take it (memory and disk; the sandbox keeps running), and
+`POST /snapshots/:name/resume` makes a new sandbox from it, any number of times. A snapshot belongs to
+its user, survives its source's destroy and counts against `limits.max_snapshots`.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+import secrets
+
+from ..agent.client import AgentError
+from ..engine.base import EngineError, Forkable, SandboxSpec
+from ..netpolicy import NetPolicy
+from ..states import DEATHS, Status
+from ..store.db import NamedSnapshot, NameTaken, SandboxRow, User, now
+from .errors import BadRequest, Conflict, Internal, NotFound, NotImplementedYet, TooManyRequests
+from .lifecycle import SandboxService
+from .names import check_name
+
+log = logging.getLogger("kiln.checkpoints")
+
+
+class CheckpointService:
+    def __init__(self, sandboxes: SandboxService):
+        self.sandboxes = sandboxes
+        self.store = sandboxes.store
+        self.engine = sandboxes.engine if isinstance(sandboxes.engine, Forkable) else None
+
+    def forkable(self) -> Forkable:
+        if self.engine is None:
+            raise NotImplementedYet(f"this engine ({self.sandboxes.engine.name}) cannot keep snapshots")
+        return self.engine
+
+    def sealing_id(self, snapshot_id: str) -> str:
+        return f"snapshot.{snapshot_id}"
+
+    async def checkpoint(
+        self, user: User, id_or_name: str, name: object, kind: object = None
+    ) -> tuple[NamedSnapshot, int]:
+        engine = self.forkable()
+        if kind not in (None, "", "memory"):
+            if kind == "filesystem":
+                raise NotImplementedYet("type filesystem: not supported (a snapshot keeps memory and disk)")
+            raise BadRequest(f'type must be "memory", not {kind!r}')
+        name = check_name("snapshot", name)
+        row = self.sandboxes.get(user, id_or_name)
+        if self.store.named_snapshot(user.id, name) is not None:
+            raise Conflict(f'snapshot "{name}" already exists')
+        have, limit = len(self.store.named_snapshots(user.id)), self.sandboxes.config.limits.max_snapshots
+        if have >= limit:
+            raise TooManyRequests(f"snapshot limit reached ({have}/{limit})")
+        if self.store.attachments(sandbox_id=row.id):
+            raise Conflict(f'sandbox "{id_or_name}" has volumes attached: it cannot be snapshotted')
+        snapshot_id = secrets.token_hex(8)
+        async with self.sandboxes.runtimes.lock(row.id):
+            row = self.sandboxes.get(user, row.id)
+            if row.status != Status.RUNNING and not (row.status == Status.STOPPED and row.reason not in DEATHS):
+                raise Conflict(f'sandbox "{id_or_name}" is {row.status} ({row.reason}): start it first')
+            self.sandboxes.events.before_stop(row.id)
+            try:
+                size, paused_ms = await engine.checkpoint_named(row.id, snapshot_id)
+            except EngineError as e:
+                raise Internal(f"snapshot of {row.id}: {e}") from e
+        env = self.sandboxes.secrets.open_env(row.id, row.sealed_env)
+        spec = {
+            "cpus": row.cpus,
+            "memory_mb": row.memory_mb,
+            "image": row.image,
+            "env": row.env,
+            "init": row.init,
+            "disk_mb": row.disk_mb,
+            "disk_asked_mb": row.disk_asked_mb,
+            "net_policy": self.sandboxes.policy_of(row).to_json(),
+            "template_id": row.template_id,
+        }
+        snap = NamedSnapshot(
+            snapshot_id, user.id, name, row.id, -(-size // (1 << 20)), now(), spec,
+            self.sandboxes.secrets.seal_env(self.sealing_id(snapshot_id), env),
+        )  # fmt: skip
+        try:
+            self.store.insert_named_snapshot(snap)
+        except NameTaken:
+            await engine.delete_named(snapshot_id)
+            raise Conflict(f'snapshot "{name}" already exists') from None
+        log.info(
+            "snapshot %s (%s) of %s: %d MB, the sandbox paused %d ms",
+            snapshot_id,
+            name,
+            row.id,
+            snap.size_mb,
+            paused_ms,
+        )
+        return snap, paused_ms
+
+    def get(self, user: User, name: str) -> NamedSnapshot:
+        snap = self.store.named_snapshot(user.id, name)
+        if snap is None:
+            raise NotFound(f'snapshot "{name}" not found')
+        return snap
+
+    def list(self, user: User) -> builtins.list[NamedSnapshot]:
+        return self.store.named_snapshots(user.id)
+
+    async def delete(self, user: User, name: str) -> None:
+        snap = self.get(user, name)
+        self.store.delete_named_snapshot(snap.id)
+        await self.forkable().delete_named(snap.id)
+
+    async def resume(self, user: User, name: str, new_name: object = None) -> SandboxRow:
+        """A new sandbox from the snapshot, named `new_name` or `<snapshot>-<6 hex>`."""
+        engine = self.forkable()
+        snap = self.get(user, name)
+        sandboxes = self.sandboxes
+        sandboxes.check_quota(user)
+        sandbox_name = check_name("sandbox", new_name if new_name else f"{snap.name}-{secrets.token_hex(3)}")
+        spec = snap.spec
+        policy = NetPolicy.from_json(spec.get("net_policy"), sandboxes.config.network.egress_default)
+        sandbox_id = secrets.token_hex(8)
+        env = sandboxes.secrets.open_env(self.sealing_id(snap.id), snap.sealed_env)
+        row = SandboxRow(
+            id=sandbox_id,
+            owner_id=user.id,
+            name=sandbox_name,
+            status=Status.CREATING,
+            cpus=spec["cpus"],
+            memory_mb=spec["memory_mb"],
+            image=spec["image"],
+            created_at=now(),
+            env=spec["env"],
+            init=spec["init"],
+            template_id=spec.get("template_id", ""),
+            sealed_env=sandboxes.secrets.seal_env(sandbox_id, env),
+            disk_mb=spec["disk_mb"],
+            disk_asked_mb=spec.get("disk_asked_mb", 0),
+            net_policy=policy.to_json(),
+        )
+        try:
+            self.store.insert_sandbox(row)
+        except NameTaken:
+            raise Conflict(f'name "{sandbox_name}" is already in use') from None
+        engine_spec = SandboxSpec(
+            id=sandbox_id,
+            hostname=sandbox_name,
+            cpus=row.cpus,
+            memory_mb=row.memory_mb,
+            env=row.env,
+            init=row.init,
+            image=row.image,
+            disk_mb=row.disk_mb,
+            net_policy=policy,
+        )
+        try:
+            async with sandboxes.runtimes.lock(sandbox_id):
+                handle = await engine.resume_named(snap.id, engine_spec)
+        except BaseException as e:
+            with contextlib.suppress(EngineError):
+                await sandboxes.engine.destroy(sandbox_id)
+            self.store.delete_sandbox(sandbox_id)
+            sandboxes.runtimes.drop(sandbox_id)
+            if isinstance(e, (EngineError, AgentError)):
+                raise Internal(f"resume of snapshot {snap.name}: {e}") from e
+            raise
+        self.store.mark_running(sandbox_id, handle.ip)
+        row.status, row.ip = Status.RUNNING, handle.ip
+        log.info("resumed snapshot %s as %s (%s)", snap.name, sandbox_id, sandbox_name)
+        return row
+
+
+def snapshot_json(s: NamedSnapshot) -> dict:
+    return {
+        "id": s.id,
+        "user_id": s.owner_id,
+        "name": s.name,
+        "source_sandbox": s.source_sandbox,
+        "size_mb": s.size_mb,
+        "created_at": s.created_at,
+    }
