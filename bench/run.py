@@ -319,6 +319,40 @@ def egress_report(res: dict) -> list[str]:
     ]
 
 
+def fork_report(res: dict) -> list[str]:
+    def row(name, key, raw=None, note=""):
+        k50, k99 = ms(pct(res[key], 50)), ms(pct(res[key], 99))
+        r50 = ms(pct(res[raw], 50)) if raw else None
+        ratio = f"{k50 / r50:.2f}" if r50 else ""
+        return (
+            f"| {name} | {len(res[key])} | {k50:.0f} | {k99:.0f} | {f'{r50:.0f}' if r50 else ''} | {ratio} | {note} |"
+        )
+
+    create50 = pct(res["create"], 50)
+    return [
+        "## Fork and named snapshots",
+        "",
+        "A 512 MB source holding 64 MB or 256 MB of written memory (/dev/shm), on this machine's ext4 data dir",
+        "(no reflink: the disk is a sparse copy). raw = the same steps with runsc on a raw container holding the",
+        "same: `runsc pause` + `checkpoint --leave-running` + `resume` (the window the source cannot run).",
+        "",
+        "| measure | n | kiln p50 ms | kiln p99 ms | raw p50 ms | kiln/raw | note |",
+        "|---|---|---|---|---|---|---|",
+        row("source paused, 64 MB written", "paused64", "window64", "fork.paused_ms"),
+        row("fork answers, 64 MB written", "fork64", None, "POST until the fork's agent answers"),
+        row("source paused, 256 MB written", "paused256", "window256", "fork.paused_ms"),
+        row("fork answers, 256 MB written", "fork256"),
+        row("plain create", "create"),
+        row(
+            "resume a named snapshot (64 MB written)",
+            "resume",
+            None,
+            f"{pct(res['resume'], 50) / create50:.2f}x plain create",
+        ),
+        "",
+    ]
+
+
 def cli_report(res: dict) -> list[str]:
     curl, cli, version, python = (ms(pct(res[k], 50)) for k in ("curl", "cli", "version", "python"))
     return [
@@ -367,15 +401,17 @@ def main() -> int:
     parser.add_argument("--publish", type=int, default=20, help="samples per publish measure")
     parser.add_argument("--cli", type=int, default=30, help="runs per CLI measure")
     parser.add_argument("--egress", type=int, default=300, help="samples per egress measure")
+    parser.add_argument("--forks", type=int, default=5, help="samples per fork measure")
     parser.add_argument(
         "--only",
-        choices=["publish", "load", "cli", "egress"],
+        choices=["publish", "load", "cli", "egress", "fork"],
         help="re-measure one section and replace it in the report",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
     from bench.cli import bench_cli
     from bench.egress import bench_egress
+    from bench.fork import bench_fork
     from bench.load import bench_load
     from bench.publish import bench_publish
 
@@ -385,6 +421,7 @@ def main() -> int:
             "load": ("## Load", lambda: load_report(bench_load())),
             "cli": ("## CLI", lambda: cli_report(bench_cli(args.cli))),
             "egress": ("## Egress", lambda: egress_report(bench_egress(args.egress))),
+            "fork": ("## Fork and named snapshots", lambda: fork_report(bench_fork(args.forks))),
         }[args.only]
         out = Path(args.out)
         text = out.read_text() if out.exists() else ""
@@ -410,6 +447,8 @@ def main() -> int:
     files = bench_files(args.files)
     print(f"publish and proxy: {args.publish} samples each ...", flush=True)
     publish = bench_publish(args.publish)
+    print(f"fork: {args.forks} forks each of a 64 MB and a 256 MB source, raw windows, resumes ...", flush=True)
+    fork = bench_fork(args.forks)
     print(f"egress: {args.egress} connects and DNS queries each ...", flush=True)
     egress = bench_egress(args.egress)
     print(f"cli: {args.cli} runs each of kiln exec, curl, kiln --version ...", flush=True)
@@ -423,6 +462,8 @@ def main() -> int:
         + "\n".join(files_report(files))
         + "\n"
         + "\n".join(publish_report(publish))
+        + "\n"
+        + "\n".join(fork_report(fork))
         + "\n"
         + "\n".join(egress_report(egress))
         + "\n"

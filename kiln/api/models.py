@@ -194,4 +194,5 @@ class TemplateOut(Out):
     volumes: list[TemplateVolumeOut]
     mounts: list[TemplateMountOut]
     net_policy: NetPolicyOut | None = None
+    snapshot: str | None = None  # its sandboxes are resumed from this named snapshot
     created_at: str

@@ -185,7 +185,13 @@ async def create_sandbox(body: CreateBody, request: Request, response: Response,
             **sandbox_json(row, service(request).engine.name),
             "fork": {"source": source_id, "paused_ms": paused_ms},
         }
-    row, existed = await service(request).create(user, body.request())
+    req = body.request()
+    if req.template_id:
+        t = services(request).templates.get(user, req.template_id, message="template not found")
+        if t.spec.get("snapshot"):  # resumed from its snapshot instead of booted
+            row = await services(request).checkpoints.create_from_template(user, t, req)
+            return sandbox_json(row, service(request).engine.name)
+    row, existed = await service(request).create(user, req)
     if existed:
         response.status_code = 200
         response.headers["X-Bhatti-Existing"] = "true"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 
+from ..core.errors import BadRequest
 from ..core.templates import TemplateMount, TemplateSpec, template_json
 from ..core.volumes import VolumeRequest
 from ..store.db import User
@@ -42,6 +43,8 @@ class TemplateBody(BaseModel):
     mounts: list[TemplateMountBody] = []
     keep_hot: StrictBool = False
     net_policy: NetPolicyBody | None = None
+    snapshot: StrictStr = ""  # a named snapshot to resume its sandboxes from
+    from_sandbox: StrictStr = ""  # snapshot this sandbox now (as "<template name>-template") and use that
 
 
 @router.post("/templates", status_code=201, response_model=TemplateOut)
@@ -63,8 +66,21 @@ async def create_template(body: TemplateBody, request: Request, user: User = Dep
         secrets=list(body.secrets),
         keep_hot=body.keep_hot,
         volumes=[VolumeRequest(v.name, v.mount, v.read_only) for v in body.volumes],
+        snapshot=body.snapshot,
     )
-    return template_json(services(request).templates.create(user, spec))
+    svc = services(request)
+    if body.snapshot and body.from_sandbox:
+        raise BadRequest("snapshot and from_sandbox: give one")
+    if not body.from_sandbox:
+        return template_json(svc.templates.create(user, spec))
+    # a template made from a sandbox as it is now: its snapshot first, then the template naming it
+    spec.snapshot = f"{body.name or body.id or body.from_sandbox}-template"
+    await svc.checkpoints.checkpoint(user, body.from_sandbox, spec.snapshot)
+    try:
+        return template_json(svc.templates.create(user, spec))
+    except BaseException:
+        await svc.checkpoints.delete(user, spec.snapshot)
+        raise
 
 
 @router.get("/templates", response_model=list[TemplateOut])

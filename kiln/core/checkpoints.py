@@ -15,10 +15,10 @@ from ..agent.client import AgentError
 from ..engine.base import EngineError, Forkable, SandboxSpec
 from ..netpolicy import NetPolicy
 from ..states import DEATHS, Status
-from ..store.db import NamedSnapshot, NameTaken, SandboxRow, User, now
+from ..store.db import NamedSnapshot, NameTaken, SandboxRow, Template, User, now
 from .errors import BadRequest, Conflict, Internal, NotFound, NotImplementedYet, TooManyRequests
-from .lifecycle import SandboxService
-from .names import check_name
+from .lifecycle import CreateRequest, SandboxService
+from .names import check_labels, check_name
 
 log = logging.getLogger("kiln.checkpoints")
 
@@ -106,20 +106,61 @@ class CheckpointService:
 
     async def delete(self, user: User, name: str) -> None:
         snap = self.get(user, name)
+        used = [t.name for t in self.store.list_templates(user.id) if t.spec.get("snapshot") == snap.name]
+        if used:
+            raise Conflict(f'snapshot "{name}" is used by template "{used[0]}"')
         self.store.delete_named_snapshot(snap.id)
         await self.forkable().delete_named(snap.id)
 
-    async def resume(self, user: User, name: str, new_name: object = None) -> SandboxRow:
+    async def create_from_template(self, user: User, t: Template, req: CreateRequest) -> SandboxRow:
+        """A create from a template made from a snapshot: resumed, not booted (its init already ran,
+        its servers already listen). The request's env and secrets reach the resumed agent (they
+        apply to new processes); what a resume cannot change is refused by name."""
+        for field in ("image", "cpus", "memory_mb", "disk_size_mb", "init"):
+            if getattr(req, field) not in (None, ""):
+                raise BadRequest(f"{field}: a sandbox from a snapshot template takes it from the snapshot")
+        if req.files or req.volumes or req.new_volumes or req.persistent_volumes:
+            raise BadRequest("files and volumes: a sandbox from a snapshot template takes them from the snapshot")
+        sandboxes = self.sandboxes
+        secret_names = list(dict.fromkeys([*t.spec.get("secrets", []), *req.secrets]))
+        extra = {**t.spec.get("env", {}), **req.env, **sandboxes.secrets.resolve(user, secret_names)}
+        policy = req.net_policy if req.net_policy is not None else t.spec.get("net_policy")
+        return await self.resume(
+            user,
+            t.spec["snapshot"],
+            req.name if req.name is not None else f"{t.name}-{secrets.token_hex(3)}",
+            labels={**t.spec.get("labels", {}), **req.labels},
+            keep_hot=req.keep_hot if req.keep_hot is not None else bool(t.spec.get("keep_hot")),
+            extra_env=extra,
+            net_policy=policy,
+            template_id=t.id,
+        )
+
+    async def resume(
+        self,
+        user: User,
+        name: str,
+        new_name: object = None,
+        labels: dict[str, str] | None = None,
+        keep_hot: bool = False,
+        extra_env: dict[str, str] | None = None,
+        net_policy: object = None,
+        template_id: str | None = None,
+    ) -> SandboxRow:
         """A new sandbox from the snapshot, named `new_name` or `<snapshot>-<6 hex>`."""
         engine = self.forkable()
         snap = self.get(user, name)
         sandboxes = self.sandboxes
         sandboxes.check_quota(user)
         sandbox_name = check_name("sandbox", new_name if new_name else f"{snap.name}-{secrets.token_hex(3)}")
+        check_labels(labels or {})
         spec = snap.spec
-        policy = NetPolicy.from_json(spec.get("net_policy"), sandboxes.config.network.egress_default)
+        if net_policy is not None:
+            policy = sandboxes.net_policy(net_policy)
+        else:
+            policy = NetPolicy.from_json(spec.get("net_policy"), sandboxes.config.network.egress_default)
         sandbox_id = secrets.token_hex(8)
-        env = sandboxes.secrets.open_env(self.sealing_id(snap.id), snap.sealed_env)
+        env = {**sandboxes.secrets.open_env(self.sealing_id(snap.id), snap.sealed_env), **(extra_env or {})}
         row = SandboxRow(
             id=sandbox_id,
             owner_id=user.id,
@@ -129,9 +170,11 @@ class CheckpointService:
             memory_mb=spec["memory_mb"],
             image=spec["image"],
             created_at=now(),
+            labels=dict(labels or {}),
+            keep_hot=keep_hot,
             env=spec["env"],
             init=spec["init"],
-            template_id=spec.get("template_id", ""),
+            template_id=template_id if template_id is not None else spec.get("template_id", ""),
             sealed_env=sandboxes.secrets.seal_env(sandbox_id, env),
             disk_mb=spec["disk_mb"],
             disk_asked_mb=spec.get("disk_asked_mb", 0),
@@ -155,6 +198,8 @@ class CheckpointService:
         try:
             async with sandboxes.runtimes.lock(sandbox_id):
                 handle = await engine.resume_named(snap.id, engine_spec)
+                if extra_env:  # for new processes, as secrets are after every boot
+                    await handle.agent.set_secrets(env)
         except BaseException as e:
             with contextlib.suppress(EngineError):
                 await sandboxes.engine.destroy(sandbox_id)

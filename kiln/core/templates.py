@@ -58,6 +58,7 @@ class TemplateSpec:
     mounts: list[TemplateMount] = field(default_factory=list)
     engine: str = ""
     net_policy: dict | None = None  # the sandboxes' egress policy (None: the daemon's default)
+    snapshot: str = ""  # a named snapshot: its sandboxes are resumed from it instead of booted
 
     def to_dict(self) -> dict:
         return {
@@ -75,6 +76,7 @@ class TemplateSpec:
             "volumes": [{"name": v.name, "mount": v.mount, "read_only": v.read_only} for v in self.volumes],
             "mounts": [vars(m) for m in self.mounts],
             "net_policy": self.net_policy,
+            "snapshot": self.snapshot,
         }
 
 
@@ -94,6 +96,8 @@ class TemplateService:
         if spec.disk_size_mb < 0:
             raise BadRequest("disk_size_mb must not be negative")
         check_labels(spec.labels)
+        if spec.snapshot and self.store.named_snapshot(user.id, spec.snapshot) is None:
+            raise NotFound(f'snapshot "{spec.snapshot}" not found')
         if spec.net_policy is not None:
             try:
                 spec.net_policy = parse_policy(spec.net_policy).to_json()

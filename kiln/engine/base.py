@@ -168,7 +168,8 @@ class Engine(Protocol):
 
     def leftovers(self, keep: frozenset[str] = frozenset()) -> dict[str, list[str]]:
         """Every host object this engine instance made and still holds, by kind, except those of the
-        sandboxes in `keep` (for a clean-state check: after destroying every sandbox, each list is empty)."""
+        sandboxes and kept copies (named snapshots) in `keep` (for a clean-state check: after destroying
+        every sandbox and copy, each list is empty)."""
 
     def scrub(self) -> None:
         """Forcibly remove every host object `leftovers` reports (tests' clean-up after a failure);

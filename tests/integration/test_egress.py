@@ -38,6 +38,7 @@ except Exception as e:
 def internet():
     with fake_internet() as net:
         EGRESS.update(net.daemon_config)
+        EGRESS["network"]["deny_cidrs"] = [f"{WEB[3]}/32"]  # one public address this host never lets out to
         yield net.dns_log
 
 
@@ -69,6 +70,7 @@ def test_public_egress_reaches_the_fake_internet_by_name_and_address(eapi, egres
         assert resolv.startswith("nameserver 10.") and DNS_IP not in resolv  # kiln's resolver, never the image's
         assert http_ok(eapi, sb, "http://allowed.test/hello")
         assert http_ok(eapi, sb, f"http://{WEB[2]}/hello")
+        assert probe(eapi, sb, "connect", f"{WEB[3]}:80").startswith("fail ConnectionRefusedError")  # deny_cidrs
         assert probe(eapi, sb, "resolve", "other.test") == f"ok {WEB[2]}"
         # private answers are stripped in every mode (DNS rebinding); a name with only those has none
         assert probe(eapi, sb, "resolve", "rebind.test").startswith("fail gaierror")
@@ -238,6 +240,6 @@ def test_the_cli_and_the_sdk_show_and_change_the_policy(eapi, egress_daemon):
             made = k.sandboxes.create("sdk-net", net_policy={"default": "deny"})
             assert made.net_policy["default"] == "deny"
             made.destroy()
-        assert probe(eapi, sb, "connect", f"{WEB[3]}:80") == "ok"
+        assert probe(eapi, sb, "connect", f"{WEB[1]}:80") == "ok"  # public again
     finally:
         eapi.delete(f"/sandboxes/{sb['id']}")

@@ -271,3 +271,33 @@ def test_the_cli_and_the_sdk_keep_and_resume_snapshots(api, daemon):
         assert api.get("/snapshots").json() == []
     finally:
         api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_a_template_made_from_a_sandbox_starts_its_sandboxes_already_serving(api):
+    setup = 'cd /workspace && echo \'{"name": "app"}\' > package.json'
+    setup += " && nohup python3 -m http.server 8000 >/dev/null 2>&1 &"
+    sb = make_sandbox(api, name="tpl-src", init=setup)
+    try:
+        wait_for(lambda: api.get(f"/sandboxes/{sb['id']}/proxy/8000/package.json").status_code == 200, what="setup")
+        api.post("/secrets", json={"name": "TPL_TOKEN", "value": "s3cret"})
+        r = api.post("/templates", json={"name": "served", "from_sandbox": "tpl-src", "secrets": ["TPL_TOKEN"]})
+        assert r.status_code == 201, r.text
+        assert r.json()["snapshot"] == "served-template"
+        r = api.delete("/snapshots/served-template")
+        assert r.status_code == 409 and "template" in r.json()["error"]  # in use
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")  # the template does not need its source
+    made = make_sandbox(api, template_id="served", env={"GREETING": "hi"}, labels={"from": "tpl"})
+    try:
+        assert made["name"].startswith("served-") and made["template_id"] and made["labels"] == {"from": "tpl"}
+        r = api.get(f"/sandboxes/{made['id']}/proxy/8000/package.json")  # no exec: the server was already there
+        assert r.status_code == 200 and r.json() == {"name": "app"}
+        assert run(api, made, ["sh", "-c", "echo $GREETING $TPL_TOKEN"])["stdout"] == "hi s3cret\n"
+        r = api.post("/sandboxes", json={"template_id": "served", "memory_mb": 1024})
+        assert r.status_code == 400 and "memory_mb" in r.json()["error"]
+    finally:
+        api.delete(f"/sandboxes/{made['id']}")
+    assert api.post("/templates", json={"name": "x", "snapshot": "no-such"}).status_code == 404
+    assert api.delete("/templates/served").status_code == 200
+    assert api.delete("/snapshots/served-template").status_code == 200
+    api.delete("/secrets/TPL_TOKEN")

@@ -163,3 +163,13 @@ def test_an_engine_that_cannot_fork_answers_501(world):
     user = store.user_by_name("alice")
     with pytest.raises(NotImplementedYet, match="cannot fork"):
         asyncio.run(ForkService(service).fork(user, "anything", CreateRequest()))
+
+
+def test_a_sandbox_that_names_no_policy_gets_network_egress_default(world):
+    from kiln.config import Config
+
+    _, _, service = world
+    assert service.net_policy(None).default == "public"
+    service.config = Config.model_validate({"network": {"egress_default": "deny"}})
+    assert service.net_policy(None).default == "deny"
+    assert service.net_policy({"allow_hosts": ["pypi.org"]}).default == "deny"  # the default fills a missing key

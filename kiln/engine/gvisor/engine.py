@@ -617,7 +617,7 @@ class GVisorEngine:
             "cgroups": [c for c in self.cgroups.leftovers() if stray(c)],
             "mounts": [m for m in mounts if stray(m) and m not in kept_volumes],
             "dirs": [d.name for d in dirs if d.name not in keep],
-            "snapshots": [d.name for d in (self.data_dir / "snapshots").glob("*")],
+            "snapshots": [d.name for d in (self.data_dir / "snapshots").glob("*") if d.name not in keep],
             "scratch": [str(p) for d in dirs for p in d.glob("*.tmp")],
             "packs": [p for d in dirs for p in PageStore(d).stray_packs()],
         }

@@ -1,0 +1,77 @@
+"""Fork and named-snapshot benchmarks: a 512 MB source with 64 MB and 256 MB of memory written, forked
+(how long the source is paused, when the fork answers), beside the raw runsc steps a fork is made of
+(pause, checkpoint --leave-running, resume) on a raw container holding the same; and a sandbox made by
+resuming a named snapshot beside a plain create, in the same run."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+from bench.raw import raw_engine
+from kiln.engine.base import SandboxSpec
+from kiln.proc import run
+from tests.daemon import Daemon
+
+FILL = "head -c {mb}000000 /dev/urandom > /dev/shm/ballast"
+
+
+def bench_fork_api(n: int) -> dict[str, list[float]]:
+    res: dict[str, list[float]] = {k: [] for k in ("fork64", "paused64", "fork256", "paused256", "create", "resume")}
+    d = Daemon()
+    try:
+        d.start()
+        with d.client(timeout=300) as api:
+            for mb in (64, 256):
+                src = api.post("/sandboxes", json={"name": f"src{mb}", "memory_mb": 512}).json()
+                api.post(f"/sandboxes/{src['id']}/exec", json={"cmd": ["sh", "-c", FILL.format(mb=mb)]})
+                for i in range(n):
+                    t = time.perf_counter()
+                    r = api.post("/sandboxes", json={"from": src["id"], "name": f"f{mb}-{i}"})
+                    res[f"fork{mb}"].append(time.perf_counter() - t)
+                    assert r.status_code == 201, r.text
+                    res[f"paused{mb}"].append(r.json()["fork"]["paused_ms"] / 1000)
+                    api.delete(f"/sandboxes/{r.json()['id']}")
+                if mb == 64:
+                    assert api.post(f"/sandboxes/{src['id']}/checkpoint", json={"name": "snap"}).status_code == 201
+                api.delete(f"/sandboxes/{src['id']}")
+            for i in range(n):  # interleaved, so a slow moment of the machine costs both the same
+                t = time.perf_counter()
+                made = api.post("/sandboxes", json={"name": f"plain-{i}"}).json()
+                res["create"].append(time.perf_counter() - t)
+                api.delete(f"/sandboxes/{made['id']}")
+                t = time.perf_counter()
+                again = api.post("/snapshots/snap/resume", json={"name": f"resumed-{i}"}).json()
+                res["resume"].append(time.perf_counter() - t)
+                api.delete(f"/sandboxes/{again['id']}")
+            api.delete("/snapshots/snap")
+    finally:
+        d.scrub()
+    return res
+
+
+async def bench_fork_raw(n: int) -> dict[str, list[float]]:
+    """The source-side steps of a fork, raw: runsc pause, checkpoint --leave-running, resume."""
+    res: dict[str, list[float]] = {"window64": [], "window256": []}
+    async with raw_engine() as engine:
+        for mb in (64, 256):
+            sid = f"rawsrc{mb}"
+            handle = await engine.create(SandboxSpec(id=sid, hostname=sid, memory_mb=512))
+            [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", FILL.format(mb=mb)]})]
+            for _ in range(n):
+                image = engine.dir(sid) / "raw-image"
+                shutil.rmtree(image, ignore_errors=True)
+                t = time.perf_counter()
+                await run(engine.runsc.argv("pause", sid))
+                await run(engine.runsc.argv("checkpoint", f"--image-path={image}", "--compression=none",
+                                            "--leave-running", sid), timeout=600)  # fmt: skip
+                await run(engine.runsc.argv("resume", sid))
+                res[f"window{mb}"].append(time.perf_counter() - t)
+                shutil.rmtree(image, ignore_errors=True)
+            await engine.destroy(sid)
+    return res
+
+
+def bench_fork(n: int) -> dict[str, list[float]]:
+    return {**bench_fork_api(n), **asyncio.run(bench_fork_raw(n))}
