@@ -84,6 +84,7 @@ def bench_egress(n: int) -> dict[str, list[float]]:
                 public = api.post("/sandboxes", json={"name": "eg-public"}).json()
                 policy = {"default": "deny", "allow_hosts": ["allowed.test"]}
                 deny = api.post("/sandboxes", json={"name": "eg-deny", "net_policy": policy}).json()
+                small = api.post("/sandboxes", json={"name": "eg-deny-small", "net_policy": policy}).json()
                 resolver = api.post(f"/sandboxes/{public['id']}/exec", json={"cmd": ["cat", "/etc/resolv.conf"]})
                 resolver_ip = resolver.json()["stdout"].split()[1]
                 sample(api, deny["id"], "dns", resolver_ip, 1)  # allowed.test's address into its set
@@ -94,7 +95,8 @@ def bench_egress(n: int) -> dict[str, list[float]]:
                     "deny10k": lambda k: sample(api, deny["id"], "connect", WEB[0], k),
                     "dns_upstream": lambda k: sample(api, public["id"], "dns", DNS_IP, k),
                     "dns_kiln": lambda k: sample(api, public["id"], "dns", resolver_ip, k),
-                    "dns_kiln_deny": lambda k: sample(api, deny["id"], "dns", resolver_ip, k),
+                    "dns_kiln_deny": lambda k: sample(api, small["id"], "dns", resolver_ip, k),
+                    "dns_kiln_deny10k": lambda k: sample(api, deny["id"], "dns", resolver_ip, k),
                 }
                 res: dict[str, list[float]] = {k: [] for k in measures}
                 rounds = 5

@@ -7,8 +7,10 @@ import os
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
-    """Write to a temporary file beside `path` (created with `mode`), fsync it, rename it over `path`."""
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o600, durable: bool = True) -> None:
+    """Write to a temporary file beside `path` (created with `mode`), fsync it, rename it over `path`.
+    durable=False skips the fsync, for files whose last version may be lost in a host crash (never
+    half-written, still: the rename is atomic)."""
     raw = data.encode() if isinstance(data, str) else data
     tmp = path.with_name(path.name + ".tmp")  # one writer per file; a crash leaves only this behind
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -16,7 +18,8 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

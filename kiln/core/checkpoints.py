@@ -7,11 +7,9 @@ its user, survives its source's destroy and counts against `limits.max_snapshots
 from __future__ import annotations
 
 import builtins
-import contextlib
 import logging
 import secrets
 
-from ..agent.client import AgentError
 from ..engine.base import EngineError, Forkable, SandboxSpec
 from ..netpolicy import NetPolicy
 from ..states import DEATHS, Status
@@ -195,21 +193,14 @@ class CheckpointService:
             disk_mb=row.disk_mb,
             net_policy=policy,
         )
-        try:
-            async with sandboxes.runtimes.lock(sandbox_id):
-                handle = await engine.resume_named(snap.id, engine_spec)
-                if extra_env:  # for new processes, as secrets are after every boot
-                    await handle.agent.set_secrets(env)
-        except BaseException as e:
-            with contextlib.suppress(EngineError):
-                await sandboxes.engine.destroy(sandbox_id)
-            self.store.delete_sandbox(sandbox_id)
-            sandboxes.runtimes.drop(sandbox_id)
-            if isinstance(e, (EngineError, AgentError)):
-                raise Internal(f"resume of snapshot {snap.name}: {e}") from e
-            raise
-        self.store.mark_running(sandbox_id, handle.ip)
-        row.status, row.ip = Status.RUNNING, handle.ip
+
+        async def start():
+            handle = await engine.resume_named(snap.id, engine_spec)
+            if extra_env:  # for new processes, as secrets are after every boot
+                await handle.agent.set_secrets(env)
+            return handle
+
+        await sandboxes.bring_up(row, f"resume of snapshot {snap.name}", start)
         log.info("resumed snapshot %s as %s (%s)", snap.name, sandbox_id, sandbox_name)
         return row
 

@@ -11,15 +11,13 @@ request may override); name, labels and keep_hot are the request's.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 
-from ..agent.client import AgentError
-from ..engine.base import EngineError, Forkable, SandboxSpec
+from ..engine.base import Forkable, SandboxSpec
 from ..states import DEATHS, Status
 from ..store.db import NameTaken, SandboxRow, User, now
-from .errors import BadRequest, Conflict, Internal, NotFound, NotImplementedYet, TooManyRequests
+from .errors import BadRequest, Conflict, KilnError, NotFound, NotImplementedYet, TooManyRequests
 from .lifecycle import CreateRequest, SandboxService
 from .names import check_labels, check_name
 
@@ -100,25 +98,25 @@ class ForkService:
             setup_pending=False,  # the agent in the image has its secrets already
             net_policy=policy,
         )
-        try:
-            # the source's lock: no pause, stop, wake or destroy of it meanwhile
-            async with sandboxes.runtimes.lock(src.id), sandboxes.runtimes.lock(fork_id):
+        paused_ms = 0
+        engine, source_id = self.engine, src.id
+
+        async def start():
+            nonlocal paused_ms
+            result = await engine.fork(source_id, spec)
+            paused_ms = result.paused_ms
+            return result.handle
+
+        # the source's lock: no pause, stop, wake or destroy of it meanwhile
+        async with sandboxes.runtimes.lock(src.id):
+            try:  # the source as it is now, under its lock
                 src = sandboxes.get(user, src.id)
                 if src.status != Status.RUNNING and not (src.status == Status.STOPPED and src.reason not in DEATHS):
                     raise Conflict(f'sandbox "{source_ref}" is {src.status} ({src.reason}): start it before forking')
-                sandboxes.events.before_stop(src.id)  # host connections into it are reset by the checkpoint
-                result = await self.engine.fork(src.id, spec)
-        except BaseException as e:
-            with contextlib.suppress(EngineError):
-                await sandboxes.engine.destroy(fork_id)
-            self.store.delete_sandbox(fork_id)
-            sandboxes.runtimes.drop(fork_id)
-            if isinstance(e, (EngineError, AgentError)):
-                raise Internal(f"fork of {src.id}: {e}") from e
-            raise
-        self.store.mark_running(fork_id, result.handle.ip)
-        row.status, row.ip = Status.RUNNING, result.handle.ip
-        log.info(
-            "forked %s (%s) as %s (%s); the source paused %d ms", src.id, src.name, fork_id, name, result.paused_ms
-        )
-        return row, src.id, result.paused_ms
+            except KilnError:
+                self.store.delete_sandbox(fork_id)
+                raise
+            sandboxes.events.before_stop(src.id)  # host connections into it are reset by the checkpoint
+            await sandboxes.bring_up(row, f"fork of {src.id}", start)
+        log.info("forked %s (%s) as %s (%s); the source paused %d ms", src.id, src.name, fork_id, name, paused_ms)
+        return row, src.id, paused_ms

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..agent.client import AgentError, AgentRequestError
@@ -250,38 +250,49 @@ class SandboxService:
             self.store.insert_sandbox(row)
         except NameTaken:
             raise Conflict(f'sandbox "{name}" is being created or destroyed by another request') from None
+
+        async def start() -> SandboxHandle:
+            volumes = await self.volumes.attach(user, row.id, wanted, new)
+            spec = SandboxSpec(
+                id=row.id,
+                hostname=name,
+                cpus=cpus,
+                memory_mb=memory_mb,
+                env=row.env,
+                init=row.init,
+                image=row.image,
+                disk_mb=row.disk_mb,
+                volumes=volumes,
+                setup_pending=bool(secret_env or files),
+                net_policy=policy,
+            )
+            handle = await self.engine.create(spec)
+            await write_boot_files(handle, files)
+            if secret_env or files:
+                await handle.agent.set_secrets(secret_env)  # init starts now
+            return handle
+
+        await self.bring_up(row, f"create sandbox {row.id}", start)
+        log.info("created sandbox %s (%s) at %s", row.id, name, row.ip)
+        return row, False
+
+    async def bring_up(self, row: SandboxRow, what: str, start: Callable[[], Awaitable[SandboxHandle]]) -> None:
+        """Make the engine's sandbox for a row just stored as creating (create, fork, resume): start()
+        runs under the row's lock; if anything fails, the engine's sandbox and the row go, else the row
+        is running."""
         try:
             async with self.runtimes.lock(row.id):
-                volumes = await self.volumes.attach(user, row.id, wanted, new)
-                spec = SandboxSpec(
-                    id=row.id,
-                    hostname=name,
-                    cpus=cpus,
-                    memory_mb=memory_mb,
-                    env=row.env,
-                    init=row.init,
-                    image=row.image,
-                    disk_mb=row.disk_mb,
-                    volumes=volumes,
-                    setup_pending=bool(secret_env or files),
-                    net_policy=policy,
-                )
-                handle = await self.engine.create(spec)
-                await write_boot_files(handle, files)
-                if secret_env or files:
-                    await handle.agent.set_secrets(secret_env)  # init starts now
+                handle = await start()
         except BaseException as e:
             with contextlib.suppress(EngineError):
                 await self.engine.destroy(row.id)
             self.store.delete_sandbox(row.id)
             self.runtimes.drop(row.id)
             if isinstance(e, (EngineError, AgentError)):
-                raise Internal(f"create sandbox {row.id}: {e}") from e
+                raise Internal(f"{what}: {e}") from e
             raise
         self.store.mark_running(row.id, handle.ip)
         row.status, row.ip = Status.RUNNING, handle.ip
-        log.info("created sandbox %s (%s) at %s", row.id, name, handle.ip)
-        return row, False
 
     async def destroy(self, user: User, id_or_name: str) -> None:
         row = self.get(user, id_or_name)

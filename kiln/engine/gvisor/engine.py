@@ -77,6 +77,8 @@ class GVisorEngine:
         self.prefix = host_prefix(data_dir)
         self.network = Network(self.prefix, subnet, marker_dir=data_dir)
         self.resolver: Resolver | None = None
+        self.resolved: dict[str, dict[str, float]] = {}  # addresses allowed since the last save_resolved
+        self.resolved_flush: dict[str, asyncio.TimerHandle] = {}
         self.runsc = Runsc(data_dir / "runsc", runsc_binary)
         self.cgroups = Cgroups(f"kiln-{self.prefix}")
         self.volume_mounts = VolumeMounts(data_dir / "volume-mounts")
@@ -141,6 +143,9 @@ class GVisorEngine:
         self.processes.close()
         if self.resolver is not None:
             self.resolver.close()
+        for sandbox_id, pending in list(self.resolved_flush.items()):
+            pending.cancel()
+            self.save_resolved(sandbox_id)
         if not self.records:
             await self.network.remove_firewall()
             self.cgroups.remove_parent()
@@ -172,20 +177,32 @@ class GVisorEngine:
         rec.net_policy = policy.to_json()
         write_atomic(self.dir(sandbox_id) / "engine.json", rec.to_json())
         self.network.set_policy(self.link(rec), policy)
-        (self.dir(sandbox_id) / RESOLVED_FILE).unlink(missing_ok=True)  # resolved under the old policy
+        self.resolved.pop(sandbox_id, None)  # resolved under the old policy
+        (self.dir(sandbox_id) / RESOLVED_FILE).unlink(missing_ok=True)
 
     def allow_addresses(self, host_if: str, addresses: list[tuple[str, int]]) -> None:
         """The resolver answered these addresses to a deny-mode sandbox: let it reach them for their
-        TTL, and remember them so a daemon restart lets them through again."""
+        TTL (before the answer goes out), and remember them so a daemon restart lets them through
+        again (written a moment later, off the answer's path)."""
         rec = self.record_behind(host_if)
         if rec is None:
             return
         self.network.allow_addresses(self.link(rec), addresses)
-        path = self.dir(rec.id) / RESOLVED_FILE
+        now = time.time()
+        self.resolved.setdefault(rec.id, {}).update({ip: now + seconds for ip, seconds in addresses})
+        if rec.id not in self.resolved_flush:
+            self.resolved_flush[rec.id] = asyncio.get_running_loop().call_later(0.5, self.save_resolved, rec.id)
+
+    def save_resolved(self, sandbox_id: str) -> None:
+        self.resolved_flush.pop(sandbox_id, None)
+        fresh = self.resolved.pop(sandbox_id, {})
+        if sandbox_id not in self.records:
+            return
+        path = self.dir(sandbox_id) / RESOLVED_FILE
         now = time.time()
         known = {ip: until for ip, until in read_json(path, {}).items() if until > now}
-        known.update({ip: now + seconds for ip, seconds in addresses})
-        write_atomic(path, json.dumps(known))
+        # no fsync: a host crash may lose the last answers, which the sandbox then resolves again
+        write_atomic(path, json.dumps({**known, **fresh}), durable=False)
 
     async def attach_resolver(self, rec: Record) -> None:
         """Serve DNS to a sandbox whose veth exists, and let through what it resolved before."""
