@@ -33,8 +33,19 @@ class ForkService:
         self.store = sandboxes.store
         self.engine = sandboxes.engine if isinstance(sandboxes.engine, Forkable) else None
 
-    def check_request(self, req: CreateRequest) -> None:
-        given = [f for f in INHERITED if getattr(req, f) not in (None, "", [], {})]
+    def check_request(self, req: CreateRequest, src: SandboxRow) -> None:
+        """A fork takes these from its source: empty (bhatti's CLI sends every field, 0 or "" for none)
+        or the source's own value is fine, anything else is refused by name."""
+        same = {
+            "template_id": src.template_id,
+            "image": src.image,
+            "cpus": src.cpus,
+            "memory_mb": src.memory_mb,
+            "disk_size_mb": src.disk_asked_mb,
+        }
+        given = [
+            f for f in INHERITED if getattr(req, f) not in (None, "", 0, [], {}) and getattr(req, f) != same.get(f)
+        ]
         if req.volumes or req.new_volumes or req.persistent_volumes:
             given.append("volumes")
         if given:
@@ -46,10 +57,10 @@ class ForkService:
             raise NotImplementedYet(f"this engine ({self.sandboxes.engine.name}) cannot fork")
         sandboxes = self.sandboxes
         sandboxes.check_quota(user)
-        self.check_request(req)
         src = self.store.get_sandbox(user.id, source_ref)
         if src is None:
             raise NotFound(f'source sandbox "{source_ref}" not found')
+        self.check_request(req, src)
         name = check_name("sandbox", req.name if req.name is not None else f"{src.name}-{secrets.token_hex(3)}")
         check_labels(req.labels)
         policy = sandboxes.net_policy(req.net_policy) if req.net_policy is not None else sandboxes.policy_of(src)

@@ -127,9 +127,15 @@ def test_a_fork_during_heavy_writes_has_consistent_files(api):
 def test_forks_are_refused_clearly(api, daemon, source):
     r = api.post("/sandboxes", json={"from": "no-such-sandbox"})
     assert r.status_code == 404 and r.json()["error"] == 'source sandbox "no-such-sandbox" not found'
-    for field, value in (("cpus", 2), ("image", "default"), ("env", {"A": "1"}), ("init", "true")):
+    for field, value in (("cpus", 2), ("memory_mb", 1024), ("env", {"A": "1"}), ("init", "true")):
         r = api.post("/sandboxes", json={"from": source["name"], field: value})
         assert r.status_code == 400 and field in r.json()["error"], r.text
+    # what bhatti's CLI sends with --from: every field, empty or at its default (the source's values here)
+    bhatti = {"name": "", "image": "", "cpus": source["cpus"], "memory_mb": 0, "disk_size_mb": 0, "env": {},
+              "init": "", "secrets": [], "files": [], "persistent_volumes": [], "labels": {}}  # fmt: skip
+    r = api.post("/sandboxes", json={"from": source["name"], **bhatti})
+    assert r.status_code == 201, r.text
+    api.delete(f"/sandboxes/{r.json()['id']}")
     r = api.post("/sandboxes", json={"from": source["name"], "net_policy": {"default": "nope"}})
     assert r.status_code == 400 and "invalid net_policy" in r.json()["error"]
     # another user's sandbox is not there for them
