@@ -1,7 +1,7 @@
 """Egress policies: what a sandbox may reach on the internet. A neutral vocabulary (like states.py):
 core validates and stores them, the engine enforces them, neither imports the other.
 
-`{"default": "public" | "deny", "allow_hosts": ["pypi.org", "*.github.com"], "allow_cidrs": ["203.0.113.0/24"]}`
+`{"default": "public" | "deny", "allow_hosts": ["example.com", "*.github.com"], "allow_cidrs": ["203.0.113.0/24"]}`
 
 - public: every public address; deny: only the listed hosts (by DNS name, through kiln's resolver)
   and CIDRs. `*.suffix` is any subdomain of suffix, never suffix itself (list both for both).

@@ -167,7 +167,7 @@ def net(
     allow_cidr: list[str] = typer.Option([], "--allow-cidr", help="an IPv4 CIDR (repeat)"),
     as_json: bool = JsonOpt,
 ):
-    """Show a sandbox's egress policy, or replace it (kiln net dev --egress deny --allow-host pypi.org)."""
+    """Show a sandbox's egress policy, or replace it (kiln net dev --egress deny --allow-host example.com)."""
     policy = policy_of(egress, allow_host, allow_cidr)
 
     async def go(kiln):

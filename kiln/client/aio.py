@@ -119,7 +119,7 @@ class AsyncSandboxes:
         timeout: float = 120.0,
     ) -> AsyncSandbox:
         """Create a sandbox (or get the existing one of that name). net_policy: egress, e.g.
-        {"default": "deny", "allow_hosts": ["pypi.org", "*.pythonhosted.org"], "allow_cidrs": []}."""
+        {"default": "deny", "allow_hosts": ["example.com", "*.example.org"], "allow_cidrs": []}."""
         body = {
             k: v
             for k, v in {

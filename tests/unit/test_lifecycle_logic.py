@@ -172,4 +172,4 @@ def test_a_sandbox_that_names_no_policy_gets_network_egress_default(world):
     assert service.net_policy(None).default == "public"
     service.config = Config.model_validate({"network": {"egress_default": "deny"}})
     assert service.net_policy(None).default == "deny"
-    assert service.net_policy({"allow_hosts": ["pypi.org"]}).default == "deny"  # the default fills a missing key
+    assert service.net_policy({"allow_hosts": ["example.com"]}).default == "deny"  # the default fills a missing key
