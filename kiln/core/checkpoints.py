@@ -10,12 +10,12 @@ import builtins
 import logging
 import secrets
 
-from ..engine.base import EngineError, Forkable, SandboxSpec
+from ..engine.base import EngineError, Forkable
 from ..netpolicy import NetPolicy
 from ..states import DEATHS, Status
 from ..store.db import NamedSnapshot, NameTaken, SandboxRow, Template, User, now
 from .errors import BadRequest, Conflict, Internal, NotFound, NotImplementedYet, TooManyRequests
-from .lifecycle import CreateRequest, SandboxService
+from .lifecycle import INHERITED, CreateRequest, SandboxService, inherited, spec_of
 from .names import check_labels, check_name
 
 log = logging.getLogger("kiln.checkpoints")
@@ -63,17 +63,7 @@ class CheckpointService:
             except EngineError as e:
                 raise Internal(f"snapshot of {row.id}: {e}") from e
         env = self.sandboxes.secrets.open_env(row.id, row.sealed_env)
-        spec = {
-            "cpus": row.cpus,
-            "memory_mb": row.memory_mb,
-            "image": row.image,
-            "env": row.env,
-            "init": row.init,
-            "disk_mb": row.disk_mb,
-            "disk_asked_mb": row.disk_asked_mb,
-            "net_policy": self.sandboxes.policy_of(row).to_json(),
-            "template_id": row.template_id,
-        }
+        spec = {**inherited(row), "net_policy": self.sandboxes.policy_of(row).to_json()}
         snap = NamedSnapshot(
             snapshot_id, user.id, name, row.id, -(-size // (1 << 20)), now(), spec,
             self.sandboxes.secrets.seal_env(self.sealing_id(snapshot_id), env),
@@ -157,42 +147,14 @@ class CheckpointService:
             policy = sandboxes.net_policy(net_policy)
         else:
             policy = NetPolicy.from_json(spec.get("net_policy"), sandboxes.config.network.egress_default)
-        sandbox_id = secrets.token_hex(8)
+        base = {f: spec[f] for f in INHERITED if f in spec}  # (an older snapshot's missing ones: the defaults)
+        if template_id is not None:
+            base["template_id"] = template_id
+        sandboxes.check_disk_quota(user, base["disk_mb"])
         env = {**sandboxes.secrets.open_env(self.sealing_id(snap.id), snap.sealed_env), **(extra_env or {})}
-        row = SandboxRow(
-            id=sandbox_id,
-            owner_id=user.id,
-            name=sandbox_name,
-            status=Status.CREATING,
-            cpus=spec["cpus"],
-            memory_mb=spec["memory_mb"],
-            image=spec["image"],
-            created_at=now(),
-            labels=dict(labels or {}),
-            keep_hot=keep_hot,
-            env=spec["env"],
-            init=spec["init"],
-            template_id=template_id if template_id is not None else spec.get("template_id", ""),
-            sealed_env=sandboxes.secrets.seal_env(sandbox_id, env),
-            disk_mb=spec["disk_mb"],
-            disk_asked_mb=spec.get("disk_asked_mb", 0),
-            net_policy=policy.to_json(),
-        )
-        try:
-            self.store.insert_sandbox(row)
-        except NameTaken:
-            raise Conflict(f'name "{sandbox_name}" is already in use') from None
-        engine_spec = SandboxSpec(
-            id=sandbox_id,
-            hostname=sandbox_name,
-            cpus=row.cpus,
-            memory_mb=row.memory_mb,
-            env=row.env,
-            init=row.init,
-            image=row.image,
-            disk_mb=row.disk_mb,
-            net_policy=policy,
-        )
+        row = sandboxes.copy_row(user, sandbox_name, base, env, policy, labels or {}, keep_hot)
+        sandboxes.insert_copy(row)
+        engine_spec = spec_of(row, policy)
 
         async def start():
             handle = await engine.resume_named(snap.id, engine_spec)
@@ -201,7 +163,7 @@ class CheckpointService:
             return handle
 
         await sandboxes.bring_up(row, f"resume of snapshot {snap.name}", start)
-        log.info("resumed snapshot %s as %s (%s)", snap.name, sandbox_id, sandbox_name)
+        log.info("resumed snapshot %s as %s (%s)", snap.name, row.id, sandbox_name)
         return row
 
 

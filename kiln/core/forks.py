@@ -14,17 +14,17 @@ from __future__ import annotations
 import logging
 import secrets
 
-from ..engine.base import Forkable, SandboxSpec
+from ..engine.base import Forkable
 from ..states import DEATHS, Status
-from ..store.db import NameTaken, SandboxRow, User, now
-from .errors import BadRequest, Conflict, KilnError, NotFound, NotImplementedYet, TooManyRequests
-from .lifecycle import CreateRequest, SandboxService
+from ..store.db import SandboxRow, User
+from .errors import BadRequest, Conflict, KilnError, NotFound, NotImplementedYet
+from .lifecycle import CreateRequest, SandboxService, inherited, spec_of
 from .names import check_labels, check_name
 
 log = logging.getLogger("kiln.forks")
 
-# what a fork takes from its source: asking for any of these with "from" is refused by name
-INHERITED = ("template_id", "image", "cpus", "memory_mb", "disk_size_mb", "env", "init", "secrets", "files")
+# request fields a fork takes from its source: asking for something else with "from" is refused by name
+SOURCE_FIELDS = ("template_id", "image", "cpus", "memory_mb", "disk_size_mb", "env", "init", "secrets", "files")
 
 
 class ForkService:
@@ -44,7 +44,7 @@ class ForkService:
             "disk_size_mb": src.disk_asked_mb,
         }
         given = [
-            f for f in INHERITED if getattr(req, f) not in (None, "", 0, [], {}) and getattr(req, f) != same.get(f)
+            f for f in SOURCE_FIELDS if getattr(req, f) not in (None, "", 0, [], {}) and getattr(req, f) != same.get(f)
         ]
         if req.volumes or req.new_volumes or req.persistent_volumes:
             given.append("volumes")
@@ -66,49 +66,13 @@ class ForkService:
         policy = sandboxes.net_policy(req.net_policy) if req.net_policy is not None else sandboxes.policy_of(src)
         if self.store.attachments(sandbox_id=src.id):
             raise Conflict(f'sandbox "{source_ref}" has volumes attached: it cannot be forked')
-        reserved = self.store.disk_mb_reserved(user.id)
-        limit = sandboxes.config.limits.max_disk_mb_per_user
-        if reserved + src.disk_mb > limit:
-            raise TooManyRequests(
-                f"disk quota exceeded: {reserved} MB reserved, {src.disk_mb} MB more, {limit} MB allowed"
-            )
-        fork_id = secrets.token_hex(8)
+        sandboxes.check_disk_quota(user, src.disk_mb)
         env = sandboxes.secrets.open_env(src.id, src.sealed_env)
-        row = SandboxRow(
-            id=fork_id,
-            owner_id=user.id,
-            name=name,
-            status=Status.CREATING,
-            cpus=src.cpus,
-            memory_mb=src.memory_mb,
-            image=src.image,
-            labels=dict(req.labels),
-            created_at=now(),
-            env=dict(src.env),
-            init=src.init,
-            keep_hot=bool(req.keep_hot),
-            template_id=src.template_id,
-            sealed_env=sandboxes.secrets.seal_env(fork_id, env),  # bound to the fork's own id
-            disk_mb=src.disk_mb,
-            disk_asked_mb=src.disk_asked_mb,
-            net_policy=policy.to_json(),
-        )
-        try:
-            self.store.insert_sandbox(row)
-        except NameTaken:
-            raise Conflict(f'name "{name}" is already in use') from None
-        spec = SandboxSpec(
-            id=fork_id,
-            hostname=src.name,  # (a fork keeps its source's hostname: it comes from the memory image)
-            cpus=src.cpus,
-            memory_mb=src.memory_mb,
-            env=row.env,
-            init=row.init,
-            image=row.image,
-            disk_mb=row.disk_mb,
-            setup_pending=False,  # the agent in the image has its secrets already
-            net_policy=policy,
-        )
+        row = sandboxes.copy_row(user, name, inherited(src), env, policy, req.labels, bool(req.keep_hot))
+        fork_id = row.id
+        sandboxes.insert_copy(row)
+        # a fork keeps its source's hostname (it comes from the memory image); its agent has its secrets
+        spec = spec_of(row, policy, hostname=src.name)
         paused_ms = 0
         engine, source_id = self.engine, src.id
 

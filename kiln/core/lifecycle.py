@@ -87,6 +87,30 @@ class CreateRequest:
         )
 
 
+INHERITED = ("cpus", "memory_mb", "image", "env", "init", "disk_mb", "disk_asked_mb", "template_id")
+
+
+def inherited(row: SandboxRow) -> dict:
+    """What a copy of a sandbox (a fork, a snapshot's sandboxes) takes from it."""
+    return {f: getattr(row, f) for f in INHERITED}
+
+
+def spec_of(row: SandboxRow, policy: NetPolicy, hostname: str | None = None, **extra) -> SandboxSpec:
+    """The engine's spec for a row (hostname: the row's name unless given)."""
+    return SandboxSpec(
+        id=row.id,
+        hostname=hostname or row.name,
+        cpus=row.cpus,
+        memory_mb=row.memory_mb,
+        env=row.env,
+        init=row.init,
+        image=row.image,
+        disk_mb=row.disk_mb,
+        net_policy=policy,
+        **extra,
+    )
+
+
 async def write_boot_files(handle: SandboxHandle, files: list[BootFile]) -> None:
     for f in files:
 
@@ -174,6 +198,49 @@ class SandboxService:
         if count >= max_count:
             raise TooManyRequests(f"sandbox limit reached ({count}/{max_count})")
 
+    def check_disk_quota(self, user: User, disk_mb: int) -> None:
+        limit = self.config.limits.max_disk_mb_per_user
+        reserved = self.store.disk_mb_reserved(user.id)
+        if reserved + disk_mb > limit:
+            raise TooManyRequests(
+                f"disk quota exceeded: {reserved} MB of root disk already reserved, {disk_mb} MB more asked, "
+                f"{limit} MB allowed per user"
+            )
+
+    # ------------------------------------------------------------ sandboxes made from another (fork, resume)
+
+    def copy_row(
+        self,
+        user: User,
+        name: str,
+        base: dict,
+        env: dict[str, str],
+        policy: NetPolicy,
+        labels: dict[str, str],
+        keep_hot: bool,
+    ) -> SandboxRow:
+        """A creating row for a sandbox that is a copy: `base` is what it takes from its origin
+        (inherited(row) of a source, or a snapshot's), env its secret environment (sealed to its id)."""
+        sandbox_id = secrets.token_hex(8)
+        return SandboxRow(
+            id=sandbox_id,
+            owner_id=user.id,
+            name=name,
+            status=Status.CREATING,
+            created_at=now(),
+            labels=dict(labels),
+            keep_hot=keep_hot,
+            sealed_env=self.secrets.seal_env(sandbox_id, env),
+            net_policy=policy.to_json(),
+            **base,
+        )
+
+    def insert_copy(self, row: SandboxRow) -> None:
+        try:
+            self.store.insert_sandbox(row)
+        except NameTaken:
+            raise Conflict(f'name "{row.name}" is already in use') from None
+
     def validate_create(self, user: User, req: CreateRequest) -> tuple[str, float, int, int]:
         """Check a create request's size and names; returns (name, cpus, memory_mb, disk_mb)."""
         lim = self.config.limits
@@ -188,12 +255,7 @@ class SandboxService:
         if req.disk_size_mb is not None and not MIN_DISK_MB <= req.disk_size_mb <= lim.max_disk_mb_per_sandbox:
             raise BadRequest(f"disk_size_mb must be between {MIN_DISK_MB} and {lim.max_disk_mb_per_sandbox}")
         disk_mb = req.disk_size_mb or lim.default_disk_mb
-        reserved = self.store.disk_mb_reserved(user.id)
-        if reserved + disk_mb > lim.max_disk_mb_per_user:
-            raise TooManyRequests(
-                f"disk quota exceeded: {reserved} MB of root disk already reserved, {disk_mb} MB more asked, "
-                f"{lim.max_disk_mb_per_user} MB allowed per user"
-            )
+        self.check_disk_quota(user, disk_mb)
         name = check_name("sandbox", req.name if req.name is not None else f"sandbox-{secrets.token_hex(3)}")
         check_labels(req.labels)
         self.net_policy(req.net_policy)
@@ -253,19 +315,7 @@ class SandboxService:
 
         async def start() -> SandboxHandle:
             volumes = await self.volumes.attach(user, row.id, wanted, new)
-            spec = SandboxSpec(
-                id=row.id,
-                hostname=name,
-                cpus=cpus,
-                memory_mb=memory_mb,
-                env=row.env,
-                init=row.init,
-                image=row.image,
-                disk_mb=row.disk_mb,
-                volumes=volumes,
-                setup_pending=bool(secret_env or files),
-                net_policy=policy,
-            )
+            spec = spec_of(row, policy, volumes=volumes, setup_pending=bool(secret_env or files))
             handle = await self.engine.create(spec)
             await write_boot_files(handle, files)
             if secret_env or files:

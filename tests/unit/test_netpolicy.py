@@ -17,7 +17,11 @@ from kiln.netpolicy import DENY, Denylist, InvalidPolicy, NetPolicy, always_deni
 
 def test_policies_are_checked_and_normalised():
     p = parse_policy(
-        {"default": "deny", "allow_hosts": ["Example.COM.", "*.GitHub.com", "example.com"], "allow_cidrs": ["203.0.113.7/24"]}
+        {
+            "default": "deny",
+            "allow_hosts": ["Example.COM.", "*.GitHub.com", "example.com"],
+            "allow_cidrs": ["203.0.113.7/24"],
+        }
     )
     assert p == NetPolicy(DENY, ("example.com", "*.github.com"), ("203.0.113.0/24",))
     assert parse_policy({}) == NetPolicy("public") and parse_policy({}, "deny").default == "deny"

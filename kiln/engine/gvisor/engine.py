@@ -40,7 +40,7 @@ from . import bundle, fork as forking, recovery
 from .cgroups import Cgroups
 from .network import EgressSettings, Link, Network, find_uplink
 from .reaper import ProcessWatcher
-from .records import Record
+from .records import RECORD_FILE, RESOLVED_FILE, Record
 from .resolver import Resolver
 from .runsc import Runsc, tail
 from .snapshots import PageStore, remove_scratch
@@ -49,7 +49,6 @@ from .volumes import VolumeMounts
 log = logging.getLogger("kiln.engine.gvisor")
 
 BOOT_TIMEOUT = 30.0
-RESOLVED_FILE = "resolved.json"  # {ip: unix time until which a deny-mode sandbox may reach it}
 SNAPSHOT_MARGIN = 32 << 20
 CREATE_MIN_FREE = 64 << 20
 
@@ -79,6 +78,7 @@ class GVisorEngine:
         self.resolver: Resolver | None = None
         self.resolved: dict[str, dict[str, float]] = {}  # addresses allowed since the last save_resolved
         self.resolved_flush: dict[str, asyncio.TimerHandle] = {}
+        self.behind: dict[str, str] = {}  # host veth -> the sandbox whose DNS the resolver serves there
         self.runsc = Runsc(data_dir / "runsc", runsc_binary)
         self.cgroups = Cgroups(f"kiln-{self.prefix}")
         self.volume_mounts = VolumeMounts(data_dir / "volume-mounts")
@@ -118,6 +118,8 @@ class GVisorEngine:
                 self.network.resolver_ip, self.egress.upstreams(), denylist, self.policy_behind, self.allow_addresses
             )
             for rec in self.records.values():
+                if os.path.exists(f"/sys/class/net/{self.link(rec).host_if}"):
+                    await self.network.ensure_egress_side(self.link(rec))  # made before egress was on, maybe
                 await self.attach_resolver(rec)
         await recovery.remove_strays(self)
         if not await asyncio.to_thread(forking.reflink_supported, self.sandboxes_dir):
@@ -143,8 +145,7 @@ class GVisorEngine:
         self.processes.close()
         if self.resolver is not None:
             self.resolver.close()
-        for sandbox_id, pending in list(self.resolved_flush.items()):
-            pending.cancel()
+        for sandbox_id in list(self.resolved_flush):
             self.save_resolved(sandbox_id)
         if not self.records:
             await self.network.remove_firewall()
@@ -168,14 +169,16 @@ class GVisorEngine:
         return self.policy(rec) if rec is not None else None
 
     def record_behind(self, host_if: str) -> Record | None:
-        return next((r for r in self.records.values() if self.link(r).host_if == host_if), None)
+        """Asked twice per DNS query: a map kept by attach_resolver, not a walk over every record."""
+        sandbox_id = self.behind.get(host_if)
+        return self.records.get(sandbox_id) if sandbox_id is not None else None
 
     async def set_net_policy(self, sandbox_id: str, policy: NetPolicy) -> None:
         rec = self.records.get(sandbox_id)
         if rec is None:
             raise EngineError(f"unknown sandbox {sandbox_id}")
         rec.net_policy = policy.to_json()
-        write_atomic(self.dir(sandbox_id) / "engine.json", rec.to_json())
+        write_atomic(self.dir(sandbox_id) / RECORD_FILE, rec.to_json())
         self.network.set_policy(self.link(rec), policy)
         self.resolved.pop(sandbox_id, None)  # resolved under the old policy
         (self.dir(sandbox_id) / RESOLVED_FILE).unlink(missing_ok=True)
@@ -194,7 +197,9 @@ class GVisorEngine:
             self.resolved_flush[rec.id] = asyncio.get_running_loop().call_later(0.5, self.save_resolved, rec.id)
 
     def save_resolved(self, sandbox_id: str) -> None:
-        self.resolved_flush.pop(sandbox_id, None)
+        pending = self.resolved_flush.pop(sandbox_id, None)
+        if pending is not None:
+            pending.cancel()  # (when called before its time: a fork copies the file)
         fresh = self.resolved.pop(sandbox_id, {})
         if sandbox_id not in self.records:
             return
@@ -211,8 +216,8 @@ class GVisorEngine:
         link = self.link(rec)
         if not os.path.exists(f"/sys/class/net/{link.host_if}"):
             return
-        await self.network.ensure_egress_side(link)  # a veth made before egress was configured
         await self.resolver.listen(link.host_if)
+        self.behind[link.host_if] = rec.id
         now = time.time()
         known = read_json(self.dir(rec.id) / RESOLVED_FILE, {})
         seed = [(ip, int(until - now)) for ip, until in known.items() if until - now >= 1]
@@ -276,7 +281,7 @@ class GVisorEngine:
             await self.attach_resolver(rec)
             await bundle.mount_rootfs(image_dir, sandbox_dir)
             # engine.json last: a directory without it is a half-made sandbox, removed on start.
-            write_atomic(sandbox_dir / "engine.json", rec.to_json())
+            write_atomic(sandbox_dir / RECORD_FILE, rec.to_json())
             return await self.launch(rec)
         except BaseException:
             await self.destroy(spec.id)
@@ -532,6 +537,7 @@ class GVisorEngine:
         if rec is not None:
             if self.resolver is not None:
                 self.resolver.stop(self.link(rec).host_if)
+                self.behind.pop(self.link(rec).host_if, None)
             await self.network.destroy(self.link(rec))
         else:
             await self.network.remove_netns(self.network.netns_name(sandbox_id))
@@ -664,12 +670,7 @@ class GVisorEngine:
             self.cgroups.remove(Path(cg).name)
         self.cgroups.remove_parent()
         subprocess.run(["nft", "delete", "table", "inet", self.network.table], capture_output=True, check=False)
-        subprocess.run(["ip", "-4", "route", "flush", "table", str(self.network.route_table)], capture_output=True)
-        for _ in range(10):
-            if subprocess.run(
-                ["ip", "-4", "rule", "del", "fwmark", str(self.network.mark)], capture_output=True
-            ).returncode:
-                break
+        self.network.remove_routing_guard_now()
         self.network.restore_uplink_forwarding()
 
 

@@ -28,7 +28,7 @@ from ...fileio import write_atomic
 from ..base import EngineError, ForkResult, SandboxHandle, SandboxSpec, State
 from . import bundle
 from .proc import run
-from .records import Record
+from .records import RECORD_FILE, RESOLVED_FILE, Record
 from .snapshots import PageStore, remove_scratch
 
 if TYPE_CHECKING:
@@ -47,7 +47,10 @@ async def fork(engine: GVisorEngine, source_id: str, spec: SandboxSpec) -> ForkR
     try:
         fork_dir.mkdir(parents=True)
         paused_ms = await capture(engine, source_id, scratch, fork_dir / "disk.ext4")
-        resolved = engine.dir(source_id) / "resolved.json" if src.net_policy == rec.net_policy else None
+        resolved = None
+        if src.net_policy == rec.net_policy:  # what the source resolved stays reachable from its copy
+            engine.save_resolved(source_id)  # (written half a second after each answer otherwise)
+            resolved = engine.dir(source_id) / RESOLVED_FILE
         handle = await restore_copy(engine, rec, spec, scratch, resolved)
         return ForkResult(handle, paused_ms)
     except BaseException:
@@ -130,12 +133,12 @@ async def restore_copy(
     link = engine.link(rec)
     path = engine.cgroups.path_for_runsc(rec.id)
     bundle.write_bundle(spec, new_dir, link, path, rec.token, [], engine.network.resolver_ip)
-    if resolved is not None and resolved.exists():  # what the source resolved stays reachable from its copy
-        shutil.copyfile(resolved, new_dir / "resolved.json")
+    if resolved is not None and resolved.exists():
+        shutil.copyfile(resolved, new_dir / RESOLVED_FILE)
     await engine.network.create(link, spec.net_policy)
     await engine.attach_resolver(rec)
     await bundle.mount_rootfs(engine.images_dir / rec.image, new_dir)
-    write_atomic(new_dir / "engine.json", rec.to_json())  # last: a directory without it is half-made
+    write_atomic(new_dir / RECORD_FILE, rec.to_json())  # last: a directory without it is half-made
     await engine.restore_detached(rec.id, new_dir, new_dir / "console.log", image_dir)
     return await engine.until_ready(rec)
 

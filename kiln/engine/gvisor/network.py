@@ -22,11 +22,13 @@ Without an uplink (`network.uplink: none`, or no default route) the same ruleset
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -217,14 +219,17 @@ class Network:
         await run(["ip", "-4", "-b", "-"], input=("\n".join(batch) + "\n").encode())
 
     async def remove_routing_guard(self) -> None:
-        await run(["ip", "-4", "route", "flush", "table", str(self.route_table)], check=False)
-        for _ in range(10):  # one rule per earlier start that did not clean up
-            if not await self.guard_rule_present():
-                break
-            await run(["ip", "-4", "rule", "del", "fwmark", str(self.mark)], check=False)
+        await asyncio.to_thread(self.remove_routing_guard_now)
 
-    async def guard_rule_present(self) -> bool:
-        return f"lookup {self.route_table}" in await run(["ip", "-4", "rule", "show"], check=False)
+    def remove_routing_guard_now(self) -> None:
+        """Its table and every rule pointing at it (one per earlier start that did not clean up);
+        synchronous, for a scrub when no daemon runs."""
+        subprocess.run(["ip", "-4", "route", "flush", "table", str(self.route_table)], capture_output=True)
+        for _ in range(10):
+            shown = subprocess.run(["ip", "-4", "rule", "show"], capture_output=True, text=True).stdout
+            if f"lookup {self.route_table}" not in shown:
+                break
+            subprocess.run(["ip", "-4", "rule", "del", "fwmark", str(self.mark)], capture_output=True)
 
     async def remove_firewall(self) -> None:
         with contextlib.suppress(EngineError):

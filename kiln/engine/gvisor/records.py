@@ -10,6 +10,7 @@ from pathlib import Path
 from ..base import VolumeAttachment
 
 RECORD_FILE = "engine.json"
+RESOLVED_FILE = "resolved.json"  # {ip: unix time until which a deny-mode sandbox may reach it}
 
 
 @dataclass
