@@ -1,5 +1,7 @@
 # kiln: `make serve` runs the daemon, `make test` runs the whole suite, `make bench` the benchmarks.
-# Both install what is missing first (apt packages, the project venv) and build the default image once.
+# Both install what is missing first (apt packages, the project venv). The built-in images are built
+# once per machine into /var/cache/kiln/images (keyed by recipe): `make serve` starts the daemon at
+# once and it builds missing images in the background; `make test` builds them before the suite.
 # `make test` runs ruff and mypy before the suite; `make unit` only the fast unit tests.
 SHELL := /bin/bash
 PY := .venv/bin/python
@@ -11,9 +13,9 @@ install:
 	@bash scripts/install-deps.sh
 
 image: install
-	@$(PY) -m kiln.cli.main image build $(if $(CONFIG),--config $(CONFIG))
+	@$(PY) -m kiln.cli.main image prepare $(if $(CONFIG),--config $(CONFIG))
 
-serve: image
+serve: install
 	@$(PY) -m kiln.cli.main serve $(if $(CONFIG),--config $(CONFIG))
 
 # Lint and types first: a finding fails the run before any sandbox starts.
@@ -25,6 +27,7 @@ lint:
 test:
 	@bash scripts/install-deps.sh --test
 	@$(MAKE) --no-print-directory lint
+	@$(PY) -m kiln.cli.main image prepare
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # Only the fast tests of pure logic: installs the Python packages, no system package, no root needed.

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.raw import raw_engine  # noqa: E402
 from kiln.engine.base import SandboxSpec  # noqa: E402
-from tests.daemon import Daemon  # noqa: E402
+from tests.daemon import Daemon, builtin_image  # noqa: E402
 
 
 def pct(values: list[float], p: float) -> float:
@@ -93,7 +93,7 @@ async def bench_raw(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
         runsc = engine.runsc
         for i in range(n_sandboxes):
             sid = f"raw{i:013d}"
-            handle = await engine.create(SandboxSpec(id=sid, hostname=f"raw-{i}"))
+            handle = await engine.create(SandboxSpec(id=sid, hostname=f"raw-{i}", image=builtin_image()))
             # stop what the engine booted; keep its bundle, overlay and netns, then boot it raw
             engine.expect_exit(sid)
             await runsc.delete(sid)

@@ -17,7 +17,7 @@ import time
 from bench.raw import raw_engine
 from kiln.engine.base import SandboxSpec
 from kiln.engine.gvisor.proc import run
-from tests.daemon import Daemon
+from tests.daemon import Daemon, builtin_image
 
 FILL_256MB = "head -c 268435456 /dev/urandom > /dev/shm/fill"
 
@@ -111,7 +111,7 @@ async def bench_thermal_raw(n: int) -> dict[str, list]:
         runsc = engine.runsc
 
         async def make(sid: str, fill: str | None):
-            handle = await engine.create(SandboxSpec(id=sid, hostname=sid))
+            handle = await engine.create(SandboxSpec(id=sid, hostname=sid, image=builtin_image()))
             if fill:
                 [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
             return handle

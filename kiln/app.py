@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -16,6 +15,7 @@ from .api import (
     files as files_api,
     forwards as forwards_api,
     health,
+    images as images_api,
     ports as ports_api,
     proxy as proxy_api,
     publish as publish_api,
@@ -40,6 +40,7 @@ from .core.files import FileService
 from .core.forks import ForkService
 from .core.forwards import ForwardService
 from .core.http_pools import HttpPools
+from .core.images import ImageService
 from .core.lifecycle import SandboxService
 from .core.ports import PortTracker
 from .core.publish import PublishService
@@ -55,7 +56,6 @@ from .core.volumes import VolumeService
 from .core.web_shell import WebShellService
 from .engine import make_engine
 from .engine.gvisor.reaper import become_subreaper
-from .images.default import ensure_default_image
 from .store.db import Store
 
 log = logging.getLogger("kiln")
@@ -82,16 +82,17 @@ def build_app(config: Config) -> FastAPI:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.data_dir.chmod(0o700)
         become_subreaper()
-        await asyncio.to_thread(ensure_default_image, config.image_root, log.info)
         store = Store(config.data_dir / "state.db")
         if ensure_admin(store, config):
             log.info("created the admin user; its API key is in %s", config.data_dir / "admin.token")
         engine = make_engine(config)
         secrets = SecretService(store, SecretBox(config.data_dir / "secret.key"))
         volumes = VolumeService(store, config.data_dir, config.limits.max_volume_storage_mb)
-        templates = TemplateService(store)
+        runtimes = Runtimes()
+        images = ImageService(store, engine, config, runtimes)
+        templates = TemplateService(store, images)
         events = SandboxEvents()
-        sandboxes = SandboxService(store, engine, config, secrets, volumes, templates, Runtimes(), events)
+        sandboxes = SandboxService(store, engine, config, secrets, volumes, templates, runtimes, events, images)
         upstreams = Upstreams(sandboxes)
         http_pools = HttpPools(sandboxes, upstreams)
         ports = PortTracker(sandboxes, upstreams, config.ports, config.limits.max_ports_per_sandbox)
@@ -106,6 +107,7 @@ def build_app(config: Config) -> FastAPI:
         events.on_destroyed(forwards.forget)
         events.on_destroyed(publish.forget_sandbox)
         await engine.start_engine()
+        await images.start()  # built-in images still missing are built in the background
         await sandboxes.reconcile()
         app.state.services = Services(
             store=store,
@@ -127,6 +129,7 @@ def build_app(config: Config) -> FastAPI:
             secrets=secrets,
             templates=templates,
             volumes=volumes,
+            images=images,
             web_shells=WebShellService(sandboxes),
             started=time.monotonic(),
             server=config.server,
@@ -145,6 +148,7 @@ def build_app(config: Config) -> FastAPI:
             yield
         finally:
             await thermal.stop()
+            await images.close()
             await ports.stop()
             await forwards.stop()
             if config.thermal.snapshot_on_shutdown:
@@ -180,6 +184,7 @@ def build_app(config: Config) -> FastAPI:
         templates_api,
         secrets_api,
         volumes_api,
+        images_api,
         snapshots_api,
         web_shell_api,
         web,

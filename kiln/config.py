@@ -9,7 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config_paths import DEFAULT_DATA_DIR, config_file
+from .config_paths import DEFAULT_DATA_DIR, DEFAULT_IMAGES_DIR, config_file
 
 
 class Section(BaseModel):
@@ -97,6 +97,11 @@ class LimitsConfig(Section):
     )
     max_ports_per_sandbox: int = Field(16, ge=1, le=1024, description="listening ports that get host relays")
     max_snapshots: int = Field(10, ge=0, description="named snapshots per user")
+    max_images: int = Field(10, ge=0, description="images per user (imported, built or saved)")
+    max_image_storage_mb: int = Field(51200, ge=1, description="what one user's images may take on disk")
+    max_import_bytes: int = Field(10 << 30, ge=1 << 20, description="an image archive's size; more is 413")
+    max_image_jobs: int = Field(2, ge=1, description="imports, builds and saves running at once on the server")
+    build_timeout: float = Field(3600.0, gt=0, description="seconds one Dockerfile build may take")
     # per user: POST /sandboxes; exec, file uploads and WebSockets; everything else
     rate_create: RateConfig = RateConfig(burst=10, per_minute=30)
     rate_exec: RateConfig = RateConfig(burst=30, per_minute=600)
@@ -119,7 +124,8 @@ class ServerConfig(Section):
 class Config(Section):
     listen: str = "127.0.0.1:8080"
     data_dir: Path = DEFAULT_DATA_DIR
-    images_dir: Path | None = None  # default: <data_dir>/images
+    # the built-in images and the agent's runtime: machine-wide, shared by every daemon and checkout
+    images_dir: Path = DEFAULT_IMAGES_DIR
     runsc: str = "runsc"
     log_level: str = "info"
     network: NetworkConfig = NetworkConfig()
@@ -154,7 +160,7 @@ class Config(Section):
 
     @property
     def image_root(self) -> Path:
-        return self.images_dir or self.data_dir / "images"
+        return self.images_dir
 
 
 class ConfigError(Exception):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 DEFAULT_CONFIG_PATHS = [Path("/etc/kiln/config.yaml")]
 DEFAULT_DATA_DIR = Path("/var/lib/kiln")
+DEFAULT_IMAGES_DIR = Path("/var/cache/kiln/images")  # built-in images, keyed by recipe: one copy per machine
 
 
 def config_file(path: str | os.PathLike | None = None) -> Path | None:

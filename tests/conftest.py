@@ -10,16 +10,14 @@ from tests.daemon import IMAGES, running_daemon
 
 @pytest.fixture(scope="session")
 def default_image():
-    """Build the shared default image once (mmdebstrap, ~30 s the first time)."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from pathlib import Path; from kiln.images.default import ensure_default_image;"
-            f"ensure_default_image(Path({str(IMAGES)!r}))",
-        ],
-        check=True,
+    """The built-in images and the agent's runtime in the machine-wide cache (`make test` builds them
+    first, with progress; this only checks, or builds them when a test is run on its own)."""
+    script = (
+        "from pathlib import Path; from kiln.images.builder import ensure_built;"
+        "from kiln.images.recipes import BUILTIN; from kiln.images.runtime import ensure_runtime;"
+        f"d = Path({str(IMAGES)!r}); ensure_runtime(d); [ensure_built(r, d) for r in BUILTIN.values()]"
     )
+    subprocess.run([sys.executable, "-c", script], check=True)
     return IMAGES
 
 

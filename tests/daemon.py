@@ -22,12 +22,20 @@ import httpx
 import yaml
 
 from kiln.config import load_config
+from kiln.config_paths import DEFAULT_IMAGES_DIR
 from kiln.engine import make_engine
-from kiln.engine.base import Engine
+from kiln.engine.base import Engine, ImageSpec
+from kiln.images.builder import image_dir
+from kiln.images.recipes import BUILTIN
 
 REPO = Path(__file__).resolve().parents[1]
-IMAGES = REPO / ".cache" / "images"
+IMAGES = DEFAULT_IMAGES_DIR  # the machine-wide cache of built-in images, as a daemon uses by default
 _subnets = itertools.count((os.getpid() % 50) * 4)
+
+
+def builtin_image(name: str = "minimal") -> ImageSpec:
+    """The engine's spec of a built-in image (engine tests and benchmarks talk to the engine directly)."""
+    return ImageSpec(rootfs=str(image_dir(IMAGES, BUILTIN[name]) / "rootfs"))
 
 
 def free_port() -> int:
@@ -57,7 +65,6 @@ class Daemon:
         self.config = {
             "listen": f"127.0.0.1:{self.port}",
             "data_dir": str(self.data_dir),
-            "images_dir": str(IMAGES),
             # no egress unless a test builds its own fake internet: tests never reach the real one
             "network": {"subnet": self.subnet, "uplink": "none"},
             # tests and benchmarks drive the API far faster than a user would

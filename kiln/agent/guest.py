@@ -1,4 +1,5 @@
-"""kiln guest agent: PID 1 inside every sandbox. Standard library only (any image with python3 runs it).
+"""kiln guest agent: PID 1 inside every sandbox. Standard library only; it runs on kiln's own
+Python runtime mounted into every sandbox (kiln/images/runtime.py), so any image runs it.
 
     python3 guest.py CONFIG_JSON
 
@@ -59,6 +60,8 @@ def detach_from_host_console() -> None:
 
 
 def main() -> None:
+    # set only so the runtime's python finds its stdlib (kiln/images/runtime.py): no child inherits it
+    os.environ.pop("PYTHONHOME", None)
     with open(sys.argv[1]) as f:
         config = json.load(f)
     agent = Agent(config)

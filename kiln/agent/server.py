@@ -36,6 +36,7 @@ MAX_CONNECTIONS = 50
 MAX_SESSIONS = 20  # running at once
 MAX_EXITED = 50  # exited ones still listed
 INIT_MARKER = "/var/lib/kiln-agent/init-started"
+START_MARKER = "/run/kiln-agent/start-started"  # on the sandbox's tmpfs: gone at the next boot
 # Secrets arrive from the host after boot (they are never in a file on the host); kept on the
 # sandbox's own tmpfs, root-only, so a re-forked agent server still has them.
 SECRETS_FILE = "/run/kiln-agent/secrets.json"
@@ -49,6 +50,10 @@ class Agent:
         self.bind = config.get("bind", "0.0.0.0")
         self.sandbox_env = {str(k): str(v) for k, v in (config.get("env") or {}).items()}
         self.init_script = config.get("init") or ""
+        # the image's defaults: who and where processes run, and the command every boot starts
+        self.default_user = config.get("user") or DEFAULT_UID
+        self.workdir = config.get("workdir") or ""
+        self.start_argv = [str(a) for a in config.get("start") or []]
         self.secrets_file = config.get("secrets_file", SECRETS_FILE)
         self.secret_env: dict[str, str] = {}
         self.secrets_ready = threading.Event()
@@ -72,9 +77,10 @@ class Agent:
     # -- identity and environment
 
     def identity(self, user) -> pwd.struct_passwd | None:
-        """Resolve `user` (None = uid 1000, a name, or a uid) to a passwd entry, or None if uid is unnamed."""
+        """Resolve `user` (None = the image's user or uid 1000, a name, or a uid) to a passwd entry, or
+        None if the uid is unnamed."""
         if user is None or user == "":
-            user = DEFAULT_UID
+            user = self.default_user
         if isinstance(user, str) and user.isdigit():
             user = int(user)
         try:
@@ -104,7 +110,7 @@ class Agent:
         pw = self.identity(req.get("user"))
         uid = pw.pw_uid if pw else int(req["user"])
         gid = pw.pw_gid if pw else uid
-        cwd = req.get("cwd") or "/"
+        cwd = req.get("cwd") or self.workdir or "/"
         if not os.path.isdir(cwd):
             raise RequestError(f"cwd: no such directory: {cwd}")
         return Launch(uid, gid, cwd, self.build_env(pw, uid, req.get("env")))
@@ -174,13 +180,28 @@ class Agent:
         os.makedirs(os.path.dirname(INIT_MARKER), exist_ok=True)
         with open(INIT_MARKER, "w"):
             pass
-        req = {"argv": ["/bin/sh", "-c", self.init_script], "cwd": "/workspace", "max_idle_sec": 0}
-        if not os.path.isdir("/workspace"):
-            req["cwd"] = "/"
+        req = {"argv": ["/bin/sh", "-c", self.init_script], "cwd": self.shell_cwd(), "max_idle_sec": 0}
         try:
             Session.start(self, "init", req)
         except Exception as e:  # the agent must keep serving even if init cannot start
             print(f"kiln-agent: init failed to start: {e}", file=sys.stderr, flush=True)
+
+    def shell_cwd(self) -> str:
+        """Where shells start: the image's working directory, else /workspace, else /."""
+        return self.workdir or ("/workspace" if os.path.isdir("/workspace") else "/")
+
+    def start_boot_command(self) -> None:
+        """Run the image's start command as session `start` on every boot (after the host's setup)."""
+        if not self.start_argv or os.path.exists(START_MARKER):
+            return
+        self.secrets_ready.wait(SECRETS_WAIT)
+        os.makedirs(os.path.dirname(START_MARKER), mode=0o700, exist_ok=True)
+        with open(START_MARKER, "w"):
+            pass
+        try:
+            Session.start(self, "start", {"argv": self.start_argv, "cwd": self.workdir or "/", "max_idle_sec": 0})
+        except Exception as e:
+            print(f"kiln-agent: the start command failed to start: {e}", file=sys.stderr, flush=True)
 
     # -- serving
 
@@ -192,6 +213,7 @@ class Agent:
         lsock.bind((self.bind, self.port))
         lsock.listen(128)
         threading.Thread(target=self.start_init, daemon=True).start()
+        threading.Thread(target=self.start_boot_command, daemon=True).start()
         while True:
             sock, _ = lsock.accept()
             if not self.connections.acquire(blocking=False):
@@ -238,8 +260,6 @@ class Agent:
             if req.get("session"):
                 self.get_session(req["session"]).attach(conn, force=not req.get("if_detached"))
             elif req.get("tty"):
-                if req.get("cwd") == "/workspace":
-                    files.make_dirs("/workspace")
                 session = Session.start(self, self.new_session_id(req.get("session_id")), req)
                 session.attach(conn, force=True)
             else:

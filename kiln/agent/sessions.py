@@ -55,7 +55,7 @@ class Session:
     def start(cls, agent: Agent, sid: str, req: dict) -> Session:
         # a new shell: bash as a login shell where the image has it
         argv = req.get("argv") or (["/bin/bash", "-li"] if os.path.exists("/bin/bash") else ["/bin/sh", "-l"])
-        kw = agent.popen_identity(req)
+        kw = agent.popen_identity({**req, "cwd": req.get("cwd") or agent.shell_cwd()})
         master, slave = os.openpty()
         set_winsize(slave, int(req.get("rows") or 24), int(req.get("cols") or 80))
 

@@ -17,7 +17,8 @@ from .deps import services, services_of
 # Where CommonHeaders leaves the caller it authenticated (before reading a body) for require_user.
 AUTHENTICATED = "kiln.user"
 # Routes whose bodies are raw bytes for the sandbox, not API JSON: file uploads and proxied requests.
-RAW_BODY_PATH = re.compile(r"^/sandboxes/[^/]+/(files|proxy)(/|$)")
+# bodies streamed to the route after its own auth: file uploads, proxied requests, image archives
+RAW_BODY_PATH = re.compile(r"^(/sandboxes/[^/]+/(files|proxy)(/|$)|/images/(import|build)$)")
 
 
 def route_template(conn: Request | WebSocket) -> str:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from ..core.forks import ForkService
     from ..core.forwards import ForwardService
     from ..core.http_pools import HttpPools
+    from ..core.images import ImageService
     from ..core.lifecycle import SandboxService
     from ..core.ports import PortTracker
     from ..core.publish import PublishService
@@ -48,6 +49,7 @@ class Services:
     secrets: SecretService
     templates: TemplateService
     volumes: VolumeService
+    images: ImageService
     web_shells: WebShellService
     started: float
     server: ServerConfig

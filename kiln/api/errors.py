@@ -17,8 +17,8 @@ from .deps import services
 log = logging.getLogger("kiln.api")
 
 
-def error(status: int, message: str, **extra) -> JSONResponse:
-    return JSONResponse({"error": message, **extra}, status_code=status)
+def error(status: int, message: str, headers: dict[str, str] | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
 
 
 def describe_validation(exc: RequestValidationError) -> str:
@@ -47,7 +47,7 @@ def install(app: FastAPI) -> None:
             request_id = "req_" + secrets.token_hex(8)
             log.error("%s %s failed (%s): %s", request.method, request.url.path, request_id, exc.cause)
             return error(500, "internal error", request_id=request_id)
-        return error(exc.status, exc.message)
+        return error(exc.status, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -69,6 +69,30 @@ class NamedSnapshotOut(Out):
     paused_ms: int | None = None  # on create: how long the sandbox was paused
 
 
+class ImageConfigOut(Out):
+    env: dict[str, str]
+    workdir: str
+    user: str
+    entrypoint: list[str]
+    cmd: list[str]
+    exposed_ports: list[int]
+    labels: dict[str, str]
+
+
+class ImageOut(Out):
+    id: str
+    name: str
+    owner: str  # "global" for the built-in images, else the owner's user id
+    source: str  # builtin, import, build or save
+    status: str  # ready; for built-in images also building or failed
+    size_mb: int
+    created_at: str
+    config: ImageConfigOut
+    description: str | None = None
+    progress: str | None = None  # while a built-in image is being built: its current step
+    error: str | None = None
+
+
 class ForkOut(Out):
     source: str
     paused_ms: int

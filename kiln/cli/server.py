@@ -1,6 +1,6 @@
 """The `kiln` command: the Typer app, how the client finds the daemon, and the server-host commands.
 
-On the server host: `kiln serve`, `kiln image build`, `kiln user ...` (they read config.yaml).
+On the server host: `kiln serve`, `kiln image prepare`, `kiln user ...` (they read config.yaml).
 Everywhere else it is a client of the API, built on the SDK: `kiln create`, `kiln exec`, `kiln shell`,
 ... Sandboxes are named by name or id. Every client command takes `--json`.
 
@@ -29,7 +29,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-image_app = typer.Typer(help="Images (server host).", no_args_is_help=True)
+image_app = typer.Typer(
+    help="Images: built in, imported, built from a Dockerfile or saved from a sandbox.", no_args_is_help=True
+)
 user_app = typer.Typer(help="API users and keys (server host).", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 app.add_typer(user_app, name="user")
@@ -123,12 +125,28 @@ def load_or_exit(path: str | None):
         raise fail(str(e), 2)
 
 
-@image_app.command("build")
-def image_build(config: str | None = ConfigOpt):
-    """Build the default image (Debian bookworm + python3) if it is missing."""
-    from ..images.default import ensure_default_image
+@image_app.command("prepare")
+def image_prepare(
+    names: list[str] = typer.Argument(None, help="built-in images to build (default: all of them)"),
+    config: str | None = ConfigOpt,
+):
+    """(server host) Build the built-in images this machine does not have yet, with progress, and the
+    agent's Python runtime. The daemon builds missing ones in the background too."""
+    from ..images.builder import ImageBuildError, ensure_built
+    from ..images.recipes import BUILTIN
+    from ..images.runtime import ensure_runtime
 
-    ensure_default_image(load_or_exit(config).image_root)
+    cfg = load_or_exit(config)
+    unknown = [n for n in names or [] if n not in BUILTIN]
+    if unknown:
+        raise fail(f"unknown built-in image {unknown[0]!r} (built in: {', '.join(BUILTIN)})", 2)
+    ensure_runtime(cfg.image_root)
+    for name in names or list(BUILTIN):
+        try:
+            path = ensure_built(BUILTIN[name], cfg.image_root, lambda line: typer.echo(f"[image] {line}", err=True))
+        except ImageBuildError as e:
+            raise fail(str(e), 1)
+        typer.echo(f"{name}: {path}")
 
 
 def open_store(config: str | None):

@@ -151,10 +151,11 @@ class CheckpointService:
         if template_id is not None:
             base["template_id"] = template_id
         sandboxes.check_disk_quota(user, base["disk_mb"])
+        image = sandboxes.images.resolve(user, base.get("image") or "")
         env = {**sandboxes.secrets.open_env(self.sealing_id(snap.id), snap.sealed_env), **(extra_env or {})}
         row = sandboxes.copy_row(user, sandbox_name, base, env, policy, labels or {}, keep_hot)
         sandboxes.insert_copy(row)
-        engine_spec = spec_of(row, policy)
+        engine_spec = spec_of(row, policy, image)
 
         async def start():
             handle = await engine.resume_named(snap.id, engine_spec)

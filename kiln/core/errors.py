@@ -6,9 +6,10 @@ from __future__ import annotations
 class KilnError(Exception):
     status = 500
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
 
 
 class BadRequest(KilnError):
@@ -19,12 +20,20 @@ class Unauthorized(KilnError):
     status = 401
 
 
+class Forbidden(KilnError):
+    status = 403
+
+
 class NotFound(KilnError):
     status = 404
 
 
 class Conflict(KilnError):
     status = 409
+
+
+class TooLarge(KilnError):
+    status = 413
 
 
 class TooManyRequests(KilnError):

@@ -67,12 +67,13 @@ class ForkService:
         if self.store.attachments(sandbox_id=src.id):
             raise Conflict(f'sandbox "{source_ref}" has volumes attached: it cannot be forked')
         sandboxes.check_disk_quota(user, src.disk_mb)
+        image = sandboxes.images.resolve(user, src.image)
         env = sandboxes.secrets.open_env(src.id, src.sealed_env)
         row = sandboxes.copy_row(user, name, inherited(src), env, policy, req.labels, bool(req.keep_hot))
         fork_id = row.id
         sandboxes.insert_copy(row)
         # a fork keeps its source's hostname (it comes from the memory image); its agent has its secrets
-        spec = spec_of(row, policy, hostname=src.name)
+        spec = spec_of(row, policy, image, hostname=src.name)
         paused_ms = 0
         engine, source_id = self.engine, src.id
 

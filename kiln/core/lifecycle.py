@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from ..agent.client import AgentError, AgentRequestError
 from ..config import Config
 from ..engine.base import Capabilities, Engine, EngineError, NoSpace, SandboxHandle, SandboxSpec, State
-from ..images.default import DEFAULT_IMAGE
 from ..netpolicy import InvalidPolicy, NetPolicy, parse_policy
 from ..states import DEATHS, IN_FLIGHT, Reason, Status, Tier
 from ..store.db import NameTaken, SandboxRow, Store, Template, User, now
@@ -23,6 +22,7 @@ from .boot_files import BootFile, FileRequest, check_boot_files
 from .diagnosis import Diagnosis, death_reason
 from .errors import BadRequest, Conflict, InsufficientStorage, Internal, KilnError, NotFound, TooManyRequests
 from .events import SandboxEvents
+from .images import ImageService, ResolvedImage
 from .names import check_env_keys, check_labels, check_name
 from .runtime import Runtimes
 from .secrets import SecretService
@@ -95,16 +95,19 @@ def inherited(row: SandboxRow) -> dict:
     return {f: getattr(row, f) for f in INHERITED}
 
 
-def spec_of(row: SandboxRow, policy: NetPolicy, hostname: str | None = None, **extra) -> SandboxSpec:
-    """The engine's spec for a row (hostname: the row's name unless given)."""
+def spec_of(
+    row: SandboxRow, policy: NetPolicy, image: ResolvedImage, hostname: str | None = None, **extra
+) -> SandboxSpec:
+    """The engine's spec for a row (hostname: the row's name unless given); the image's env is under
+    the sandbox's own."""
     return SandboxSpec(
         id=row.id,
         hostname=hostname or row.name,
         cpus=row.cpus,
         memory_mb=row.memory_mb,
-        env=row.env,
+        env={**image.env, **row.env},
         init=row.init,
-        image=row.image,
+        image=image.spec,
         disk_mb=row.disk_mb,
         net_policy=policy,
         **extra,
@@ -143,6 +146,7 @@ class SandboxService:
         templates: TemplateService,
         runtimes: Runtimes,
         events: SandboxEvents,
+        images: ImageService,
     ):
         self.store = store
         self.engine = engine
@@ -152,6 +156,7 @@ class SandboxService:
         self.templates = templates
         self.runtimes = runtimes
         self.events = events
+        self.images = images
         self.caps = Capabilities.of(engine)  # once: a Protocol isinstance check is slow
         self.diagnosis = Diagnosis(store, engine, runtimes)
         self.waker = Waker(store, engine, self.caps, runtimes, self.diagnosis, secrets)
@@ -278,8 +283,7 @@ class SandboxService:
         existing = self.store.get_sandbox(user.id, name)
         if existing is not None and existing.name == name and existing.status not in IN_FLIGHT:
             return existing, True
-        if req.image not in (None, DEFAULT_IMAGE):
-            raise NotFound(f'image "{req.image}" not found')
+        image = self.images.resolve(user, req.image)
         attach, make = self.volumes.split_persistent(user, req.persistent_volumes)
         wanted, new = [*(req.volumes or []), *attach], [*req.new_volumes, *make]
         self.volumes.resolve(user, wanted, new)
@@ -295,7 +299,7 @@ class SandboxService:
             status=Status.CREATING,
             cpus=cpus,
             memory_mb=memory_mb,
-            image=DEFAULT_IMAGE,
+            image=image.name,
             labels=dict(req.labels),
             created_at=now(),
             env=dict(req.env),
@@ -315,7 +319,7 @@ class SandboxService:
 
         async def start() -> SandboxHandle:
             volumes = await self.volumes.attach(user, row.id, wanted, new)
-            spec = spec_of(row, policy, volumes=volumes, setup_pending=bool(secret_env or files))
+            spec = spec_of(row, policy, image, volumes=volumes, setup_pending=bool(secret_env or files))
             handle = await self.engine.create(spec)
             await write_boot_files(handle, files)
             if secret_env or files:

@@ -43,14 +43,21 @@ class KeyedLimiter:
         return bucket.take()
 
 
-CREATE_ROUTES = {("POST", "/sandboxes")}
+# making a sandbox or an image: the heavy requests
+CREATE_ROUTES = {
+    ("POST", "/sandboxes"),
+    ("POST", "/images/import"),
+    ("POST", "/images/build"),
+    ("POST", "/sandboxes/{sandbox_id}/save-image"),
+}
 EXEC_ROUTES = {("POST", "/sandboxes/{sandbox_id}/exec"), ("PUT", "/sandboxes/{sandbox_id}/files")}
 
 
 def rate_class(method: str, route: str) -> str:
     """bhatti's classes, chosen by the matched route's template (never by what a path contains: a
-    sandbox may be called `ws-demo`): only POST /sandboxes creates; exec, file uploads and WebSockets
-    (method "WEBSOCKET") are "exec"; everything else (reads, deletes, stop/start, publish) is "read"."""
+    sandbox may be called `ws-demo`): POST /sandboxes and image imports, builds and saves create;
+    exec, file uploads and WebSockets (method "WEBSOCKET") are "exec"; everything else (reads,
+    deletes, stop/start, publish) is "read"."""
     if (method, route) in CREATE_ROUTES:
         return "create"
     if (method, route) in EXEC_ROUTES or method == "WEBSOCKET":

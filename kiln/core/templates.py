@@ -14,10 +14,10 @@ import math
 import secrets
 from dataclasses import dataclass, field
 
-from ..images.default import DEFAULT_IMAGE
 from ..netpolicy import InvalidPolicy, parse_policy
 from ..store.db import NameTaken, Store, Template, User, now
 from .errors import BadRequest, Conflict, NotFound
+from .images import ImageService
 from .names import NAME_PATTERN, NAME_RE, check_env_keys, check_labels, check_name, check_secret_names
 from .volumes import PersistentVolume, VolumeRequest, validate_mount
 
@@ -81,8 +81,9 @@ class TemplateSpec:
 
 
 class TemplateService:
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, images: ImageService):
         self.store = store
+        self.images = images
 
     def create(self, user: User, spec: TemplateSpec) -> Template:
         if spec.id is not None and not NAME_RE.match(spec.id):
@@ -91,8 +92,7 @@ class TemplateService:
         name = check_name("template", spec.name or template_id)  # bhatti needs no name: the id is one
         if spec.engine not in ENGINES:
             raise BadRequest(f'engine "{spec.engine}": this kiln runs gvisor')
-        if spec.image not in ("", DEFAULT_IMAGE):
-            raise NotFound(f'image "{spec.image}" not found')
+        self.images.check_exists(user, spec.image)
         if spec.disk_size_mb < 0:
             raise BadRequest("disk_size_mb must not be negative")
         check_labels(spec.labels)

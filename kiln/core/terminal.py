@@ -60,7 +60,7 @@ async def choose_session(agent: AgentClient, session: str | None, new: bool, row
     return await agent.attach(
         {
             "tty": True,
-            "cwd": "/workspace",  # the agent picks bash or sh
+            # no cwd: the agent starts shells in the image's working directory (or /workspace), with bash or sh
             "env": {"TERM": "xterm-256color"},
             "rows": rows,
             "cols": cols,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from ..agent.client import AgentClient
@@ -36,16 +37,27 @@ class VolumeAttachment:
 
 
 @dataclass(frozen=True)
+class ImageSpec:
+    """The image a sandbox runs: its root tree on the host and the defaults its processes get."""
+
+    rootfs: str  # host path of the image's read-only root tree
+    user: str = ""  # default user of exec, shells and the start command ("": uid 1000)
+    workdir: str = ""  # default working directory ("": / for exec, /workspace or / for shells)
+    start: tuple[str, ...] = ()  # argv the agent runs as session "start" at every boot
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
-    """What a user can ask for. Engine details (addresses, paths, flags) never appear here."""
+    """What a user can ask for. Engine details (addresses, flags) never appear here; the only host
+    paths are those of what core owns and hands over (the image's tree, volume images)."""
 
     id: str
     hostname: str
+    image: ImageSpec
     cpus: float = 1.0
     memory_mb: int = 512
     env: dict[str, str] = field(default_factory=dict)
     init: str = ""
-    image: str = "default"
     disk_mb: int = 10240  # cap on what the sandbox can write to its root disk
     volumes: tuple[VolumeAttachment, ...] = ()
     # the host hands the agent its secrets after every boot (and its create-time files after the
@@ -145,6 +157,10 @@ class Engine(Protocol):
     async def boot(self, sandbox_id: str) -> SandboxHandle:
         """Boot a DEAD (or snapshot-less) sandbox again, fresh, on the disk it had. Any memory
         snapshot it had is dropped (it no longer matches the disk)."""
+
+    async def export_rootfs(self, sandbox_id: str, target: Path) -> None:
+        """Write the sandbox's root tree (its image and what it wrote since) into target, a new
+        directory, as it was at one instant; a running sandbox keeps running (paused briefly)."""
 
     async def destroy(self, sandbox_id: str) -> None:
         """Remove the sandbox and everything the engine made for it, in any state. Idempotent:

@@ -170,6 +170,20 @@ MIGRATIONS: list[str] = [
         UNIQUE (owner_id, name)
     );
     """,
+    # 13: users' images (imported, built, saved from a sandbox); built-in ones are not stored
+    """
+    CREATE TABLE images (
+        id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES users(id),
+        name TEXT NOT NULL,
+        status TEXT NOT NULL,
+        source TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL,
+        config TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (owner_id, name)
+    );
+    """,
 ]
 
 
@@ -239,6 +253,18 @@ class NamedSnapshot:
     created_at: str
     spec: dict  # cpus, memory_mb, image, env, init, disk_mb, disk_asked_mb, net_policy, template_id
     sealed_env: bytes | None = None  # the source's secrets, sealed to this snapshot
+
+
+@dataclass
+class ImageRow:
+    id: str
+    owner_id: str
+    name: str
+    status: str  # "creating" (its tree is being made; the name is taken) or "ready"
+    source: str  # import, build or save
+    size_bytes: int
+    config: dict  # env, workdir, user, cmd, entrypoint, exposed_ports, labels (kiln/images/config.py)
+    created_at: str
 
 
 @dataclass
@@ -375,7 +401,7 @@ class Store:
         """What a user still owns (a user is deleted only when this is all zeros)."""
         return {
             t: self._exec(f"SELECT COUNT(*) FROM {t} WHERE owner_id=?", (user_id,)).fetchone()[0]
-            for t in ("sandboxes", "secrets", "volumes", "templates", "named_snapshots")
+            for t in ("sandboxes", "secrets", "volumes", "templates", "named_snapshots", "images")
         }
 
     def delete_user(self, user_id: str) -> None:
@@ -550,6 +576,52 @@ class Store:
         d = dict(r)
         d["spec"] = json.loads(d["spec"])
         return NamedSnapshot(**d)
+
+    # ------------------------------------------------------------ images
+
+    def insert_image(self, i: ImageRow) -> None:
+        try:
+            self._exec(
+                "INSERT INTO images VALUES (?,?,?,?,?,?,?,?)",
+                (i.id, i.owner_id, i.name, i.status, i.source, i.size_bytes, json.dumps(i.config), i.created_at),
+            )
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(i.name) from e
+
+    def finish_image(self, image_id: str, size_bytes: int, config: dict) -> None:
+        self._exec(
+            "UPDATE images SET status='ready', size_bytes=?, config=? WHERE id=?",
+            (size_bytes, json.dumps(config), image_id),
+        )
+
+    def images(self, owner_id: str | None = None) -> list[ImageRow]:
+        if owner_id is None:
+            rows = self._exec("SELECT * FROM images ORDER BY created_at")
+        else:
+            rows = self._exec("SELECT * FROM images WHERE owner_id=? ORDER BY created_at", (owner_id,))
+        return [self._image(r) for r in rows]
+
+    def image(self, owner_id: str, name: str) -> ImageRow | None:
+        r = self._exec("SELECT * FROM images WHERE owner_id=? AND name=?", (owner_id, name)).fetchone()
+        return self._image(r) if r else None
+
+    def delete_image(self, image_id: str) -> None:
+        self._exec("DELETE FROM images WHERE id=?", (image_id,))
+
+    def image_users(self, owner_id: str, name: str) -> dict[str, int]:
+        """How many of the owner's sandboxes, templates and named snapshots use the image."""
+        queries = {
+            "sandboxes": "SELECT COUNT(*) FROM sandboxes WHERE owner_id=? AND image=?",
+            "templates": "SELECT COUNT(*) FROM templates WHERE owner_id=? AND json_extract(spec, '$.image')=?",
+            "snapshots": "SELECT COUNT(*) FROM named_snapshots WHERE owner_id=? AND json_extract(spec, '$.image')=?",
+        }
+        return {k: self._exec(q, (owner_id, name)).fetchone()[0] for k, q in queries.items()}
+
+    @staticmethod
+    def _image(r: sqlite3.Row) -> ImageRow:
+        d = dict(r)
+        d["config"] = json.loads(d["config"])
+        return ImageRow(**d)
 
     # ------------------------------------------------------------ web shell tokens and forwards
 

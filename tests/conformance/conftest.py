@@ -18,6 +18,7 @@ import pytest
 from kiln.config import Config
 from kiln.engine import make_engine
 from kiln.engine.base import Engine, SandboxHandle, SandboxSpec
+from tests.daemon import builtin_image
 
 ENGINES = ["gvisor"]  # every engine kiln ships
 
@@ -47,7 +48,9 @@ class EngineUnderTest:
     def create(self, **spec: Any) -> SandboxHandle:
         sandbox_id = secrets.token_hex(8)
         self.made.append(sandbox_id)
-        return self.loop.run(self.engine.create(SandboxSpec(id=sandbox_id, hostname="conformance", **spec)))
+        return self.loop.run(
+            self.engine.create(SandboxSpec(id=sandbox_id, hostname="conformance", image=builtin_image(), **spec))
+        )
 
     def exec(self, handle: SandboxHandle, *argv: str) -> tuple[int, str]:
         async def go() -> tuple[int, str]:
@@ -67,7 +70,6 @@ def engine(request, default_image):
     data_dir = Path(tempfile.mkdtemp(prefix="kiln-conformance-"))
     config = Config(
         data_dir=data_dir,
-        images_dir=default_image,
         network={"subnet": f"10.{250 + os.getpid() % 5}.{os.getpid() % 250}.0/24"},
     )
     engine = make_engine(config)

@@ -12,7 +12,7 @@ import pytest
 from kiln.core.http_pools import readable_now
 from kiln.core.ratelimit import rate_class
 from kiln.core.users import write_token
-from kiln.images.default import ImageBuildError, host_mirror
+from kiln.images.builder import ImageBuildError, host_mirror
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,6 +7,7 @@ import pytest
 
 from kiln.config import Config
 from kiln.core.events import SandboxEvents
+from kiln.core.images import ImageService
 from kiln.core.lifecycle import SandboxService
 from kiln.core.runtime import Runtimes
 from kiln.core.secrets import SecretBox, SecretService
@@ -25,15 +26,18 @@ def world(tmp_path):
     engine = FakeEngine()
     config = Config(data_dir=tmp_path)
     secrets = SecretService(store, SecretBox(tmp_path / "secret.key"))
+    runtimes = Runtimes()
+    images = ImageService(store, engine, config, runtimes)
     service = SandboxService(
         store,
         engine,
         config,
         secrets,
         VolumeService(store, tmp_path, 1024),
-        TemplateService(store),
-        Runtimes(),
+        TemplateService(store, images),
+        runtimes,
         SandboxEvents(),
+        images,
     )
     yield store, engine, service
     store.close()
@@ -113,7 +117,15 @@ def test_stop_on_an_engine_without_snapshots_is_409(world, tmp_path):
     plain = NoSnapshots()
     plain.states = engine.states
     limited = SandboxService(
-        store, plain, service.config, service.secrets, service.volumes, service.templates, Runtimes(), SandboxEvents()
+        store,
+        plain,
+        service.config,
+        service.secrets,
+        service.volumes,
+        service.templates,
+        Runtimes(),
+        SandboxEvents(),
+        service.images,
     )
     assert limited.caps.snapshot is False
     user = store.user_by_name("alice")

@@ -20,6 +20,7 @@ from pathlib import Path
 from ... import diskimage
 from ...agent import AGENT_DIR
 from ...fileio import write_atomic
+from ...images.runtime import GUEST_RUNTIME, RUNTIME_ENV, agent_argv
 from ..base import EngineError, SandboxSpec
 from .network import Link
 from .proc import run
@@ -51,7 +52,9 @@ CAPABILITIES = [
 ]
 
 
-def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, binds: list[Bind]) -> dict:
+def runtime_spec(
+    spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, binds: list[Bind], runtime: Path
+) -> dict:
     memory = spec.memory_mb * 1024 * 1024
     caps = {k: CAPABILITIES for k in ("bounding", "effective", "permitted")}
     return {
@@ -59,8 +62,13 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
-            "args": ["/usr/bin/python3", "-B", "-u", f"{GUEST_AGENT_DIR}/guest.py", GUEST_AGENT_CONFIG],
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8"],
+            # the agent runs on kiln's Python runtime, never the image's (which may have none)
+            "args": agent_argv(GUEST_AGENT_DIR, GUEST_AGENT_CONFIG),
+            "env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                "LANG=C.UTF-8",
+                *(f"{k}={v}" for k, v in RUNTIME_ENV.items()),
+            ],
             "cwd": "/",
             "capabilities": caps,
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
@@ -81,6 +89,7 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
             {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777"]},
             {"destination": "/run", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=755"]},
             {"destination": GUEST_AGENT_DIR, "type": "bind", "source": str(AGENT_DIR), "options": ["rbind", "ro"]},
+            {"destination": GUEST_RUNTIME, "type": "bind", "source": str(runtime), "options": ["rbind", "ro"]},
             {
                 "destination": GUEST_AGENT_CONFIG,
                 "type": "bind",
@@ -118,13 +127,30 @@ def runtime_spec(spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path:
 
 
 def write_bundle(
-    spec: SandboxSpec, sandbox_dir: Path, link: Link, cgroups_path: str, token: str, binds: list[Bind], resolver: str
+    spec: SandboxSpec,
+    sandbox_dir: Path,
+    link: Link,
+    cgroups_path: str,
+    token: str,
+    binds: list[Bind],
+    resolver: str,
+    runtime: Path,
 ) -> None:
     (sandbox_dir / "rootfs").mkdir(exist_ok=True)
     write_atomic(sandbox_dir / RESOLV_CONF, f"nameserver {resolver}\noptions timeout:2 attempts:2\n", mode=0o644)
-    agent_config = {"token": token, "env": spec.env, "init": spec.init, "setup_pending": spec.setup_pending}
+    image = spec.image
+    agent_config = {
+        "token": token,
+        "env": spec.env,
+        "init": spec.init,
+        "setup_pending": spec.setup_pending,
+        "user": image.user,
+        "workdir": image.workdir,
+        "start": list(image.start),
+    }
     write_atomic(sandbox_dir / "agent.json", json.dumps(agent_config))
-    write_atomic(sandbox_dir / "config.json", json.dumps(runtime_spec(spec, sandbox_dir, link, cgroups_path, binds)))
+    config = runtime_spec(spec, sandbox_dir, link, cgroups_path, binds, runtime)
+    write_atomic(sandbox_dir / "config.json", json.dumps(config))
 
 
 async def make_disk(sandbox_dir: Path, size_mb: int) -> None:

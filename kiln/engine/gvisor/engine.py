@@ -22,6 +22,7 @@ from pathlib import Path
 from ...agent.client import AgentClient
 from ...agent.protocol import AGENT_PORT
 from ...fileio import write_atomic
+from ...images.runtime import RuntimeUnavailable, ensure_runtime
 from ...netpolicy import NEVER, Denylist, NetPolicy
 from ..base import (
     DeathCause,
@@ -36,7 +37,7 @@ from ..base import (
     Status,
     Usage,
 )
-from . import bundle, fork as forking, recovery
+from . import bundle, export, fork as forking, recovery
 from .cgroups import Cgroups
 from .network import EgressSettings, Link, Network, find_uplink
 from .reaper import ProcessWatcher
@@ -92,6 +93,7 @@ class GVisorEngine:
         self.exit_tasks: set[asyncio.Task] = set()  # exit reports under way (referenced until done)
         self.slot_lock = asyncio.Lock()
         self.exit_listener: ExitListener | None = None
+        self.runtime_dir: Path | None = None  # the agent's Python runtime (kiln/images/runtime.py)
 
     def set_exit_listener(self, listener: ExitListener) -> None:
         self.exit_listener = listener
@@ -99,6 +101,10 @@ class GVisorEngine:
     # ------------------------------------------------------------ engine lifecycle
 
     async def start_engine(self) -> None:
+        try:
+            self.runtime_dir = await asyncio.to_thread(ensure_runtime, self.images_dir)
+        except (OSError, RuntimeUnavailable, subprocess.CalledProcessError) as e:
+            raise EngineError(f"cannot prepare the agent's Python runtime in {self.images_dir}: {e}") from e
         self.sandboxes_dir.mkdir(parents=True, exist_ok=True)
         self.sandboxes_dir.chmod(0o700)  # memory snapshots (with the sandboxes' secrets) are root's only
         for d in self.sandboxes_dir.iterdir():
@@ -224,6 +230,18 @@ class GVisorEngine:
         if seed:
             self.network.allow_addresses(link, seed)
 
+    def runtime(self) -> Path:
+        if self.runtime_dir is None:
+            raise EngineError("the engine is not started")
+        return self.runtime_dir
+
+    def image_root(self, rec: Record) -> Path:
+        """The image tree under a sandbox (records older than images by path name one in images_dir)."""
+        return Path(rec.image) if os.path.isabs(rec.image) else self.images_dir / rec.image
+
+    def images_in_use(self) -> set[str]:
+        return {str(self.image_root(r)) for r in self.records.values()}
+
     def volumes_in_use(self) -> set[str]:
         return {v["image"] for r in self.records.values() for v in r.volumes}
 
@@ -243,9 +261,9 @@ class GVisorEngine:
     # ------------------------------------------------------------ lifecycle
 
     async def create(self, spec: SandboxSpec) -> SandboxHandle:
-        image_dir = self.images_dir / spec.image
-        if not (image_dir / "usr/bin/python3").exists():
-            raise EngineError(f"image {spec.image!r} is not built at {image_dir}")
+        image_dir = Path(spec.image.rootfs)
+        if not image_dir.is_dir():
+            raise EngineError(f"image tree {image_dir} is missing")
         sandbox_dir = self.dir(spec.id)
         async with self.slot_lock:
             used = {r.slot for r in self.records.values()}
@@ -256,7 +274,7 @@ class GVisorEngine:
                 id=spec.id,
                 slot=slot,
                 token=secrets.token_hex(16),
-                image=spec.image,
+                image=spec.image.rootfs,
                 memory_mb=spec.memory_mb,
                 volumes=[{"image": v.image, "mount": v.mount, "read_only": v.read_only} for v in spec.volumes],
                 net_policy=spec.net_policy.to_json(),
@@ -274,6 +292,7 @@ class GVisorEngine:
                 rec.token,
                 binds,
                 self.network.resolver_ip,
+                self.runtime(),
             )
             await self.volume_mounts.ensure(list(spec.volumes))
             await bundle.make_disk(sandbox_dir, spec.disk_mb)
@@ -331,7 +350,7 @@ class GVisorEngine:
         else:
             await self.network.prepare_for_boot(link)
         await self.volume_mounts.ensure(rec.volume_attachments())
-        await bundle.mount_rootfs(self.images_dir / rec.image, self.dir(sandbox_id))
+        await bundle.mount_rootfs(self.image_root(rec), self.dir(sandbox_id))
         return rec
 
     async def boot(self, sandbox_id: str) -> SandboxHandle:
@@ -341,6 +360,9 @@ class GVisorEngine:
         await self.index_done(sandbox_id)
         await asyncio.to_thread(PageStore(self.dir(sandbox_id)).mark_consumed)
         return handle
+
+    async def export_rootfs(self, sandbox_id: str, target: Path) -> None:
+        await export.export_rootfs(self, sandbox_id, target)
 
     # ------------------------------------------------------------ thermal: pause / resume
 

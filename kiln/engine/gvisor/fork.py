@@ -132,12 +132,12 @@ async def restore_copy(
     new_dir = engine.dir(rec.id)
     link = engine.link(rec)
     path = engine.cgroups.path_for_runsc(rec.id)
-    bundle.write_bundle(spec, new_dir, link, path, rec.token, [], engine.network.resolver_ip)
+    bundle.write_bundle(spec, new_dir, link, path, rec.token, [], engine.network.resolver_ip, engine.runtime())
     if resolved is not None and resolved.exists():
         shutil.copyfile(resolved, new_dir / RESOLVED_FILE)
     await engine.network.create(link, spec.net_policy)
     await engine.attach_resolver(rec)
-    await bundle.mount_rootfs(engine.images_dir / rec.image, new_dir)
+    await bundle.mount_rootfs(engine.image_root(rec), new_dir)
     write_atomic(new_dir / RECORD_FILE, rec.to_json())  # last: a directory without it is half-made
     await engine.restore_detached(rec.id, new_dir, new_dir / "console.log", image_dir)
     return await engine.until_ready(rec)

@@ -1,0 +1,84 @@
+"""The built-in images: each a recipe of Debian packages and set-up hooks, built once per machine.
+
+A recipe's key is a hash of everything that goes into it, so an image built from one recipe is
+found again by any checkout on the same machine (the cache is machine-wide), and a changed recipe
+builds a new image instead of reusing a stale one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+SUITE = "bookworm"
+RECIPE_FORMAT = 1  # raise when the way recipes are built changes
+# Documentation and translations are dead weight in a sandbox image.
+PATH_EXCLUDES = ("/usr/share/man/*", "/usr/share/locale/*", "/usr/share/doc/*", "/usr/share/info/*")
+# The unprivileged user that exec and shells run as by default (uid/gid 1000), with /workspace.
+KILN_USER = (
+    'echo "kiln:x:1000:1000:kiln:/home/kiln:/bin/bash" >> "$1/etc/passwd"',
+    'echo "kiln:x:1000:" >> "$1/etc/group"',
+    'echo "kiln:*:19000:0:99999:7:::" >> "$1/etc/shadow"',
+    'mkdir -p "$1/home/kiln" "$1/workspace" && chown 1000:1000 "$1/home/kiln" "$1/workspace"',
+)
+SUDO_FOR_KILN = ('echo "kiln ALL=(ALL) NOPASSWD:ALL" > "$1/etc/sudoers.d/kiln" && chmod 0440 "$1/etc/sudoers.d/kiln"',)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    variant: str  # mmdebstrap's: essential (no apt) or apt
+    packages: tuple[str, ...]
+    hooks: tuple[str, ...] = KILN_USER
+
+    @property
+    def key(self) -> str:
+        """12 hex digits of the recipe's content: the image's directory is `<name>-<key>`."""
+        blob = json.dumps({"format": RECIPE_FORMAT, "suite": SUITE, "excludes": PATH_EXCLUDES, **asdict(self)})
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def dir_name(self) -> str:
+        return f"{self.name}-{self.key}"
+
+
+MINIMAL = Recipe(
+    name="minimal",
+    description="Debian bookworm with python3: the smallest image, the fastest to build",
+    variant="essential",
+    packages=("python3", "procps"),
+)
+
+DEFAULT = Recipe(
+    name="default",
+    description="a developer image: git, curl, python3 with pip and venv, node and npm, gcc and make, sudo",
+    variant="apt",
+    packages=(
+        "bash",
+        "build-essential",
+        "ca-certificates",
+        "curl",
+        "git",
+        "jq",
+        "less",
+        "locales",
+        "nodejs",
+        "npm",
+        "openssh-client",
+        "procps",
+        "python3",
+        "python3-pip",
+        "python3-venv",
+        "sudo",
+        "unzip",
+        "vim-tiny",
+        "wget",
+        "zip",
+    ),
+    hooks=KILN_USER + SUDO_FOR_KILN,
+)
+
+BUILTIN: dict[str, Recipe] = {r.name: r for r in (MINIMAL, DEFAULT)}
+DEFAULT_IMAGE = DEFAULT.name
