@@ -25,8 +25,13 @@ command -v nft >/dev/null || need_apt+=(nftables)
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v mkfs.ext4 >/dev/null || need_apt+=(e2fsprogs)
 command -v curl >/dev/null || need_apt+=(curl)   # the README's examples; `make bench` compares the CLI with it
+command -v skopeo >/dev/null || need_apt+=(skopeo)   # image import: docker-save and OCI archives to an OCI layout
+command -v umoci >/dev/null || need_apt+=(umoci)     # image import: applies layers (whiteouts, safe paths)
+command -v rsync >/dev/null || need_apt+=(rsync)     # save-image: copies a sandbox's tree, hard-linking its image's
+[ -x /usr/bin/python3 ] || need_apt+=(python3)       # the agent's runtime inside every sandbox
 if [ "$mode" = "--test" ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)   # driven by Playwright in tests/browser
+  dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)  # the tests' image without python3
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -107,8 +107,9 @@ class Agent:
 
     def launch_spec(self, req: dict) -> Launch:
         """Who, where and with what environment a requested process runs."""
-        pw = self.identity(req.get("user"))
-        uid = pw.pw_uid if pw else int(req["user"])
+        user = req.get("user")
+        pw = self.identity(user)
+        uid = pw.pw_uid if pw else int(user if user not in (None, "") else self.default_user)
         gid = pw.pw_gid if pw else uid
         cwd = req.get("cwd") or self.workdir or "/"
         if not os.path.isdir(cwd):
