@@ -33,6 +33,7 @@ from .api.auth import CommonHeaders
 from .api.deps import Services
 from .api.public import PublicLimits, PublicProxy
 from .config import Config
+from .core.builds import BuildService
 from .core.checkpoints import CheckpointService
 from .core.events import SandboxEvents
 from .core.exec import ExecService
@@ -108,7 +109,9 @@ def build_app(config: Config) -> FastAPI:
         events.on_destroyed(publish.forget_sandbox)
         await engine.start_engine()
         await images.start()  # built-in images still missing are built in the background
+        builds = BuildService(sandboxes, images)
         await sandboxes.reconcile()
+        await builds.start()  # after reconcile: the sandboxes of interrupted builds are destroyed
         app.state.services = Services(
             store=store,
             sandboxes=sandboxes,
@@ -130,6 +133,7 @@ def build_app(config: Config) -> FastAPI:
             templates=templates,
             volumes=volumes,
             images=images,
+            builds=builds,
             web_shells=WebShellService(sandboxes),
             started=time.monotonic(),
             server=config.server,

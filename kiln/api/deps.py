@@ -9,6 +9,7 @@ from fastapi import Request, WebSocket
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
+    from ..core.builds import BuildService
     from ..core.checkpoints import CheckpointService
     from ..core.exec import ExecService
     from ..core.files import FileService
@@ -50,6 +51,7 @@ class Services:
     templates: TemplateService
     volumes: VolumeService
     images: ImageService
+    builds: BuildService
     web_shells: WebShellService
     started: float
     server: ServerConfig

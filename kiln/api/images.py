@@ -4,7 +4,10 @@ body), POST /images/build?name=N (a build context tar; the log streams as NDJSON
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictStr
 
 from ..core.errors import NotImplementedYet
@@ -49,6 +52,21 @@ async def import_image(request: Request, name: str = "", user: User = Depends(re
     """The body is a `docker save` tarball, an OCI image-layout tar or a root filesystem tar."""
     images = services(request).images
     return await images.import_archive(user, name, request.stream(), declared_length(request))
+
+
+@router.post("/images/build", response_class=StreamingResponse)
+async def build_image(request: Request, name: str = "", dockerfile: str = "", user: User = Depends(require_user)):
+    """Build an image from a Dockerfile in the body's build context (a tar; `dockerfile` names the
+    Dockerfile in it, default `Dockerfile`). The log streams as NDJSON: `build`, then per step
+    `step` ({n, of, instruction, cached}) and its `stdout`/`stderr` lines, then `done` (with the
+    image) or `error` (with the step's exit code). A Dockerfile that cannot build is a 4xx at once."""
+    build = await services(request).builds.prepare(user, name, dockerfile, request.stream(), declared_length(request))
+
+    async def lines():
+        async for event in build.run():
+            yield (json.dumps(event) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
 @router.post("/images/pull")

@@ -333,7 +333,12 @@ class ImageService:
         return ImageConfig.from_json(row.config if row else None)
 
 
-async def receive(chunks: AsyncIterator[bytes], target: Path, cap: int) -> int:
+async def receive(
+    chunks: AsyncIterator[bytes],
+    target: Path,
+    cap: int,
+    what: str = "an image archive (docker save, OCI layout or rootfs tar)",
+) -> int:
     """Write a request body to target as it arrives, never more than cap bytes (413 past it)."""
     size = 0
     started = time.monotonic()
@@ -341,9 +346,9 @@ async def receive(chunks: AsyncIterator[bytes], target: Path, cap: int) -> int:
         async for chunk in chunks:
             size += len(chunk)
             if size > cap:
-                raise TooLarge(f"image archive too large (max {cap} bytes)")
+                raise TooLarge(f"request body too large (max {cap} bytes)")
             await asyncio.to_thread(f.write, chunk)
     if size == 0:
-        raise BadRequest("the request body must be an image archive (docker save, OCI layout or rootfs tar)")
+        raise BadRequest(f"the request body must be {what}")
     log.info("received an image archive of %d MB in %.1f s", size >> 20, time.monotonic() - started)
     return size

@@ -267,8 +267,11 @@ class SandboxService:
         check_env_keys(req.env)
         return name, cpus, memory_mb, disk_mb
 
-    async def create(self, user: User, req: CreateRequest) -> tuple[SandboxRow, bool]:
+    async def create(
+        self, user: User, req: CreateRequest, image: ResolvedImage | None = None
+    ) -> tuple[SandboxRow, bool]:
         """Create and boot a sandbox; returns (sandbox, existed). Same name again returns the existing one.
+        `image` overrides req.image with a tree of kiln's own (a build's intermediate step).
 
         Checks run in bhatti's order (quota, size, name, template, secrets, then the idempotent name,
         then volumes), all before anything is made, so a refused request changes nothing.
@@ -283,7 +286,7 @@ class SandboxService:
         existing = self.store.get_sandbox(user.id, name)
         if existing is not None and existing.name == name and existing.status not in IN_FLIGHT:
             return existing, True
-        image = self.images.resolve(user, req.image)
+        image = image or self.images.resolve(user, req.image)
         attach, make = self.volumes.split_persistent(user, req.persistent_volumes)
         wanted, new = [*(req.volumes or []), *attach], [*req.new_volumes, *make]
         self.volumes.resolve(user, wanted, new)
