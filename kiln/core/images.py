@@ -14,8 +14,11 @@ import asyncio
 import builtins
 import contextlib
 import logging
+import os
 import secrets
 import shutil
+import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,7 +27,7 @@ from pathlib import Path
 from ..config import Config
 from ..engine.base import Engine, EngineError, ImageSpec
 from ..images import archive
-from ..images.builder import built, ensure_built, image_dir
+from ..images.builder import built, image_dir
 from ..images.config import ImageConfig
 from ..images.recipes import BUILTIN, DEFAULT_IMAGE, Recipe
 from ..images.rootfs import ensure_mount_points, tree_size
@@ -77,6 +80,7 @@ class ImageService:
         self.root = config.data_dir / "user-images"
         self.builtins = {n: Builtin(r, image_dir(config.image_root, r)) for n, r in BUILTIN.items()}
         self.build_tasks: builtins.list[asyncio.Task] = []
+        self.build_procs: builtins.list[asyncio.subprocess.Process] = []
         self.jobs = asyncio.Semaphore(config.limits.max_image_jobs)
         self.busy_users: set[str] = set()
 
@@ -95,20 +99,40 @@ class ImageService:
                 self.build_tasks.append(asyncio.create_task(self.build_builtin(b)))
 
     async def close(self) -> None:
+        """A build still running stops with the daemon (the next start builds it again)."""
+        for proc in self.build_procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
         for t in self.build_tasks:
-            t.cancel()  # the thread finishes its mmdebstrap run; its lock keeps the next start waiting
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(t, 30)
 
     async def build_builtin(self, b: Builtin) -> None:
-        def progress(line: str) -> None:
-            b.progress = line
-            log.info("image %s: %s", b.recipe.name, line)
-
-        try:
-            await asyncio.to_thread(ensure_built, b.recipe, self.config.image_root, progress)
-            b.meta, b.status, b.progress = built(b.path) or {}, "ready", ""
-        except Exception as e:  # reported through GET /images and creates
-            b.status, b.error = "failed", str(e)
-            log.error("building image %s failed: %s", b.recipe.name, e)
+        """Build in a process of its own (kiln/images/builder.py), its progress lines read as they come."""
+        argv = [sys.executable, "-m", "kiln.images.builder", b.recipe.name, str(self.config.image_root)]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.build_procs.append(proc)
+        assert proc.stdout is not None
+        last = ""
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").strip()
+            if line:
+                last = b.progress = line
+                log.info("image %s: %s", b.recipe.name, line)
+        code = await proc.wait()
+        self.build_procs.remove(proc)
+        meta = built(b.path)
+        if code == 0 and meta is not None:
+            b.meta, b.status, b.progress = meta, "ready", ""
+        else:
+            b.status, b.error = "failed", last.removeprefix("E: ") or f"exit status {code}"
+            log.error("building image %s failed: %s", b.recipe.name, b.error)
 
     def remove_unfinished(self) -> None:
         """Images a crash interrupted (a creating row or a directory no row names) go."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -84,7 +83,7 @@ def ensure_built(recipe: Recipe, images_dir: Path, progress: Progress = print) -
     with build_lock(images_dir, recipe.dir_name):
         if built(path):
             return path
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
         path.mkdir(parents=True)
         started = time.monotonic()
         progress(f"building image {recipe.name} ({recipe.description}) into {path}")
@@ -104,6 +103,25 @@ def ensure_built(recipe: Recipe, images_dir: Path, progress: Progress = print) -
         return path
 
 
+def mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1].replace("\\040", " ") for line in f]
+    return sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove an unfinished build: first whatever an interrupted mmdebstrap left mounted in it (its
+    chroot's /proc, /sys, /dev: rmtree must never walk into the host's), then the tree."""
+    if not path.exists():
+        return
+    for point in mounts_under(path):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+    if mounts_under(path):
+        raise ImageBuildError(f"cannot unmount what is mounted under {path}; remove it by hand")
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def run_with_progress(argv: list[str], progress: Progress) -> None:
     # mmdebstrap reads a sources list from stdin when stdin is not a terminal: give it nothing.
     proc = subprocess.Popen(
@@ -120,16 +138,29 @@ def run_with_progress(argv: list[str], progress: Progress) -> None:
         raise ImageBuildError(f"{argv[0]} failed with exit code {proc.returncode}: " + " | ".join(tail[-5:]))
 
 
-def remove_unfinished(images_dir: Path, keep: set[str]) -> None:
-    """Builds interrupted by a crash (no image.json, lock free) are removed; `keep` names are left."""
-    if not images_dir.is_dir():
-        return
-    for d in images_dir.iterdir():
-        if d.is_dir() and d.name not in keep and not built(d) and not d.name.startswith("runtime-"):
-            with contextlib.suppress(OSError), open(images_dir / f".{d.name}.lock", "w") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                shutil.rmtree(d, ignore_errors=True)
-                os.unlink(images_dir / f".{d.name}.lock")
+def main() -> None:
+    """`python -m kiln.images.builder NAME IMAGES_DIR`: how the daemon builds a missing image in the
+    background (a process of its own, so a daemon that stops can stop the build with it)."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    from .recipes import BUILTIN
+
+    def stop(signum, frame) -> None:  # mmdebstrap and its children are in this process group
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: the daemon gone (even kill -9), stop too
+    name, images_dir = sys.argv[1], Path(sys.argv[2])
+    try:
+        ensure_built(BUILTIN[name], images_dir, lambda line: print(line, flush=True))
+    except ImageBuildError as e:
+        print(f"E: {e}", flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

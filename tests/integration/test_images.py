@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import websockets
 
+from kiln.images.builder import image_dir, remove_tree
+from kiln.images.recipes import BUILTIN
 from tests.conftest import make_sandbox, run, wait_for
-from tests.daemon import running_daemon
+from tests.daemon import Daemon, running_daemon
 from tests.image_archives import busybox_rootfs, escaping_rootfs, two_layer_image
 
 
@@ -221,3 +223,41 @@ def test_limits_on_archive_size_image_count_and_concurrency(tmp_path):
             names = {i["name"] for i in c.get("/images").json()}
             assert "one" not in names and {"default", "minimal"} <= names
             assert c.post("/sandboxes", json={"image": "one"}).status_code == 404
+
+
+def builder_pids(images_dir: Path) -> list[int]:
+    """Processes building into images_dir (found by their command line, to check; never to kill)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(images_dir) in cmdline:
+                pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "kill9"])
+def test_a_daemon_without_its_images_answers_at_once_and_builds_them_in_the_background(tmp_path, stop):
+    images_dir = tmp_path / "fresh-images"
+    d = Daemon({"images_dir": str(images_dir)})
+    try:
+        d.start()
+        with d.client() as api:
+            assert api.get("/health").status_code == 200
+            listed = {i["name"]: i for i in api.get("/images").json()}
+            assert listed["default"]["status"] == "building" and listed["minimal"]["status"] == "building"
+            wait_for(lambda: api.get("/images/minimal").json().get("progress"), what="build progress")
+            r = api.post("/sandboxes", json={"name": "too-early"})
+            assert r.status_code == 503 and r.headers["retry-after"] == "10", r.text
+            assert "still being built" in r.json()["error"]
+            assert api.get("/sandboxes").json() == []
+        assert builder_pids(images_dir)
+        d.kill9() if stop == "kill9" else d.stop()
+        wait_for(lambda: not builder_pids(images_dir), timeout=30, what="the builds to stop with the daemon")
+    finally:
+        d.scrub()
+        for r in BUILTIN.values():
+            remove_tree(image_dir(images_dir, r))
