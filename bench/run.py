@@ -357,6 +357,32 @@ def fork_report(res: dict) -> list[str]:
     ]
 
 
+def images_report(res: dict) -> list[str]:
+    def p50(key):
+        return ms(pct(res[key], 50))
+
+    default, minimal, imp, untar, cold, cached = (
+        p50(k) for k in ("default", "minimal", "import", "untar", "cold", "cached")
+    )
+    size = f"{res['archive_mb'][0]:.0f} MB"
+    return [
+        "## Images",
+        "",
+        f"Creates from `default` (751 MB) and `minimal` (150 MB), {len(res['default'])} each, interleaved; import",
+        f"of a {size} root filesystem tar (the minimal tree and 50 MB of random bytes) beside `tar -x` of it,",
+        f"{len(res['import'])} runs; a Dockerfile (FROM minimal, ENV, WORKDIR, COPY, RUN, USER, CMD) built cold",
+        "(a new ENV first, so no step is cached) and then again unchanged, interleaved.",
+        "",
+        "| measure | p50 ms | compared with | ratio | target |",
+        "|---|---|---|---|---|",
+        f"| create from default | {default:.0f} | from minimal {minimal:.0f} ms | {default / minimal:.2f} | <= 1.1 |",
+        f"| import, {size} rootfs tar | {imp:.0f} | `tar -x` {untar:.0f} ms | {imp / untar:.2f} | |",
+        f"| Dockerfile build, cold | {cold:.0f} | | | |",
+        f"| Dockerfile build, unchanged | {cached:.0f} | cold {cold:.0f} ms | {cold / cached:.1f}x faster | >= 5x |",
+        "",
+    ]
+
+
 def cli_report(res: dict) -> list[str]:
     curl, cli, version, python = (ms(pct(res[k], 50)) for k in ("curl", "cli", "version", "python"))
     return [
@@ -406,9 +432,10 @@ def main() -> int:
     parser.add_argument("--cli", type=int, default=30, help="runs per CLI measure")
     parser.add_argument("--egress", type=int, default=300, help="samples per egress measure")
     parser.add_argument("--forks", type=int, default=5, help="samples per fork measure")
+    parser.add_argument("--images", type=int, default=8, help="creates per image (imports and builds: a third)")
     parser.add_argument(
         "--only",
-        choices=["publish", "load", "cli", "egress", "fork"],
+        choices=["publish", "load", "cli", "egress", "fork", "images"],
         help="re-measure one section and replace it in the report",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
@@ -416,6 +443,7 @@ def main() -> int:
     from bench.cli import bench_cli
     from bench.egress import bench_egress
     from bench.fork import bench_fork
+    from bench.images import bench_images
     from bench.load import bench_load
     from bench.publish import bench_publish
 
@@ -426,6 +454,7 @@ def main() -> int:
             "cli": ("## CLI", lambda: cli_report(bench_cli(args.cli))),
             "egress": ("## Egress", lambda: egress_report(bench_egress(args.egress))),
             "fork": ("## Fork and named snapshots", lambda: fork_report(bench_fork(args.forks))),
+            "images": ("## Images", lambda: images_report(bench_images(args.images))),
         }[args.only]
         out = Path(args.out)
         text = out.read_text() if out.exists() else ""
@@ -453,6 +482,8 @@ def main() -> int:
     publish = bench_publish(args.publish)
     print(f"fork: {args.forks} forks each of a 64 MB and a 256 MB source, raw windows, resumes ...", flush=True)
     fork = bench_fork(args.forks)
+    print(f"images: {args.images} creates per image, imports, builds cold and cached ...", flush=True)
+    images = bench_images(args.images)
     print(f"egress: {args.egress} connects and DNS queries each ...", flush=True)
     egress = bench_egress(args.egress)
     print(f"cli: {args.cli} runs each of kiln exec, curl, kiln --version ...", flush=True)
@@ -468,6 +499,8 @@ def main() -> int:
         + "\n".join(publish_report(publish))
         + "\n"
         + "\n".join(fork_report(fork))
+        + "\n"
+        + "\n".join(images_report(images))
         + "\n"
         + "\n".join(egress_report(egress))
         + "\n"

@@ -219,4 +219,5 @@ class TemplateOut(Out):
     mounts: list[TemplateMountOut]
     net_policy: NetPolicyOut | None = None
     snapshot: str | None = None  # its sandboxes are resumed from this named snapshot
+    start: list[str] = []  # its sandboxes run this at every boot (session "start"); [] = the image's
     created_at: str

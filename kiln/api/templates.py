@@ -44,6 +44,7 @@ class TemplateBody(BaseModel):
     keep_hot: StrictBool = False
     net_policy: NetPolicyBody | None = None
     snapshot: StrictStr = ""  # a named snapshot to resume its sandboxes from
+    start: StrictStr | list[StrictStr] = ""  # run at every boot as session "start" (instead of the image's)
     from_sandbox: StrictStr = ""  # snapshot this sandbox now (as "<template name>-template") and use that
 
 
@@ -67,6 +68,7 @@ async def create_template(body: TemplateBody, request: Request, user: User = Dep
         keep_hot=body.keep_hot,
         volumes=[VolumeRequest(v.name, v.mount, v.read_only) for v in body.volumes],
         snapshot=body.snapshot,
+        start=["/bin/sh", "-c", body.start] if isinstance(body.start, str) and body.start else list(body.start or []),
     )
     svc = services(request)
     if body.snapshot and body.from_sandbox:

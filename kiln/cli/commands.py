@@ -1,4 +1,4 @@
-"""The client commands of `kiln` (everything but serve/image/user), built on the SDK."""
+"""The client commands of `kiln` (everything but serve, image prepare and user), built on the SDK."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rich.table import Table
 from ..client import KilnError
 from ..client.aio import AsyncKiln, AsyncSandbox
 from . import fast
-from .server import app, client_settings, fail
+from .server import app, client_settings, fail, image_app
 
 JsonOpt = typer.Option(False, "--json", help="print JSON instead of text")
 console = Console()
@@ -94,6 +94,7 @@ def kv(pairs: list[str], what: str) -> dict[str, str]:
 def create(
     name: str | None = typer.Argument(None),
     name_option: str | None = typer.Option(None, "--name", help="the name (as docker and bhatti take it)"),
+    image: str | None = typer.Option(None, "--image", help="an image name (`kiln image list`; default: default)"),
     cpus: float | None = typer.Option(None),
     memory: int | None = typer.Option(None, help="MB"),
     env: list[str] = typer.Option([], "--env", "-e", help="KEY=VALUE (repeat)"),
@@ -122,6 +123,7 @@ def create(
         with console.status("creating sandbox...", spinner="dots") if not as_json else _nothing():
             sb = await kiln.sandboxes.create(
                 name,
+                image=image,
                 cpus=cpus,
                 memory_mb=memory,
                 env=kv(env, "--env") or None,
@@ -501,3 +503,67 @@ def snapshot_resume(name: str, sandbox_name: str | None = typer.Argument(None), 
 @snapshot_app.command("delete")
 def snapshot_delete(name: str, as_json: bool = JsonOpt):
     delete_and_say(name, as_json, lambda k: k.json("DELETE", f"/snapshots/{name}"))
+
+
+# ------------------------------------------------------------ images
+
+
+def image_row(d: dict) -> dict:
+    return {**d, "status": d["status"] + (f" ({d['progress']})" if d.get("progress") else "")}
+
+
+@image_app.command("list")
+def image_list(as_json: bool = JsonOpt):
+    """The built-in images and your own."""
+    rows = run(lambda k: k.images.list())
+    emit(
+        rows, as_json, lambda d: table([image_row(i) for i in d], ["name", "source", "status", "size_mb", "created_at"])
+    )
+
+
+@image_app.command("import")
+def image_import(name: str, archive: str, as_json: bool = JsonOpt):
+    """Import a `docker save` tarball, an OCI-layout archive or a root filesystem tar as image NAME."""
+    if not os.path.isfile(archive):
+        raise fail(f"{archive}: no such file")
+    image = run(lambda k: k.images.import_archive(name, archive))
+    emit(image, as_json, lambda d: typer.echo(f"{d['name']}\t{d['size_mb']} MB"))
+
+
+@image_app.command("build")
+def image_build(
+    context: str = typer.Argument(".", help="the build context directory"),
+    tag: str = typer.Option(..., "-t", "--tag", help="the new image's name"),
+    dockerfile: str | None = typer.Option(None, "-f", "--file", help="the Dockerfile, relative to the context"),
+    as_json: bool = JsonOpt,
+):
+    """Build an image from a Dockerfile, showing each step and its output as it runs."""
+
+    def show(event: dict) -> None:
+        if as_json:
+            typer.echo(json.dumps(event))
+        elif event["type"] == "step":
+            cached = "  (cached)" if event["cached"] else ""
+            typer.secho(f"[{event['n']}/{event['of']}] {event['instruction']}{cached}", bold=True)
+        elif event["type"] in ("stdout", "stderr"):
+            typer.echo(event["data"], nl=False, err=event["type"] == "stderr")
+        elif event["type"] == "done":
+            d = event["image"]
+            typer.echo(
+                f"built {d['name']} ({d['size_mb']} MB) in {event['seconds']} s, "
+                f"{event['cached_steps']}/{event['steps']} steps from the cache"
+            )
+
+    run(lambda k: k.images.build(tag, context, dockerfile, on_event=show))
+
+
+@image_app.command("save")
+def image_save(sandbox: str, name: str, as_json: bool = JsonOpt):
+    """Save a sandbox's root disk as image NAME (the sandbox keeps running)."""
+    image = run(lambda k: k.json("POST", f"/sandboxes/{sandbox}/save-image", json={"name": name}, timeout=1800))
+    emit(image, as_json, lambda d: typer.echo(f"{d['name']}\t{d['size_mb']} MB"))
+
+
+@image_app.command("delete")
+def image_delete(name: str, as_json: bool = JsonOpt):
+    delete_and_say(name, as_json, lambda k: k.images.delete(name))

@@ -15,15 +15,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import tarfile
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 from websockets.asyncio.client import ClientConnection, connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
-from .errors import KilnError, Timeout, error_for
+from .errors import BuildFailed, KilnError, Timeout, error_for
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 NDJSON = "application/x-ndjson"
@@ -55,6 +58,7 @@ class AsyncKiln:
         self.volumes = AsyncVolumes(self)
         self.templates = AsyncTemplates(self)
         self.snapshots = AsyncSnapshots(self)
+        self.images = AsyncImages(self)
 
     async def __aenter__(self) -> AsyncKiln:
         return self
@@ -106,6 +110,7 @@ class AsyncSandboxes:
         self,
         name: str | None = None,
         *,
+        image: str | None = None,
         cpus: float | None = None,
         memory_mb: int | None = None,
         env: dict[str, str] | None = None,
@@ -118,12 +123,14 @@ class AsyncSandboxes:
         net_policy: dict | None = None,
         timeout: float = 120.0,
     ) -> AsyncSandbox:
-        """Create a sandbox (or get the existing one of that name). net_policy: egress, e.g.
+        """Create a sandbox (or get the existing one of that name) from `image` (default: the
+        default developer image). net_policy: egress, e.g.
         {"default": "deny", "allow_hosts": ["example.com", "*.example.org"], "allow_cidrs": []}."""
         body = {
             k: v
             for k, v in {
                 "name": name,
+                "image": image,
                 "cpus": cpus,
                 "memory_mb": memory_mb,
                 "env": env,
@@ -214,6 +221,10 @@ class AsyncSandbox:
     async def checkpoint(self, name: str, timeout: float = 300.0) -> dict:
         """Keep a copy of this sandbox (memory and disk) as the named snapshot; it keeps running."""
         return await self.kiln.json("POST", f"{self.path}/checkpoint", json={"name": name}, timeout=timeout)
+
+    async def save_image(self, name: str, timeout: float = 1800.0) -> dict:
+        """This sandbox's root disk as a new image (it keeps running, paused only for a disk clone)."""
+        return await self.kiln.json("POST", f"{self.path}/save-image", json={"name": name}, timeout=timeout)
 
     async def set_net_policy(
         self, default: str = "public", allow_hosts: list[str] | None = None, allow_cidrs: list[str] | None = None
@@ -496,3 +507,90 @@ class AsyncTemplates:
 
     async def delete(self, id_or_name: str) -> None:
         await self.kiln.json("DELETE", f"/templates/{id_or_name}")
+
+
+async def file_chunks(path: str | os.PathLike, size: int = 1 << 20) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
+
+
+class AsyncImages:
+    """Images: the built-in ones and your own (imported from an archive, built from a Dockerfile,
+    saved from a sandbox). A sandbox names one with `image=` on create."""
+
+    def __init__(self, kiln: AsyncKiln):
+        self.kiln = kiln
+
+    async def list(self) -> list[dict]:
+        return await self.kiln.json("GET", "/images")
+
+    async def get(self, name: str) -> dict:
+        return await self.kiln.json("GET", f"/images/{name}")
+
+    async def delete(self, name: str) -> None:
+        await self.kiln.json("DELETE", f"/images/{name}")
+
+    async def import_archive(self, name: str, path: str | os.PathLike, timeout: float = 3600.0) -> dict:
+        """Import a `docker save` tarball, an OCI-layout archive or a root filesystem tar (streamed)."""
+        size = os.path.getsize(path)
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        return await self.kiln.json(
+            "POST",
+            "/images/import",
+            params={"name": name},
+            content=file_chunks(path),
+            headers=headers,
+            timeout=timeout,
+        )
+
+    async def build(
+        self,
+        name: str,
+        context: str | os.PathLike,
+        dockerfile: str | None = None,
+        on_event: Callable[[dict], Any] | None = None,
+        timeout: float = 3600.0,
+    ) -> dict:
+        """Build an image from the Dockerfile in the `context` directory (or `dockerfile`, a path
+        relative to it); on_event sees every log event as it arrives. Returns the new image; raises
+        BuildFailed with the failing step's message and exit code."""
+        with tempfile.TemporaryDirectory() as tmp:
+            tar_path = Path(tmp) / "context.tar"
+            await asyncio.to_thread(pack_context, Path(context), tar_path)
+            params = {"name": name} | ({"dockerfile": dockerfile} if dockerfile else {})
+            headers = {"Content-Length": str(tar_path.stat().st_size), "Accept": NDJSON}
+            try:
+                async with self.kiln.http.stream(
+                    "POST",
+                    "/images/build",
+                    params=params,
+                    content=file_chunks(tar_path),
+                    headers=headers,
+                    timeout=timeout,
+                ) as r:
+                    if r.status_code >= 400:
+                        await r.aread()
+                        raise_for(r)
+                    async for line in r.aiter_lines():
+                        if not line:
+                            continue
+                        event = json.loads(line)
+                        if on_event is not None:
+                            on_event(event)
+                        if event["type"] == "done":
+                            return event["image"]
+                        if event["type"] == "error":
+                            raise BuildFailed(event["error"], event.get("exit_code"))
+            except httpx.TimeoutException as e:
+                raise Timeout("the build's log stopped arriving") from e
+        raise KilnError("the build's log ended without a result")
+
+
+def pack_context(directory: Path, target: Path) -> None:
+    """The build context: every file under the directory, paths relative to it."""
+    if not directory.is_dir():
+        raise KilnError(f"{directory} is not a directory")
+    with tarfile.open(target, "w") as tar:
+        for child in sorted(directory.iterdir()):
+            tar.add(child, arcname=child.name)

@@ -62,3 +62,11 @@ def error_for(status: int, message: str, request_id: str | None = None, retry_af
     if cls is RateLimited:
         return RateLimited(message, status, request_id, float(retry_after) if retry_after else None)
     return cls(message, status, request_id)
+
+
+class BuildFailed(KilnError):
+    """A Dockerfile build failed at a step (exit_code: the step's, when a RUN failed)."""
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -116,7 +116,7 @@ class Build:
                         yield event
                     tree = await self.keep(step)
             image = await svc.images.make(self.user, self.name, "build", self.fill(tree))
-            yield {
+            result = {
                 "type": "done",
                 "image": image,
                 "steps": len(steps),
@@ -124,14 +124,15 @@ class Build:
                 "seconds": round(time.monotonic() - self.started, 2),
             }
         except BuildFailed as e:
-            yield {"type": "error", "error": str(e), "exit_code": e.exit_code}
+            result = {"type": "error", "error": str(e), "exit_code": e.exit_code}
         except (KilnError, DockerfileError) as e:
-            yield {"type": "error", "error": getattr(e, "message", str(e)), "exit_code": None}
+            result = {"type": "error", "error": getattr(e, "message", str(e)), "exit_code": None}
         except Exception as e:
             log.exception("build %s of %s failed", self.name, self.user.id)
-            yield {"type": "error", "error": f"internal error ({type(e).__name__})", "exit_code": None}
+            result = {"type": "error", "error": f"internal error ({type(e).__name__})", "exit_code": None}
         finally:
-            await self.cleanup()
+            await self.cleanup()  # before the last event: a client that goes on at once finds it all done
+        yield result
 
     def fill(self, tree: str):
         async def copy(rootfs: Path) -> ImageConfig:

@@ -10,7 +10,7 @@ import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..agent.client import AgentError, AgentRequestError
 from ..config import Config
@@ -61,6 +61,7 @@ class CreateRequest:
     persistent_volumes: list[PersistentVolume] = field(default_factory=list)
     files: list[FileRequest] = field(default_factory=list)
     net_policy: object = None  # as the request gave it: checked by the service
+    start: list[str] | None = None  # a template's start command, instead of the image's
 
     def with_template(self, t: Template) -> CreateRequest:
         spec = t.spec
@@ -84,6 +85,7 @@ class CreateRequest:
             persistent_volumes=[*TemplateService.mounts(t, name), *self.persistent_volumes],
             files=[*files, *self.files],
             net_policy=self.net_policy if self.net_policy is not None else spec.get("net_policy"),
+            start=spec.get("start") or None,
         )
 
 
@@ -287,6 +289,8 @@ class SandboxService:
         if existing is not None and existing.name == name and existing.status not in IN_FLIGHT:
             return existing, True
         image = image or self.images.resolve(user, req.image)
+        if req.start:
+            image = replace(image, spec=replace(image.spec, start=tuple(req.start)))
         attach, make = self.volumes.split_persistent(user, req.persistent_volumes)
         wanted, new = [*(req.volumes or []), *attach], [*req.new_volumes, *make]
         self.volumes.resolve(user, wanted, new)

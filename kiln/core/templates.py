@@ -59,6 +59,7 @@ class TemplateSpec:
     engine: str = ""
     net_policy: dict | None = None  # the sandboxes' egress policy (None: the daemon's default)
     snapshot: str = ""  # a named snapshot: its sandboxes are resumed from it instead of booted
+    start: list[str] = field(default_factory=list)  # the start command (argv), instead of the image's
 
     def to_dict(self) -> dict:
         return {
@@ -77,6 +78,7 @@ class TemplateSpec:
             "mounts": [vars(m) for m in self.mounts],
             "net_policy": self.net_policy,
             "snapshot": self.snapshot,
+            "start": self.start,
         }
 
 
@@ -96,6 +98,10 @@ class TemplateService:
         if spec.disk_size_mb < 0:
             raise BadRequest("disk_size_mb must not be negative")
         check_labels(spec.labels)
+        if spec.snapshot and spec.start:
+            raise BadRequest("start: a template from a snapshot resumes its processes; it has no start command")
+        if any("\x00" in a for a in spec.start):
+            raise BadRequest("start must not contain NUL characters")
         if spec.snapshot and self.store.named_snapshot(user.id, spec.snapshot) is None:
             raise NotFound(f'snapshot "{spec.snapshot}" not found')
         if spec.net_policy is not None:

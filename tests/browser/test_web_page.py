@@ -47,3 +47,23 @@ def test_create_a_sandbox_and_use_its_terminal(browser, daemon, api):
         sb = next((s for s in api.get("/sandboxes").json() if s["name"] == "browser"), None)
         if sb:
             api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_images_are_listed_and_offered_on_create(browser, daemon, api):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(daemon.url + "/")
+        page.fill("#token", daemon.admin_token)
+        page.click("text=Use this key")
+        expect(page.locator("#images tbody tr[data-name=minimal] td").nth(1)).to_have_text("builtin")
+        expect(page.locator("#images tbody tr[data-name=default] td").nth(2)).to_have_text("ready")
+        page.fill("#new-name", "browser-minimal")
+        page.select_option("#new-image", "minimal")
+        page.click("#create")
+        row = page.locator("#sandboxes tbody tr[data-name=browser-minimal]")
+        expect(row.locator("td").nth(7)).to_have_text("minimal", timeout=60_000)
+    finally:
+        page.close()
+        sb = next((s for s in api.get("/sandboxes").json() if s["name"] == "browser-minimal"), None)
+        if sb:
+            api.delete(f"/sandboxes/{sb['id']}")

@@ -192,3 +192,31 @@ def test_create_takes_name_as_an_option_and_exec_detaches(env, api):
         assert kiln(env, "create", "a", "--name", "b").returncode == 1
     finally:
         api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_image_commands(env, api, tmp_path):
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "Dockerfile").write_text("FROM minimal\nENV WHO=cli\nRUN echo built-by-$WHO > /who.txt\n")
+    r = kiln(env, "image", "build", "-t", "cli-img", str(ctx))
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert "[1/3] FROM minimal" in out and "[3/3] RUN echo" in out and "built cli-img" in out, out
+    again = kiln(env, "image", "build", "-t", "cli-img-2", str(ctx)).stdout.decode()
+    assert "[3/3] RUN echo built-by-$WHO > /who.txt  (cached)" in again and "3/3 steps from the cache" in again
+    listing = kiln(env, "image", "list").stdout.decode()
+    assert "cli-img" in listing and "default" in listing and "builtin" in listing
+    assert kiln(env, "create", "cli-img-box", "--image", "cli-img").returncode == 0
+    try:
+        assert kiln(env, "exec", "cli-img-box", "--", "cat", "/who.txt").stdout == b"built-by-cli\n"
+        saved = kiln(env, "image", "save", "cli-img-box", "cli-saved")
+        assert saved.returncode == 0 and saved.stdout.startswith(b"cli-saved\t"), saved.stderr
+    finally:
+        kiln(env, "destroy", "-y", "cli-img-box")
+    (ctx / "Dockerfile").write_text("FROM minimal\nRUN exit 4\n")
+    failed = kiln(env, "image", "build", "-t", "cli-broken", str(ctx))
+    assert failed.returncode == 1 and b"exit code 4" in failed.stderr
+    missing = kiln(env, "image", "import", "x", str(tmp_path / "nope.tar"))
+    assert missing.returncode == 1 and b"no such file" in missing.stderr
+    for name in ("cli-img", "cli-img-2", "cli-saved"):
+        assert kiln(env, "image", "delete", name).returncode == 0

@@ -261,3 +261,25 @@ def test_a_daemon_without_its_images_answers_at_once_and_builds_them_in_the_back
         d.scrub()
         for r in BUILTIN.values():
             remove_tree(image_dir(images_dir, r))
+
+
+def test_a_templates_start_command_runs_at_every_boot(api):
+    body = {"name": "starter", "image": "minimal", "start": "cd /tmp && exec python3 -m http.server 8100"}
+    t = api.post("/templates", json=body)
+    assert t.status_code == 201, t.text
+    assert t.json()["start"] == ["/bin/sh", "-c", body["start"]]
+    sb = make_sandbox(api, template_id="starter")
+    try:
+        listening = lambda: 8100 in {p["container_port"] for p in api.get(f"/sandboxes/{sb['id']}/ports").json()}  # noqa: E731
+        wait_for(listening, what="the template's start command")
+        assert api.get(f"/sandboxes/{sb['id']}").json()["image"] == "minimal"
+        assert api.post(f"/sandboxes/{sb['id']}/stop").status_code == 200
+        assert api.post(f"/sandboxes/{sb['id']}/start").status_code == 200  # restored: it never stopped
+        wait_for(listening, what="the server after a restore")
+        starts = [s for s in api.get(f"/sandboxes/{sb['id']}/sessions").json() if s["session_id"] == "start"]
+        assert len(starts) == 1 and starts[0]["running"]
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+        api.delete("/templates/starter")
+    r = api.post("/templates", json={"name": "bad", "snapshot": "x", "start": "true"})
+    assert r.status_code == 400 and "start" in r.json()["error"]

@@ -98,3 +98,34 @@ def test_async_sdk_end_to_end(daemon):
                 await kiln.sandboxes.get("sdk-async")
 
     asyncio.run(go())
+
+
+def test_images_through_the_sdk(kiln, tmp_path):
+    from kiln.client import BuildFailed
+    from tests.image_archives import busybox_rootfs
+
+    assert {"default", "minimal"} <= {i["name"] for i in kiln.images.list()}
+    imported = kiln.images.import_archive("sdk-bb", busybox_rootfs(tmp_path / "bb.tar"))
+    assert imported["name"] == "sdk-bb" and kiln.images.get("sdk-bb")["source"] == "import"
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "Dockerfile").write_text("FROM sdk-bb\nCOPY note.txt /note.txt\nRUN cat /note.txt\n")
+    (tmp_path / "ctx" / "note.txt").write_text("from the sdk\n")
+    events = []
+    built = kiln.images.build("sdk-built", tmp_path / "ctx", on_event=events.append)
+    assert built["name"] == "sdk-built" and [e["type"] for e in events][-1] == "done"
+    assert any(e["type"] == "stdout" and "from the sdk" in e["data"] for e in events)
+    sb = kiln.sandboxes.create(image="sdk-built")
+    try:
+        assert sb.commands.run(["cat", "/note.txt"]).stdout == "from the sdk\n"
+        saved = sb.save_image("sdk-saved")
+        assert saved["source"] == "save"
+    finally:
+        sb.destroy()
+    (tmp_path / "ctx" / "Dockerfile").write_text("FROM sdk-bb\nRUN exit 7\n")
+    with pytest.raises(BuildFailed) as failed:
+        kiln.images.build("sdk-broken", tmp_path / "ctx")
+    assert failed.value.exit_code == 7
+    with pytest.raises(NotFound):
+        kiln.images.get("sdk-broken")
+    for name in ("sdk-saved", "sdk-built", "sdk-bb"):
+        kiln.images.delete(name)

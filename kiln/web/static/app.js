@@ -52,7 +52,7 @@ async function refresh() {
     const tr = document.createElement("tr");
     tr.dataset.id = sb.id;
     tr.dataset.name = sb.name;
-    [sb.name, sb.status, sb.thermal, sb.cpus, `${sb.memory_mb} MB`, sb.ip, egress(sb.net_policy)]
+    [sb.name, sb.status, sb.thermal, sb.cpus, `${sb.memory_mb} MB`, sb.ip, egress(sb.net_policy), sb.image]
       .forEach((v) => tr.appendChild(cell(v)));
     const links = document.createElement("td");
     for (const rule of published) {
@@ -77,7 +77,26 @@ async function refresh() {
     return tr;
   }));
   tbody.replaceChildren(...rows);
+  await refreshImages();
   showError(null);
+}
+
+// The images table, and the create form's choice of image (ready ones only; default first).
+async function refreshImages() {
+  const images = await api("GET", "/images").catch(() => []);
+  $("images").querySelector("tbody").replaceChildren(...images.map((i) => {
+    const tr = document.createElement("tr");
+    tr.dataset.name = i.name;
+    const status = i.progress ? `${i.status} (${i.progress})` : i.status;
+    [i.name, i.source, status, `${i.size_mb} MB`, i.created_at].forEach((v) => tr.appendChild(cell(v)));
+    return tr;
+  }));
+  const select = $("new-image");
+  const chosen = select.value || "default";
+  const ready = images.filter((i) => i.status === "ready").map((i) => i.name);
+  if (ready.join() !== [...select.options].map((o) => o.value).join()) {
+    select.replaceChildren(...ready.map((name) => new Option(name, name, false, name === chosen)));
+  }
 }
 
 function egress(policy) {
@@ -173,6 +192,7 @@ $("create-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const body = { cpus: Number($("new-cpus").value), memory_mb: Number($("new-memory").value) };
   if ($("new-name").value) body.name = $("new-name").value;
+  if ($("new-image").value) body.image = $("new-image").value;
   $("create").disabled = true;
   $("create-status").textContent = "creating…";
   try {
