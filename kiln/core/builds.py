@@ -26,6 +26,7 @@ from ..images.config import ImageConfig
 from ..images.context import BuildContext, Entry
 from ..images.dockerfile import DockerfileError, Plan, Step, parse, step_key
 from ..images.runtime import RUNTIME_ENV, agent_python
+from ..proc import run
 from ..store.db import SandboxRow, User
 from .errors import BadRequest, KilnError, NotFound, TooLarge
 from .images import ImageService, ResolvedImage, receive
@@ -135,8 +136,11 @@ class Build:
         yield result
 
     def fill(self, tree: str):
+        """The final image: the last step's tree, every file a hard link to it (both are read-only),
+        directories made anew with their owners, modes and times (cp -a)."""
+
         async def copy(rootfs: Path) -> ImageConfig:
-            await asyncio.to_thread(shutil.copytree, tree, rootfs, symlinks=True, copy_function=hard_link)
+            await run(["cp", "-al", tree, str(rootfs)], timeout=3600)
             return self.plan.final.config
 
         return copy
@@ -229,13 +233,6 @@ class Build:
 async def aiter(context: BuildContext, entry: Entry):
     for chunk in context.chunks(entry.member):
         yield chunk
-
-
-def hard_link(src: str, dst: str) -> None:
-    """A file of the final image shares its inode with the cached step (both are read-only)."""
-    import os
-
-    os.link(src, dst, follow_symlinks=False)
 
 
 class BuildService:
