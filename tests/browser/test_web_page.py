@@ -67,3 +67,27 @@ def test_images_are_listed_and_offered_on_create(browser, daemon, api):
         sb = next((s for s in api.get("/sandboxes").json() if s["name"] == "browser-minimal"), None)
         if sb:
             api.delete(f"/sandboxes/{sb['id']}")
+
+
+def test_fork_and_snapshot_buttons(browser, daemon, api):
+    assert api.post("/sandboxes", json={"name": "browser-src"}).status_code == 201
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    try:
+        page.goto(daemon.url + "/")
+        page.fill("#token", daemon.admin_token)
+        page.click("text=Use this key")
+        row = page.locator("#sandboxes tbody tr[data-name=browser-src]")
+        row.locator("button.fork").click()
+        expect(page.locator("#create-status")).to_contain_text("forked browser-src as browser-src-", timeout=60_000)
+        page.once("dialog", lambda dialog: dialog.accept("browser-snap"))
+        row.locator("button.snapshot").click()
+        expect(page.locator("#create-status")).to_contain_text("snapshot browser-snap", timeout=60_000)
+        assert api.get("/snapshots/browser-snap").status_code == 200
+        forks = [s for s in api.get("/sandboxes").json() if s["name"].startswith("browser-src-")]
+        assert len(forks) == 1
+    finally:
+        page.close()
+        for s in api.get("/sandboxes").json():
+            if s["name"].startswith("browser-src"):
+                api.delete(f"/sandboxes/{s['id']}")
+        api.delete("/snapshots/browser-snap")

@@ -68,6 +68,8 @@ async function refresh() {
     actions.className = "actions";
     actions.appendChild(button("Terminal", () => openTerminal(sb), "terminal"));
     actions.appendChild(button("Publish…", () => publish(sb), "publish"));
+    actions.appendChild(button("Fork", () => fork(sb), "fork"));
+    actions.appendChild(button("Snapshot…", () => snapshot(sb), "snapshot"));
     actions.appendChild(button(sb.status === "running" ? "Stop" : "Start",
       () => act(api("POST", `/sandboxes/${sb.id}/${sb.status === "running" ? "stop" : "start"}`))));
     actions.appendChild(button("Destroy", () => {
@@ -119,6 +121,21 @@ async function publish(sb) {
   const port = prompt(`Publish which port of ${sb.name}?`, "3000");
   if (!port) return;
   act(api("POST", `/sandboxes/${sb.id}/publish`, { port: Number(port) }));
+}
+
+// A fork: a copy of the sandbox at this instant, processes and memory included (it keeps running).
+function fork(sb) {
+  act(api("POST", "/sandboxes", { from: sb.id }).then((copy) => {
+    $("create-status").textContent = `forked ${sb.name} as ${copy.name} (paused ${copy.fork.paused_ms} ms)`;
+  }));
+}
+
+async function snapshot(sb) {
+  const name = prompt(`Name of the snapshot of ${sb.name}?`, `${sb.name}-snap`);
+  if (!name) return;
+  act(api("POST", `/sandboxes/${sb.id}/checkpoint`, { name }).then((snap) => {
+    $("create-status").textContent = `snapshot ${snap.name}: ${snap.size_mb} MB`;
+  }));
 }
 
 function openTerminal(sb) {
