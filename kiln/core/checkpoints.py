@@ -15,6 +15,7 @@ from ..netpolicy import NetPolicy
 from ..states import DEATHS, Status
 from ..store.db import NamedSnapshot, NameTaken, SandboxRow, Template, User, now
 from .errors import BadRequest, Conflict, Internal, NotFound, NotImplementedYet, TooManyRequests
+from .forks import run_on_fork_hook
 from .lifecycle import INHERITED, CreateRequest, SandboxService, inherited, spec_of
 from .names import check_labels, check_name
 
@@ -159,6 +160,7 @@ class CheckpointService:
 
         async def start():
             handle = await engine.resume_named(snap.id, engine_spec)
+            await run_on_fork_hook(handle, row.id)
             if extra_env:  # for new processes, as secrets are after every boot
                 await handle.agent.set_secrets(env)
             return handle

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import secrets
 
-from ..engine.base import Forkable
+from ..agent.client import AgentError
+from ..engine.base import Forkable, SandboxHandle
 from ..states import DEATHS, Status
 from ..store.db import SandboxRow, User
 from .errors import BadRequest, Conflict, KilnError, NotFound, NotImplementedYet
@@ -25,6 +26,33 @@ log = logging.getLogger("kiln.forks")
 
 # request fields a fork takes from its source: asking for something else with "from" is refused by name
 SOURCE_FIELDS = ("template_id", "image", "cpus", "memory_mb", "disk_size_mb", "env", "init", "secrets", "files")
+
+
+ON_FORK = "/etc/kiln/on_fork"  # run in every copy (fork, snapshot resume) if the image or user put it there
+ON_FORK_TIMEOUT = 30
+
+
+async def run_on_fork_hook(handle: SandboxHandle, sandbox_id: str) -> None:
+    """A copy shares its source's memory: hostname, PRNG state, caches. An executable /etc/kiln/on_fork
+    runs in the copy (as root, KILN_FORK=1) before it is handed out, e.g. to reseed or re-register.
+    Its failure is logged, not fatal: the copy itself is sound."""
+    try:
+        info = await handle.agent.stat(ON_FORK)
+    except AgentError:
+        return
+    if info.get("is_dir") or not int(info.get("mode", "0"), 8) & 0o111:
+        return  # not an executable file: nothing to run
+    request = {"argv": [ON_FORK], "user": 0, "cwd": "/", "env": {"KILN_FORK": "1"}, "timeout_sec": ON_FORK_TIMEOUT}
+    code = None
+    try:
+        async for ev in handle.agent.exec(request):
+            if ev.kind == "exit":
+                code = ev.exit_code
+    except AgentError as e:
+        log.warning("the on_fork hook of %s could not run: %s", sandbox_id, e)
+        return
+    if code != 0:
+        log.warning("the on_fork hook of %s exited with %s", sandbox_id, code)
 
 
 class ForkService:
@@ -81,6 +109,7 @@ class ForkService:
             nonlocal paused_ms
             result = await engine.fork(source_id, spec)
             paused_ms = result.paused_ms
+            await run_on_fork_hook(result.handle, fork_id)
             return result.handle
 
         # the source's lock: no pause, stop, wake or destroy of it meanwhile

@@ -307,3 +307,29 @@ def test_a_template_made_from_a_sandbox_starts_its_sandboxes_already_serving(api
     assert api.delete("/templates/served").status_code == 200
     assert api.delete("/snapshots/served-template").status_code == 200
     api.delete("/secrets/TPL_TOKEN")
+
+
+def test_the_on_fork_hook_runs_in_every_copy_and_never_in_the_source(api):
+    src = make_sandbox(api, name="hooked")
+    hook = (
+        "#!/bin/sh\nseed=$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \\n')\n"
+        'printf "%s\\n%s\\n" "$seed" "$KILN_FORK" > /run/reseeded\n'
+    )
+    try:
+        w = api.put(f"/sandboxes/{src['id']}/files", params={"path": "/etc/kiln/on_fork", "mode": "0755"}, content=hook)
+        assert w.status_code == 200, w.text
+        fork = api.post("/sandboxes", json={"from": src["id"], "name": "hooked-fork"})
+        assert fork.status_code == 201, fork.text
+        seeded = run(api, fork.json(), ["cat", "/run/reseeded"])
+        assert seeded["exit_code"] == 0 and seeded["stdout"].endswith("\n1\n"), seeded
+        assert run(api, src, ["test", "-e", "/run/reseeded"])["exit_code"] == 1  # the source never ran it
+        assert api.post(f"/sandboxes/{src['id']}/checkpoint", json={"name": "hooked-snap"}).status_code == 201
+        resumed = api.post("/snapshots/hooked-snap/resume", json={"name": "hooked-resumed"})
+        assert resumed.status_code == 201, resumed.text
+        again = run(api, resumed.json(), ["cat", "/run/reseeded"])["stdout"]
+        assert again.endswith("\n1\n") and again != seeded["stdout"]  # its own seed
+        api.delete(f"/sandboxes/{resumed.json()['id']}")
+        api.delete(f"/sandboxes/{fork.json()['id']}")
+    finally:
+        api.delete(f"/sandboxes/{src['id']}")
+        api.delete("/snapshots/hooked-snap")
