@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 from bench.raw import raw_engine
 from kiln.engine.base import SandboxSpec
@@ -73,5 +76,36 @@ async def bench_fork_raw(n: int) -> dict[str, list[float]]:
     return res
 
 
+def bench_fork_xfs(n: int) -> dict[str, list[float]]:
+    """The source's pause with the data dir on XFS with reflink (a loop-mounted 20 GB sparse image):
+    the disk clone is O(1), so what is left is the memory checkpoint."""
+    res: dict[str, list[float]] = {"xfs64": [], "xfs256": []}
+    mnt = Path(tempfile.mkdtemp(prefix="kiln-bench-xfs-"))
+    image = mnt.with_suffix(".img")
+    subprocess.run(["truncate", "-s", "20G", str(image)], check=True)
+    subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
+    d = Daemon(parent_dir=mnt)
+    try:
+        d.start()
+        with d.client(timeout=300) as api:
+            for mb in (64, 256):
+                src = api.post("/sandboxes", json={"name": f"xsrc{mb}", "memory_mb": 512}).json()
+                api.post(f"/sandboxes/{src['id']}/exec", json={"cmd": ["sh", "-c", FILL.format(mb=mb)]})
+                for i in range(n):
+                    r = api.post("/sandboxes", json={"from": src["id"], "name": f"xf{mb}-{i}"})
+                    assert r.status_code == 201, r.text
+                    res[f"xfs{mb}"].append(r.json()["fork"]["paused_ms"] / 1000)
+                    api.delete(f"/sandboxes/{r.json()['id']}")
+                api.delete(f"/sandboxes/{src['id']}")
+        assert "cannot reflink" not in d.log_path.read_text(), "the XFS data dir did not reflink"
+    finally:
+        d.scrub()
+        subprocess.run(["umount", str(mnt)], check=False)
+        image.unlink(missing_ok=True)
+        mnt.rmdir()
+    return res
+
+
 def bench_fork(n: int) -> dict[str, list[float]]:
-    return {**bench_fork_api(n), **asyncio.run(bench_fork_raw(n))}
+    return {**bench_fork_api(n), **asyncio.run(bench_fork_raw(n)), **bench_fork_xfs(n)}

@@ -28,6 +28,7 @@ command -v curl >/dev/null || need_apt+=(curl)   # the README's examples; `make 
 command -v skopeo >/dev/null || need_apt+=(skopeo)   # image import: docker-save and OCI archives to an OCI layout
 command -v umoci >/dev/null || need_apt+=(umoci)     # image import: applies layers (whiteouts, safe paths)
 command -v rsync >/dev/null || need_apt+=(rsync)     # save-image: copies a sandbox's tree, hard-linking its image's
+command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)  # `make bench`: forks on a loop-mounted XFS (reflink)
 [ -x /usr/bin/python3 ] || need_apt+=(python3)       # the agent's runtime inside every sandbox
 if [ "$mode" = "--test" ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)   # driven by Playwright in tests/browser

@@ -69,7 +69,7 @@ async def build_image(request: Request, name: str = "", dockerfile: str = "", us
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 
 
-@router.post("/images/pull")
+@router.post("/images/pull", include_in_schema=False)
 async def pull_image(user: User = Depends(require_user)):
     raise NotImplementedYet(
         "pulling from a registry: kiln reaches no registry; `docker save` (or skopeo copy to an "
