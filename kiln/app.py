@@ -43,6 +43,7 @@ from .core.forwards import ForwardService
 from .core.http_pools import HttpPools
 from .core.images import ImageService
 from .core.lifecycle import SandboxService
+from .core.pools import PoolService
 from .core.ports import PortTracker
 from .core.publish import PublishService
 from .core.ratelimit import UserRateLimits
@@ -91,7 +92,7 @@ def build_app(config: Config) -> FastAPI:
         volumes = VolumeService(store, config.data_dir, config.limits.max_volume_storage_mb)
         runtimes = Runtimes()
         images = ImageService(store, engine, config, runtimes)
-        templates = TemplateService(store, images)
+        templates = TemplateService(store, images, config.limits.max_warm_pool)
         events = SandboxEvents()
         sandboxes = SandboxService(store, engine, config, secrets, volumes, templates, runtimes, events, images)
         upstreams = Upstreams(sandboxes)
@@ -112,6 +113,9 @@ def build_app(config: Config) -> FastAPI:
         builds = BuildService(sandboxes, images)
         await sandboxes.reconcile()
         await builds.start()  # after reconcile: the sandboxes of interrupted builds are destroyed
+        checkpoints = CheckpointService(sandboxes)
+        pools = PoolService(checkpoints)
+        await pools.start()  # members that came through a restart are kept, then every pool is topped up
         app.state.services = Services(
             store=store,
             sandboxes=sandboxes,
@@ -121,7 +125,8 @@ def build_app(config: Config) -> FastAPI:
             ports=ports,
             forwards=forwards,
             forks=ForkService(sandboxes),
-            checkpoints=CheckpointService(sandboxes),
+            checkpoints=checkpoints,
+            pools=pools,
             upstreams=upstreams,
             http_pools=http_pools,
             publish=publish,
@@ -152,6 +157,7 @@ def build_app(config: Config) -> FastAPI:
             yield
         finally:
             await thermal.stop()
+            await pools.close()
             await images.close()
             await ports.stop()
             await forwards.stop()

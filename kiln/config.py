@@ -102,6 +102,8 @@ class LimitsConfig(Section):
     max_import_bytes: int = Field(10 << 30, ge=1 << 20, description="an image archive's size; more is 413")
     max_image_jobs: int = Field(2, ge=1, description="imports, builds and saves running at once on the server")
     build_timeout: float = Field(3600.0, gt=0, description="seconds one Dockerfile build may take")
+    max_warm_pool: int = Field(5, ge=0, description="warm_pool of one template: sandboxes kept frozen, ready")
+    warm_pools_count: bool = Field(False, description="whether warm-pool members count against sandbox quotas")
     # per user: POST /sandboxes; exec, file uploads and WebSockets; everything else
     rate_create: RateConfig = RateConfig(burst=10, per_minute=30)
     rate_exec: RateConfig = RateConfig(burst=30, per_minute=600)

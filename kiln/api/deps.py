@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..core.http_pools import HttpPools
     from ..core.images import ImageService
     from ..core.lifecycle import SandboxService
+    from ..core.pools import PoolService
     from ..core.ports import PortTracker
     from ..core.publish import PublishService
     from ..core.ratelimit import UserRateLimits
@@ -42,6 +43,7 @@ class Services:
     forwards: ForwardService
     forks: ForkService
     checkpoints: CheckpointService
+    pools: PoolService
     upstreams: Upstreams
     http_pools: HttpPools
     publish: PublishService

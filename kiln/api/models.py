@@ -122,6 +122,7 @@ class SandboxOut(Out):
     thermal: str | None = None  # hot | warm | cold (listings only)
     urls: list[str] | None = None  # published URLs (listings only)
     fork: ForkOut | None = None  # a fork's answer: its source and how long the source was paused
+    from_pool: bool | None = None  # a create from a template that got a warm-pool member
 
 
 class ExecOut(Out):
@@ -201,6 +202,11 @@ class TemplateMountOut(Out):
     auto_create: bool
 
 
+class PoolOut(Out):
+    size: int
+    ready: int
+
+
 class TemplateOut(Out):
     id: str
     name: str
@@ -220,4 +226,6 @@ class TemplateOut(Out):
     net_policy: NetPolicyOut | None = None
     snapshot: str | None = None  # its sandboxes are resumed from this named snapshot
     start: list[str] = []  # its sandboxes run this at every boot (session "start"); [] = the image's
+    warm_pool: int = 0  # sandboxes kept resumed from its snapshot and frozen, for instant creates
+    pool: PoolOut | None = None
     created_at: str

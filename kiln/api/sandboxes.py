@@ -188,9 +188,9 @@ async def create_sandbox(body: CreateBody, request: Request, response: Response,
     req = body.request()
     if req.template_id:
         t = services(request).templates.get(user, req.template_id, message="template not found")
-        if t.spec.get("snapshot"):  # resumed from its snapshot instead of booted
-            row = await services(request).checkpoints.create_from_template(user, t, req)
-            return sandbox_json(row, service(request).engine.name)
+        if t.spec.get("snapshot"):  # resumed from its snapshot (or a warm-pool member) instead of booted
+            row, from_pool = await services(request).pools.create_from_template(user, t, req)
+            return {**sandbox_json(row, service(request).engine.name), **({"from_pool": True} if from_pool else {})}
     row, existed = await service(request).create(user, req)
     if existed:
         response.status_code = 200

@@ -8,9 +8,9 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
 from ..core.errors import BadRequest
 from ..core.templates import TemplateMount, TemplateSpec, template_json
 from ..core.volumes import VolumeRequest
-from ..store.db import User
+from ..store.db import Template, User
 from .auth import require_user
-from .deps import services
+from .deps import Services, services
 from .models import StatusOut, TemplateOut
 from .sandboxes import NetPolicyBody, VolumeBody
 
@@ -45,6 +45,7 @@ class TemplateBody(BaseModel):
     net_policy: NetPolicyBody | None = None
     snapshot: StrictStr = ""  # a named snapshot to resume its sandboxes from
     start: StrictStr | list[StrictStr] = ""  # run at every boot as session "start" (instead of the image's)
+    warm_pool: StrictInt = 0  # sandboxes kept resumed from the snapshot and frozen: creates are a thaw
     from_sandbox: StrictStr = ""  # snapshot this sandbox now (as "<template name>-template") and use that
 
 
@@ -69,33 +70,43 @@ async def create_template(body: TemplateBody, request: Request, user: User = Dep
         volumes=[VolumeRequest(v.name, v.mount, v.read_only) for v in body.volumes],
         snapshot=body.snapshot,
         start=["/bin/sh", "-c", body.start] if isinstance(body.start, str) and body.start else list(body.start or []),
+        warm_pool=body.warm_pool,
     )
     svc = services(request)
     if body.snapshot and body.from_sandbox:
         raise BadRequest("snapshot and from_sandbox: give one")
     if not body.from_sandbox:
-        return template_json(svc.templates.create(user, spec))
+        return with_pool(svc, svc.templates.create(user, spec))
     # a template made from a sandbox as it is now: its snapshot first, then the template naming it
     spec.snapshot = f"{body.name or body.id or body.from_sandbox}-template"
     await svc.checkpoints.checkpoint(user, body.from_sandbox, spec.snapshot)
     try:
-        return template_json(svc.templates.create(user, spec))
+        return with_pool(svc, svc.templates.create(user, spec))
     except BaseException:
         await svc.checkpoints.delete(user, spec.snapshot)
         raise
 
 
+def with_pool(svc: Services, t: Template) -> dict:
+    """The template as JSON, with its warm pool's state; a new or changed pool starts filling."""
+    svc.pools.refill(t)
+    return {**template_json(t), **({"pool": svc.pools.status(t)} if svc.pools.size(t) else {})}
+
+
 @router.get("/templates", response_model=list[TemplateOut])
 async def list_templates(request: Request, user: User = Depends(require_user)):
-    return [template_json(t) for t in services(request).templates.list(user)]
+    return [with_pool(services(request), t) for t in services(request).templates.list(user)]
 
 
 @router.get("/templates/{template_id}", response_model=TemplateOut)
 async def get_template(template_id: str, request: Request, user: User = Depends(require_user)):
-    return template_json(services(request).templates.get(user, template_id, message="not found"))
+    return with_pool(services(request), services(request).templates.get(user, template_id, message="not found"))
 
 
 @router.delete("/templates/{template_id}", response_model=StatusOut, response_model_exclude_none=True)
 async def delete_template(template_id: str, request: Request, user: User = Depends(require_user)):
-    services(request).templates.delete(user, template_id)
+    svc = services(request)
+    t = svc.templates.get(user, template_id)
+    await svc.pools.drain(t.id)  # its warm pool's members go first
+    svc.templates.delete(user, t.id)
     return {"status": "deleted"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import logging
 import secrets
+from dataclasses import dataclass
 
 from ..engine.base import EngineError, Forkable
 from ..netpolicy import NetPolicy
@@ -20,6 +21,16 @@ from .lifecycle import INHERITED, CreateRequest, SandboxService, inherited, spec
 from .names import check_labels, check_name
 
 log = logging.getLogger("kiln.checkpoints")
+
+
+@dataclass
+class TemplateResume:
+    snapshot: NamedSnapshot
+    name: str
+    labels: dict[str, str]
+    keep_hot: bool
+    extra_env: dict[str, str]
+    net_policy: object
 
 
 class CheckpointService:
@@ -101,10 +112,9 @@ class CheckpointService:
         self.store.delete_named_snapshot(snap.id)
         await self.forkable().delete_named(snap.id)
 
-    async def create_from_template(self, user: User, t: Template, req: CreateRequest) -> SandboxRow:
-        """A create from a template made from a snapshot: resumed, not booted (its init already ran,
-        its servers already listen). The request's env and secrets reach the resumed agent (they
-        apply to new processes); what a resume cannot change is refused by name."""
+    def plan_from_template(self, user: User, t: Template, req: CreateRequest) -> TemplateResume:
+        """What a create from a snapshot template makes, checked; what a resume cannot change is
+        refused by name."""
         for field in ("image", "cpus", "memory_mb", "disk_size_mb", "init"):
             if getattr(req, field) not in (None, ""):
                 raise BadRequest(f"{field}: a sandbox from a snapshot template takes it from the snapshot")
@@ -112,16 +122,39 @@ class CheckpointService:
             raise BadRequest("files and volumes: a sandbox from a snapshot template takes them from the snapshot")
         sandboxes = self.sandboxes
         secret_names = list(dict.fromkeys([*t.spec.get("secrets", []), *req.secrets]))
-        extra = {**t.spec.get("env", {}), **req.env, **sandboxes.secrets.resolve(user, secret_names)}
-        policy = req.net_policy if req.net_policy is not None else t.spec.get("net_policy")
+        labels = {**t.spec.get("labels", {}), **req.labels}
+        check_labels(labels)
+        return TemplateResume(
+            snapshot=self.get(user, t.spec["snapshot"]),
+            name=check_name("sandbox", req.name if req.name is not None else f"{t.name}-{secrets.token_hex(3)}"),
+            labels=labels,
+            keep_hot=req.keep_hot if req.keep_hot is not None else bool(t.spec.get("keep_hot")),
+            extra_env={**t.spec.get("env", {}), **req.env, **sandboxes.secrets.resolve(user, secret_names)},
+            net_policy=req.net_policy if req.net_policy is not None else t.spec.get("net_policy"),
+        )
+
+    def policy_of(self, snap: NamedSnapshot, raw: object) -> NetPolicy:
+        if raw is not None:
+            return self.sandboxes.net_policy(raw)
+        return NetPolicy.from_json(snap.spec.get("net_policy"), self.sandboxes.config.network.egress_default)
+
+    def env_of(self, snap: NamedSnapshot, extra: dict[str, str] | None) -> dict[str, str]:
+        """A resumed sandbox's secret environment: the snapshot's, then what its create added."""
+        return {**self.sandboxes.secrets.open_env(self.sealing_id(snap.id), snap.sealed_env), **(extra or {})}
+
+    async def create_from_template(self, user: User, t: Template, req: CreateRequest) -> SandboxRow:
+        """A create from a template made from a snapshot: resumed, not booted (its init already ran,
+        its servers already listen). The request's env and secrets reach the resumed agent (they
+        apply to new processes)."""
+        plan = self.plan_from_template(user, t, req)
         return await self.resume(
             user,
-            t.spec["snapshot"],
-            req.name if req.name is not None else f"{t.name}-{secrets.token_hex(3)}",
-            labels={**t.spec.get("labels", {}), **req.labels},
-            keep_hot=req.keep_hot if req.keep_hot is not None else bool(t.spec.get("keep_hot")),
-            extra_env=extra,
-            net_policy=policy,
+            plan.snapshot.name,
+            plan.name,
+            labels=plan.labels,
+            keep_hot=plan.keep_hot,
+            extra_env=plan.extra_env,
+            net_policy=plan.net_policy,
             template_id=t.id,
         )
 
@@ -135,26 +168,32 @@ class CheckpointService:
         extra_env: dict[str, str] | None = None,
         net_policy: object = None,
         template_id: str | None = None,
+        pool: str = "",
     ) -> SandboxRow:
-        """A new sandbox from the snapshot, named `new_name` or `<snapshot>-<6 hex>`."""
+        """A new sandbox from the snapshot, named `new_name` or `<snapshot>-<6 hex>`; with `pool` (a
+        template id), a warm-pool member of it instead: unlisted, named so no user name can collide."""
         engine = self.forkable()
         snap = self.get(user, name)
         sandboxes = self.sandboxes
-        sandboxes.check_quota(user)
-        sandbox_name = check_name("sandbox", new_name if new_name else f"{snap.name}-{secrets.token_hex(3)}")
+        counted = not pool or sandboxes.config.limits.warm_pools_count
+        if counted:
+            sandboxes.check_quota(user)
+        if pool:
+            sandbox_name = f"~pool-{secrets.token_hex(6)}"
+        else:
+            sandbox_name = check_name("sandbox", new_name if new_name else f"{snap.name}-{secrets.token_hex(3)}")
         check_labels(labels or {})
         spec = snap.spec
-        if net_policy is not None:
-            policy = sandboxes.net_policy(net_policy)
-        else:
-            policy = NetPolicy.from_json(spec.get("net_policy"), sandboxes.config.network.egress_default)
+        policy = self.policy_of(snap, net_policy)
         base = {f: spec[f] for f in INHERITED if f in spec}  # (an older snapshot's missing ones: the defaults)
         if template_id is not None:
             base["template_id"] = template_id
-        sandboxes.check_disk_quota(user, base["disk_mb"])
+        if counted:
+            sandboxes.check_disk_quota(user, base["disk_mb"])
         image = sandboxes.images.resolve(user, base.get("image") or "")
-        env = {**sandboxes.secrets.open_env(self.sealing_id(snap.id), snap.sealed_env), **(extra_env or {})}
+        env = self.env_of(snap, extra_env)
         row = sandboxes.copy_row(user, sandbox_name, base, env, policy, labels or {}, keep_hot)
+        row.pool = pool
         sandboxes.insert_copy(row)
         engine_spec = spec_of(row, policy, image)
 

@@ -168,15 +168,16 @@ class SandboxService:
 
     def get(self, user: User, id_or_name: str) -> SandboxRow:
         row = self.store.get_sandbox(user.id, id_or_name)
-        if row is None or row.status in IN_FLIGHT:
+        if row is None or row.status in IN_FLIGHT or row.pool:
             raise NotFound(f'sandbox "{id_or_name}" not found')
         return row
 
     def list(self, user: User) -> builtins.list[SandboxRow]:
-        return [r for r in self.store.list_sandboxes(user.id) if r.status not in IN_FLIGHT]
+        return [r for r in self.store.list_sandboxes(user.id) if r.status not in IN_FLIGHT and not r.pool]
 
     def running_rows(self) -> builtins.list[SandboxRow]:
-        return [r for r in self.store.list_sandboxes() if r.status == Status.RUNNING]
+        """Running sandboxes of users (warm-pool members stay frozen: no thermal policy, no port scans)."""
+        return [r for r in self.store.list_sandboxes() if r.status == Status.RUNNING and not r.pool]
 
     def tier(self, row: SandboxRow) -> Tier | None:
         if row.status == Status.RUNNING:
@@ -201,13 +202,13 @@ class SandboxService:
 
     def check_quota(self, user: User) -> None:
         max_count = min(user.max_sandboxes, self.config.limits.max_sandboxes)
-        count = self.store.count_sandboxes(user.id)
+        count = self.store.count_sandboxes(user.id, with_pools=self.config.limits.warm_pools_count)
         if count >= max_count:
             raise TooManyRequests(f"sandbox limit reached ({count}/{max_count})")
 
     def check_disk_quota(self, user: User, disk_mb: int) -> None:
         limit = self.config.limits.max_disk_mb_per_user
-        reserved = self.store.disk_mb_reserved(user.id)
+        reserved = self.store.disk_mb_reserved(user.id, with_pools=self.config.limits.warm_pools_count)
         if reserved + disk_mb > limit:
             raise TooManyRequests(
                 f"disk quota exceeded: {reserved} MB of root disk already reserved, {disk_mb} MB more asked, "

@@ -60,6 +60,7 @@ class TemplateSpec:
     net_policy: dict | None = None  # the sandboxes' egress policy (None: the daemon's default)
     snapshot: str = ""  # a named snapshot: its sandboxes are resumed from it instead of booted
     start: list[str] = field(default_factory=list)  # the start command (argv), instead of the image's
+    warm_pool: int = 0  # sandboxes kept frozen from its snapshot (kiln/core/pools.py)
 
     def to_dict(self) -> dict:
         return {
@@ -79,13 +80,15 @@ class TemplateSpec:
             "net_policy": self.net_policy,
             "snapshot": self.snapshot,
             "start": self.start,
+            "warm_pool": self.warm_pool,
         }
 
 
 class TemplateService:
-    def __init__(self, store: Store, images: ImageService):
+    def __init__(self, store: Store, images: ImageService, max_warm_pool: int = 5):
         self.store = store
         self.images = images
+        self.max_warm_pool = max_warm_pool
 
     def create(self, user: User, spec: TemplateSpec) -> Template:
         if spec.id is not None and not NAME_RE.match(spec.id):
@@ -98,6 +101,10 @@ class TemplateService:
         if spec.disk_size_mb < 0:
             raise BadRequest("disk_size_mb must not be negative")
         check_labels(spec.labels)
+        if not 0 <= spec.warm_pool <= self.max_warm_pool:
+            raise BadRequest(f"warm_pool must be between 0 and {self.max_warm_pool}")
+        if spec.warm_pool and not spec.snapshot:
+            raise BadRequest("warm_pool: only a template from a snapshot (snapshot or from_sandbox) keeps a warm pool")
         if spec.snapshot and spec.start:
             raise BadRequest("start: a template from a snapshot resumes its processes; it has no start command")
         if any("\x00" in a for a in spec.start):

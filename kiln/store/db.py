@@ -184,6 +184,10 @@ MIGRATIONS: list[str] = [
         UNIQUE (owner_id, name)
     );
     """,
+    # 14: warm-pool members: a sandbox kept frozen for a template ('' = a user's sandbox, listed)
+    """
+    ALTER TABLE sandboxes ADD COLUMN pool TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 
@@ -241,6 +245,7 @@ class SandboxRow:
     disk_mb: int = 0  # the cap on its root disk
     disk_asked_mb: int = 0  # what the create asked for (0: nothing, the default cap)
     net_policy: dict | None = None  # NetPolicy.to_json()
+    pool: str = ""  # a warm-pool member of this template: never listed, never a user's to reach
 
 
 @dataclass
@@ -425,7 +430,7 @@ class Store:
             self._exec(
                 "INSERT INTO sandboxes (id, owner_id, name, status, reason, ip, cpus, memory_mb, image, env, init,"
                 " keep_hot, labels, created_at, stopped_at, template_id, sealed_env, disk_mb, disk_asked_mb,"
-                " net_policy) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " net_policy, pool) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     s.id,
                     s.owner_id,
@@ -447,10 +452,31 @@ class Store:
                     s.disk_mb,
                     s.disk_asked_mb,
                     json.dumps(s.net_policy) if s.net_policy is not None else None,
+                    s.pool,
                 ),
             )
         except sqlite3.IntegrityError as e:
             raise NameTaken(s.name) from e
+
+    def pool_members(self, template_id: str | None = None) -> list[SandboxRow]:
+        if template_id is None:
+            rows = self._exec("SELECT * FROM sandboxes WHERE pool!='' ORDER BY created_at")
+        else:
+            rows = self._exec("SELECT * FROM sandboxes WHERE pool=? ORDER BY created_at", (template_id,))
+        return [self._sandbox(r) for r in rows]
+
+    def claim_pool_member(
+        self, sandbox_id: str, name: str, labels: dict, keep_hot: bool, sealed_env: bytes | None, net_policy: dict
+    ) -> None:
+        """A warm-pool member becomes its user's sandbox (listed from now on, under its new name)."""
+        try:
+            self._exec(
+                "UPDATE sandboxes SET pool='', name=?, labels=?, keep_hot=?, sealed_env=?, net_policy=?, created_at=?"
+                " WHERE id=? AND pool!=''",
+                (name, json.dumps(labels), int(keep_hot), sealed_env, json.dumps(net_policy), now(), sandbox_id),
+            )
+        except sqlite3.IntegrityError as e:
+            raise NameTaken(name) from e
 
     # Status changes: one intent method per move of the state machine (kiln/states.py), each checked
     # against its table inside one transaction.
@@ -527,10 +553,11 @@ class Store:
             rows = self._exec("SELECT * FROM sandboxes WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
         return [self._sandbox(r) for r in rows]
 
-    def count_sandboxes(self, owner_id: str | None = None) -> int:
+    def count_sandboxes(self, owner_id: str | None = None, with_pools: bool = True) -> int:
+        pools = "" if with_pools else " AND pool=''"
         if owner_id is None:
-            return self._exec("SELECT COUNT(*) FROM sandboxes").fetchone()[0]
-        return self._exec("SELECT COUNT(*) FROM sandboxes WHERE owner_id=?", (owner_id,)).fetchone()[0]
+            return self._exec(f"SELECT COUNT(*) FROM sandboxes WHERE 1{pools}").fetchone()[0]
+        return self._exec(f"SELECT COUNT(*) FROM sandboxes WHERE owner_id=?{pools}", (owner_id,)).fetchone()[0]
 
     # ------------------------------------------------------------ ports (last scan) and publish rules
 
@@ -696,8 +723,11 @@ class Store:
         ).fetchone()
         return self._template(row) if row else None
 
-    def list_templates(self, owner_id: str) -> list[Template]:
-        rows = self._exec("SELECT * FROM templates WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
+    def list_templates(self, owner_id: str | None = None) -> list[Template]:
+        if owner_id is None:
+            rows = self._exec("SELECT * FROM templates ORDER BY created_at DESC")
+        else:
+            rows = self._exec("SELECT * FROM templates WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
         return [self._template(r) for r in rows]
 
     def delete_template(self, template_id: str) -> None:
@@ -758,9 +788,11 @@ class Store:
         ).fetchone()
         return row["user_id"] if row else None
 
-    def disk_mb_reserved(self, owner_id: str) -> int:
+    def disk_mb_reserved(self, owner_id: str, with_pools: bool = True) -> int:
         """The sum of the root disk caps of a user's sandboxes."""
-        return self._exec("SELECT COALESCE(SUM(disk_mb), 0) FROM sandboxes WHERE owner_id=?", (owner_id,)).fetchone()[0]
+        pools = "" if with_pools else " AND pool=''"
+        sql = f"SELECT COALESCE(SUM(disk_mb), 0) FROM sandboxes WHERE owner_id=?{pools}"
+        return self._exec(sql, (owner_id,)).fetchone()[0]
 
     def volume_storage_mb(self, owner_id: str) -> int:
         return self._exec("SELECT COALESCE(SUM(size_mb), 0) FROM volumes WHERE owner_id=?", (owner_id,)).fetchone()[0]
