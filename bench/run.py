@@ -323,6 +323,33 @@ def egress_report(res: dict) -> list[str]:
     ]
 
 
+def pools_report(res: dict) -> list[str]:
+    def p(key, q):
+        return ms(pct(res[key], q))
+
+    plain = p("plain", 50)
+    return [
+        "## Warm pools",
+        "",
+        f"Creates from a template made from a sandbox (its snapshot), {len(res['pooled'])} each, interleaved: with a",
+        f"warm pool of {3} (refilled before each), without one (a resume), and a plain create (a boot).",
+        "",
+        "| measure | p50 ms | p99 ms | compared with | target |",
+        "|---|---|---|---|---|",
+        f"| create from a warm pool | {p('pooled', 50):.0f} | {p('pooled', 99):.0f} | "
+        f"{p('pooled', 50) / plain:.2f}x plain create | <= 30 ms |",
+        f"| its first exec `true` | {p('exec', 50):.0f} | {p('exec', 99):.0f} | | answers at once |",
+        f"| create from the snapshot template (resume) | {p('resumed', 50):.0f} | {p('resumed', 99):.0f} | "
+        f"{p('resumed', 50) / plain:.2f}x plain create | <= 0.6x and <= 250 ms |",
+        f"| plain create | {plain:.0f} | {p('plain', 99):.0f} | | |",
+        "",
+        f"A burst of {2 * 3} concurrent creates against the full pool of 3: {res['burst_claimed'][0]} from the pool, "
+        f"{2 * 3 - res['burst_claimed'][0] - res['burst_failed'][0]} resumed, {res['burst_failed'][0]} failed, "
+        f"{res['burst_wall'][0] * 1000:.0f} ms for all.",
+        "",
+    ]
+
+
 def xfs_target(res: dict, mb: int) -> str:
     target = 300 + 3 * mb
     got = ms(pct(res[f"xfs{mb}"], 50))
@@ -444,7 +471,7 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=8, help="creates per image (imports and builds: a third)")
     parser.add_argument(
         "--only",
-        choices=["publish", "load", "cli", "egress", "fork", "images"],
+        choices=["publish", "load", "cli", "egress", "fork", "images", "pools"],
         help="re-measure one section and replace it in the report",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
@@ -454,6 +481,7 @@ def main() -> int:
     from bench.fork import bench_fork
     from bench.images import bench_images
     from bench.load import bench_load
+    from bench.pools import bench_pools
     from bench.publish import bench_publish
 
     if args.only:  # re-measure one section and replace it in the report
@@ -464,6 +492,7 @@ def main() -> int:
             "egress": ("## Egress", lambda: egress_report(bench_egress(args.egress))),
             "fork": ("## Fork and named snapshots", lambda: fork_report(bench_fork(args.forks))),
             "images": ("## Images", lambda: images_report(bench_images(args.images))),
+            "pools": ("## Warm pools", lambda: pools_report(bench_pools(args.forks))),
         }[args.only]
         out = Path(args.out)
         text = out.read_text() if out.exists() else ""
@@ -491,6 +520,8 @@ def main() -> int:
     publish = bench_publish(args.publish)
     print(f"fork: {args.forks} forks each of a 64 MB and a 256 MB source, raw windows, resumes ...", flush=True)
     fork = bench_fork(args.forks)
+    print(f"warm pools: {args.forks} creates each from a pool, a snapshot template and plain ...", flush=True)
+    pools = bench_pools(args.forks)
     print(f"images: {args.images} creates per image, imports, builds cold and cached ...", flush=True)
     images = bench_images(args.images)
     print(f"egress: {args.egress} connects and DNS queries each ...", flush=True)
@@ -508,6 +539,8 @@ def main() -> int:
         + "\n".join(publish_report(publish))
         + "\n"
         + "\n".join(fork_report(fork))
+        + "\n"
+        + "\n".join(pools_report(pools))
         + "\n"
         + "\n".join(images_report(images))
         + "\n"
