@@ -43,7 +43,7 @@ def make_archive(directory: Path) -> Path:
     """A plain rootfs tar of ~200 MB: the minimal image's tree and 50 MB that does not compress."""
     tree = directory / "tree"
     subprocess.run(["cp", "-a", str(image_dir(IMAGES, MINIMAL) / "rootfs"), str(tree)], check=True)  # devices too
-    (tree / "opt" / "ballast").write_bytes(os.urandom(50 << 20))
+    (tree / "opt" / "ballast").write_bytes(os.urandom(60 << 20))
     archive = directory / "rootfs.tar"
     subprocess.run(["tar", "-C", str(tree), "-cf", str(archive), "."], check=True)
     shutil.rmtree(tree)

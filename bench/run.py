@@ -405,7 +405,7 @@ def images_report(res: dict) -> list[str]:
         "## Images",
         "",
         f"Creates from `default` (751 MB) and `minimal` (150 MB), {len(res['default'])} each, interleaved; import",
-        f"of a {size} root filesystem tar (the minimal tree and 50 MB of random bytes) beside `tar -x` of it,",
+        f"of a {size} root filesystem tar (the minimal tree and 60 MB of random bytes) beside `tar -x` of it,",
         f"{len(res['import'])} runs; a Dockerfile (FROM minimal, ENV, WORKDIR, COPY, RUN, USER, CMD) built cold",
         "(a new ENV first, so no step is cached) and then again unchanged, interleaved.",
         "",

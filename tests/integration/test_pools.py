@@ -6,7 +6,7 @@ import concurrent.futures
 
 import pytest
 
-from tests.conftest import make_sandbox, run, wait_for
+from tests.conftest import listed, make_sandbox, run, wait_for
 from tests.daemon import running_daemon
 
 SERVER = "cd /tmp && echo served > index.html && nohup python3 -m http.server 8300 >/dev/null 2>&1 &"
@@ -25,7 +25,10 @@ def pooled(daemon):
     """A template from a sandbox serving HTTP, with a warm pool of 2."""
     with daemon.client() as api:
         src = make_sandbox(api, name="pool-src", init=SERVER)
-        wait_for(lambda: run(api, src, ["cat", "/tmp/index.html"])["exit_code"] == 0, what="the init's server")
+        wait_for(
+            lambda: 8300 in {p["container_port"] for p in api.get(f"/sandboxes/{src['id']}/ports").json()},
+            what="the init's server",
+        )
         t = api.post("/templates", json={"name": "pooled", "from_sandbox": src["id"], "warm_pool": 2})
         assert t.status_code == 201, t.text
         assert t.json()["warm_pool"] == 2 and t.json()["pool"]["size"] == 2
@@ -47,7 +50,7 @@ def test_a_create_claims_a_frozen_member_which_serves_at_once_and_the_pool_refil
         page = api.get(f"/sandboxes/{sb['id']}/proxy/8300/index.html")
         assert page.status_code == 200 and page.text == "served\n"  # the server was already listening
         assert {s["id"] for s in user_sandboxes(api)} == before | {sb["id"]}
-        assert api.get(f"/sandboxes/{sb['id']}").json()["thermal"] == "hot"
+        assert listed(api, sb)["thermal"] == "hot"
         wait_for(lambda: pool(api, pooled)["ready"] == 2, timeout=60, what="the pool to refill")
     finally:
         api.delete(f"/sandboxes/{sb['id']}")
@@ -64,7 +67,7 @@ def test_a_burst_drains_the_pool_and_falls_back_to_resumes(api, pooled):
     try:
         assert [a.status_code for a in answers] == [201] * 5, [a.text for a in answers]
         claimed = sum(bool(a.json().get("from_pool")) for a in answers)
-        assert claimed == 2, [a.json().get("from_pool") for a in answers]
+        assert 2 <= claimed < 5, [a.json().get("from_pool") for a in answers]  # drained, then resumes
         for a in answers:
             assert run(api, a.json(), ["cat", "/tmp/index.html"])["stdout"] == "served\n"
     finally:
