@@ -90,6 +90,7 @@ class PoolService:
                 row = await self.checkpoints.resume(
                     user, t.spec["snapshot"], net_policy=t.spec.get("net_policy"), template_id=t.id, pool=t.id
                 )
+                await self.warm_up(row.id)
                 await self.freeze(row.id)
             except (KilnError, EngineError) as e:
                 log.warning("warm pool of template %s: a member did not start: %s", t.id, getattr(e, "message", e))
@@ -97,6 +98,16 @@ class PoolService:
                 continue
             self.ready.setdefault(t.id, []).append(row.id)
             log.info("warm pool of template %s: %d/%d ready", t.id, len(self.ready[t.id]), self.size(t))
+
+    async def warm_up(self, sandbox_id: str) -> None:
+        """One exec before freezing: a just-restored sandbox faults in what spawning a process needs
+        on its first one (~100 ms here), which would otherwise be its claimer's first exec."""
+        handle = self.engine.handle(sandbox_id)
+        if handle is None:
+            return
+        with contextlib.suppress(Exception):  # an image without `true` only stays a little colder
+            async for _ in handle.agent.exec({"argv": ["true"], "env": {}, "timeout_sec": 10}):
+                pass
 
     async def freeze(self, sandbox_id: str) -> None:
         if isinstance(self.engine, Pausable):

@@ -214,6 +214,10 @@ def test_limits_on_archive_size_image_count_and_concurrency(tmp_path):
         streamed = api.post("/images/import", params={"name": "big"}, content=iter([archive.read_bytes()]))
         assert streamed.status_code == 413, streamed.text  # chunked: refused once past the cap
         assert archive.stat().st_size > 1 << 20  # busybox alone is ~2 MB: more than this cap
+    with running_daemon({"limits": {"max_image_storage_mb": 1}}) as d, d.client() as api:
+        r = import_image(api, "over", archive)  # busybox unpacks to ~2 MB: over a 1 MB storage quota
+        assert r.status_code == 429 and "image storage quota exceeded" in r.json()["error"], r.text
+        assert api.get("/images/over").status_code == 404 and not list((d.data_dir / "user-images").iterdir())
     with running_daemon({"limits": {"max_images": 1}}) as d, d.client() as api:
         assert import_image(api, "one", archive).status_code == 201
         r = import_image(api, "two", archive)
