@@ -118,6 +118,7 @@ class ServerConfig(Section):
     max_connections_per_ip: int = Field(256, ge=1, description="open connections from one client address")
     max_connections: int = Field(2048, ge=16, description="open connections and tasks in all; more get 503")
     max_json_body_bytes: int = Field(1 << 20, ge=1024, description="API request bodies, chunked or not; more is 413")
+    body_idle_timeout: float = Field(30.0, gt=0, description="seconds an image or build upload may send nothing (408)")
     ws_max_message_bytes: int = Field(16 << 20, ge=1024, description="one WebSocket message either way; more is 1009")
     proxy_deadline: float = Field(3600.0, gt=0, description="seconds one authenticated proxy exchange may last")
     public_deadline: float = Field(300.0, gt=0, description="seconds one published-URL HTTP request may last")

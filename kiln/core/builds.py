@@ -104,6 +104,7 @@ class Build:
         cached = True
         try:
             yield {"type": "build", "image": self.name, "steps": len(steps)}
+            await self.stack.enter_async_context(svc.images.work())  # released by cleanup, before the last event
             for step in steps:
                 if step.changes_files:
                     hit = svc.cached_tree(self.keys[step.n])
@@ -198,7 +199,9 @@ class Build:
                 for e in entries:
                     if e.member.isfile():
                         yield {"type": "stdout", "n": step.n, "data": f"{e.dest}\n"}
-                        await handle.agent.write(e.dest, e.member.size, e.member.mode & 0o7777, aiter(self.context, e))
+                        await handle.agent.write(
+                            e.dest, e.member.size, e.member.mode & 0o7777, member_chunks(self.context, e)
+                        )
                 await self.prepare(handle, dirs, [e.dest for e in entries], step.copy.chown)
 
     async def prepare(self, handle, dirs: list[str], paths: list[str], chown: str) -> None:
@@ -230,7 +233,7 @@ class Build:
         await self.stack.aclose()
 
 
-async def aiter(context: BuildContext, entry: Entry):
+async def member_chunks(context: BuildContext, entry: Entry):
     for chunk in context.chunks(entry.member):
         yield chunk
 
@@ -312,7 +315,13 @@ class BuildService:
         incoming = self.cache / f"context-{secrets.token_hex(8)}.tmp"
         try:
             incoming.mkdir(parents=True)
-            await receive(chunks, incoming / "context.tar", cap, what="a build context (a tar with a Dockerfile)")
+            await receive(
+                chunks,
+                incoming / "context.tar",
+                cap,
+                self.config.server.body_idle_timeout,
+                what="a build context (a tar with a Dockerfile)",
+            )
             context = await asyncio.to_thread(BuildContext, incoming / "context.tar")
             try:
                 text = context.read_text(dockerfile or "Dockerfile")

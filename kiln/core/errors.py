@@ -28,6 +28,10 @@ class NotFound(KilnError):
     status = 404
 
 
+class RequestTimeout(KilnError):
+    status = 408
+
+
 class Conflict(KilnError):
     status = 409
 

@@ -39,6 +39,7 @@ from .errors import (
     InsufficientStorage,
     Internal,
     NotFound,
+    RequestTimeout,
     TooLarge,
     TooManyRequests,
     Unavailable,
@@ -50,6 +51,7 @@ log = logging.getLogger("kiln.images")
 
 RETRY_AFTER = "10"  # seconds, for a create that names a built-in image still being built
 FREE_MARGIN = 256 << 20  # bytes left free on the server's disk after an import
+WORK_WAIT = 600.0  # seconds an image job waits for a free slot before it is 503
 
 
 @dataclass
@@ -238,17 +240,28 @@ class ImageService:
 
     @contextlib.asynccontextmanager
     async def job(self, user: User) -> AsyncIterator[None]:
-        """One image job per user at a time, `max_image_jobs` on the server: each is disk-heavy."""
+        """One image job (import, build, save) per user at a time, upload included: a slow upload
+        holds up only its own user."""
         if user.id in self.busy_users:
             raise TooManyRequests("another image import, build or save of yours is running", {"Retry-After": "5"})
-        if self.jobs.locked():
-            raise TooManyRequests("the server is busy with other image jobs; retry shortly", {"Retry-After": "5"})
         self.busy_users.add(user.id)
         try:
-            async with self.jobs:
-                yield
+            yield
         finally:
             self.busy_users.discard(user.id)
+
+    @contextlib.asynccontextmanager
+    async def work(self) -> AsyncIterator[None]:
+        """The disk-heavy part of a job (unpack, build steps, copy): `max_image_jobs` at once on the
+        server; the others wait their turn, at most WORK_WAIT seconds (then 503)."""
+        try:
+            await asyncio.wait_for(self.jobs.acquire(), WORK_WAIT)
+        except TimeoutError:
+            raise Unavailable("the server is busy with other image jobs; retry later", {"Retry-After": "30"}) from None
+        try:
+            yield
+        finally:
+            self.jobs.release()
 
     async def make(self, user: User, name: str, source: str, fill: Callable[[Path], Awaitable[ImageConfig]]) -> dict:
         """Reserve the name, let fill() make the tree at the path it is given and return its config,
@@ -301,22 +314,23 @@ class ImageService:
             incoming.mkdir()
             try:
                 upload = incoming / "archive"
-                await receive(chunks, upload, cap)
-                budget = min(self.storage_left(user), self.disk_free() - FREE_MARGIN)
-                try:
-                    measured = await asyncio.to_thread(archive.measure, upload, max(0, budget))
-                except archive.TooBig:
-                    raise self.too_big(user) from None
-                except archive.BadArchive as e:
-                    raise BadRequest(f"invalid image archive: {e}") from None
-
-                async def fill(rootfs: Path) -> ImageConfig:
+                await receive(chunks, upload, cap, self.config.server.body_idle_timeout)
+                async with self.work():
+                    budget = min(self.storage_left(user), self.disk_free() - FREE_MARGIN)
                     try:
-                        return await asyncio.to_thread(archive.unpack, upload, measured.format, incoming, rootfs)
+                        measured = await asyncio.to_thread(archive.measure, upload, max(0, budget))
+                    except archive.TooBig:
+                        raise self.too_big(user) from None
                     except archive.BadArchive as e:
-                        raise BadRequest(f"invalid image archive ({measured.format}): {e}") from None
+                        raise BadRequest(f"invalid image archive: {e}") from None
 
-                return await self.make(user, name, "import", fill)
+                    async def fill(rootfs: Path) -> ImageConfig:
+                        try:
+                            return await asyncio.to_thread(archive.unpack, upload, measured.format, incoming, rootfs)
+                        except archive.BadArchive as e:
+                            raise BadRequest(f"invalid image archive ({measured.format}): {e}") from None
+
+                    return await self.make(user, name, "import", fill)
             finally:
                 await asyncio.to_thread(shutil.rmtree, incoming, True)
 
@@ -338,7 +352,7 @@ class ImageService:
         """The sandbox's root disk as a new image (it keeps running); its image's config carries over."""
         name = self.check_new(user, name)
         base = self.config_of(user, sandbox.image)
-        async with self.job(user):
+        async with self.job(user), self.work():
 
             async def fill(rootfs: Path) -> ImageConfig:
                 async with self.runtimes.lock(sandbox.id):
@@ -361,13 +375,21 @@ async def receive(
     chunks: AsyncIterator[bytes],
     target: Path,
     cap: int,
+    idle_timeout: float,
     what: str = "an image archive (docker save, OCI layout or rootfs tar)",
 ) -> int:
     """Write a request body to target as it arrives, never more than cap bytes (413 past it)."""
     size = 0
     started = time.monotonic()
+    body = aiter(chunks)
     with open(target, "wb") as f:
-        async for chunk in chunks:
+        while True:
+            try:  # a client that stops sending is cut off, never waited for
+                chunk = await asyncio.wait_for(anext(body), idle_timeout)
+            except StopAsyncIteration:
+                break
+            except TimeoutError:
+                raise RequestTimeout(f"no body data for {idle_timeout:g} s: upload abandoned") from None
             size += len(chunk)
             if size > cap:
                 raise TooLarge(f"request body too large (max {cap} bytes)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,16 +54,18 @@ def _inner_size(stream, budget: int) -> int:
 
 def measure(archive: Path, budget: int) -> Measured:
     """Which kind of archive this is and how much it unpacks to; TooBig beyond budget."""
-    names: set[str] = set()
+    top: set[str] = set()  # of the names that decide the kind: never more than two
     total = 0
     try:
         with tarfile.open(archive, mode="r:*") as outer:
             for m in outer:
-                names.add(m.name.lstrip("./"))
+                name = m.name.lstrip("./")
+                if name in ("manifest.json", "oci-layout"):
+                    top.add(name)
                 total += m.size
                 if total > budget:
                     raise TooBig
-            kind = DOCKER if "manifest.json" in names else OCI if "oci-layout" in names else ROOTFS
+            kind = DOCKER if "manifest.json" in top else OCI if "oci-layout" in top else ROOTFS
             if kind == ROOTFS:
                 return Measured(kind, total)
             layers = 0
@@ -74,14 +77,8 @@ def measure(archive: Path, budget: int) -> Measured:
                         if layers > budget:
                             raise TooBig
             return Measured(kind, layers)
-    except (tarfile.TarError, EOFError, zlib_error(), OSError) as e:
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise BadArchive(f"not a readable tar archive ({e})") from e
-
-
-def zlib_error() -> type[Exception]:
-    import zlib
-
-    return zlib.error
 
 
 def run(argv: list[str]) -> str:

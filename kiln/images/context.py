@@ -14,6 +14,7 @@ from pathlib import Path
 from .dockerfile import Copy, DockerfileError
 
 MAX_DOCKERFILE_BYTES = 1 << 20
+MAX_MEMBERS = 200_000  # a context's files: their headers are held in memory for the build
 GLOB_CHARS = set("*?[")
 
 
@@ -35,14 +36,16 @@ class BuildContext:
     def __init__(self, tar_path: Path):
         try:
             self.tar = tarfile.open(tar_path, mode="r:*")  # noqa: SIM115 (read for the whole build; close())
-            members = self.tar.getmembers()
+            self.members: dict[str, tarfile.TarInfo] = {}
+            for n, m in enumerate(self.tar):
+                if n >= MAX_MEMBERS:
+                    self.tar.close()
+                    raise DockerfileError(f"the build context has more than {MAX_MEMBERS} files")
+                path = normal(m.name)
+                if path:
+                    self.members[path] = m
         except (tarfile.TarError, EOFError, OSError) as e:
             raise DockerfileError(f"the build context is not a readable tar archive ({e})") from None
-        self.members: dict[str, tarfile.TarInfo] = {}
-        for m in members:
-            path = normal(m.name)
-            if path:
-                self.members[path] = m
 
     def close(self) -> None:
         self.tar.close()

@@ -5,6 +5,7 @@ a running sandbox as an image, and the refusals (unknown, corrupt, too large, in
 import asyncio
 import json
 import secrets
+import socket
 from pathlib import Path
 
 import pytest
@@ -287,3 +288,29 @@ def test_a_templates_start_command_runs_at_every_boot(api):
         api.delete("/templates/starter")
     r = api.post("/templates", json={"name": "bad", "snapshot": "x", "start": "true"})
     assert r.status_code == 400 and "start" in r.json()["error"]
+
+
+def test_a_stalled_upload_is_cut_off_and_holds_up_only_its_own_user(tmp_path):
+    archive = busybox_rootfs(tmp_path / "bb.tar").read_bytes()
+    with running_daemon({"server": {"body_idle_timeout": 2}, "limits": {"max_image_jobs": 1}}) as d:
+        other = d.create_user("other")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=30) as s:
+            head = (
+                f"POST /images/import?name=slow HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {d.admin_token}\r\n"
+                f"Content-Length: {len(archive)}\r\n\r\n"
+            ).encode()
+            s.sendall(head + archive[:1000])  # then nothing more
+            with d.client(other) as c:  # meanwhile another user's import is not held up
+                assert c.post("/images/import", params={"name": "fast"}, content=archive).status_code == 201
+            reply = ""
+            while "}" not in reply:
+                data = s.recv(65536)
+                if not data:
+                    break
+                reply += data.decode(errors="replace")
+        assert reply.startswith("HTTP/1.1 408") and "upload abandoned" in reply, reply
+        with d.client() as api:
+            assert api.get("/images/slow").status_code == 404
+            assert [p.name for p in (d.data_dir / "user-images").iterdir()] == [
+                i["id"] for i in d.client(other).get("/images").json() if i["name"] == "fast"
+            ]
