@@ -236,8 +236,14 @@ class GVisorEngine:
         return self.runtime_dir
 
     def image_root(self, rec: Record) -> Path:
-        """The image tree under a sandbox (records older than images by path name one in images_dir)."""
-        return Path(rec.image) if os.path.isabs(rec.image) else self.images_dir / rec.image
+        """The image tree under a sandbox. Records older than images by path name one relative to the
+        images directory: the configured one, or where images lived before (`data_dir/images`)."""
+        if os.path.isabs(rec.image):
+            return Path(rec.image)
+        for base in (self.images_dir, self.data_dir / "images"):
+            if (base / rec.image).is_dir():
+                return base / rec.image
+        return self.images_dir / rec.image
 
     def images_in_use(self) -> set[str]:
         return {str(self.image_root(r)) for r in self.records.values()}
