@@ -20,6 +20,21 @@ from tests.daemon import Daemon, builtin_image
 FILL = "head -c {mb}000000 /dev/urandom > /dev/shm/ballast"
 
 
+def fork_source(api, mb: int, n: int, prefix: str, answers: list[float], paused: list[float]) -> dict:
+    """A 512 MB source holding `mb` MB, forked n times: how long each POST took and the source was
+    paused. Returns the source (still there, for what the caller does with it next)."""
+    src = api.post("/sandboxes", json={"name": f"{prefix}src{mb}", "memory_mb": 512}).json()
+    api.post(f"/sandboxes/{src['id']}/exec", json={"cmd": ["sh", "-c", FILL.format(mb=mb)]})
+    for i in range(n):
+        t = time.perf_counter()
+        r = api.post("/sandboxes", json={"from": src["id"], "name": f"{prefix}f{mb}-{i}"})
+        answers.append(time.perf_counter() - t)
+        assert r.status_code == 201, r.text
+        paused.append(r.json()["fork"]["paused_ms"] / 1000)
+        api.delete(f"/sandboxes/{r.json()['id']}")
+    return src
+
+
 def bench_fork_api(n: int) -> dict[str, list[float]]:
     res: dict[str, list[float]] = {k: [] for k in ("fork64", "paused64", "fork256", "paused256", "create", "resume")}
     d = Daemon()
@@ -27,15 +42,7 @@ def bench_fork_api(n: int) -> dict[str, list[float]]:
         d.start()
         with d.client(timeout=300) as api:
             for mb in (64, 256):
-                src = api.post("/sandboxes", json={"name": f"src{mb}", "memory_mb": 512}).json()
-                api.post(f"/sandboxes/{src['id']}/exec", json={"cmd": ["sh", "-c", FILL.format(mb=mb)]})
-                for i in range(n):
-                    t = time.perf_counter()
-                    r = api.post("/sandboxes", json={"from": src["id"], "name": f"f{mb}-{i}"})
-                    res[f"fork{mb}"].append(time.perf_counter() - t)
-                    assert r.status_code == 201, r.text
-                    res[f"paused{mb}"].append(r.json()["fork"]["paused_ms"] / 1000)
-                    api.delete(f"/sandboxes/{r.json()['id']}")
+                src = fork_source(api, mb, n, "", res[f"fork{mb}"], res[f"paused{mb}"])
                 if mb == 64:
                     assert api.post(f"/sandboxes/{src['id']}/checkpoint", json={"name": "snap"}).status_code == 201
                 api.delete(f"/sandboxes/{src['id']}")
@@ -90,13 +97,7 @@ def bench_fork_xfs(n: int) -> dict[str, list[float]]:
         d.start()
         with d.client(timeout=300) as api:
             for mb in (64, 256):
-                src = api.post("/sandboxes", json={"name": f"xsrc{mb}", "memory_mb": 512}).json()
-                api.post(f"/sandboxes/{src['id']}/exec", json={"cmd": ["sh", "-c", FILL.format(mb=mb)]})
-                for i in range(n):
-                    r = api.post("/sandboxes", json={"from": src["id"], "name": f"xf{mb}-{i}"})
-                    assert r.status_code == 201, r.text
-                    res[f"xfs{mb}"].append(r.json()["fork"]["paused_ms"] / 1000)
-                    api.delete(f"/sandboxes/{r.json()['id']}")
+                src = fork_source(api, mb, n, "x", [], res[f"xfs{mb}"])
                 api.delete(f"/sandboxes/{src['id']}")
         assert "cannot reflink" not in d.log_path.read_text(), "the XFS data dir did not reflink"
     finally:

@@ -25,7 +25,7 @@ from ..engine.base import ImageSpec
 from ..images.config import ImageConfig
 from ..images.context import BuildContext, Entry
 from ..images.dockerfile import DockerfileError, Plan, Step, parse, step_key
-from ..images.runtime import RUNTIME_ENV, agent_python
+from ..images.runtime import python_request
 from ..proc import run
 from ..store.db import SandboxRow, User
 from .errors import BadRequest, KilnError, NotFound, TooLarge
@@ -205,7 +205,7 @@ class Build:
                 await self.prepare(handle, dirs, [e.dest for e in entries], step.copy.chown)
 
     async def prepare(self, handle, dirs: list[str], paths: list[str], chown: str) -> None:
-        request = {"argv": [*agent_python(), "-c", PREPARE], "user": 0, "env": dict(RUNTIME_ENV), "timeout_sec": 120}
+        request = python_request(PREPARE, 120)
         stdin = json.dumps({"dirs": dirs, "paths": paths, "chown": chown}).encode()
         err = b""
         async for ev in handle.agent.exec(request, stdin=stdin):
@@ -275,7 +275,8 @@ class BuildService:
     def cached_tree(self, key: str) -> Path | None:
         d = self.cache / key
         if (d / CACHE_META).exists():
-            os_touch(d)
+            with contextlib.suppress(OSError):
+                d.touch()  # recently used: pruned last
             return d / "rootfs"
         return None
 
@@ -332,13 +333,11 @@ class BuildService:
             except BaseException:
                 context.close()
                 raise
-        except DockerfileError as e:
+        except BaseException as e:
             await asyncio.to_thread(shutil.rmtree, incoming, True)
             await stack.aclose()
-            raise BadRequest(f"Dockerfile: {e}") from None
-        except BaseException:
-            await asyncio.to_thread(shutil.rmtree, incoming, True)
-            await stack.aclose()
+            if isinstance(e, DockerfileError):
+                raise BadRequest(f"Dockerfile: {e}") from None
             raise
         return build
 
@@ -349,8 +348,3 @@ class BuildService:
     def base_key(self, user: User, base: ResolvedImage) -> str:
         """Cache keys are per user and per base tree (a rebuilt base image starts a new chain)."""
         return f"{user.id}:{base.spec.rootfs}"
-
-
-def os_touch(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        path.touch()

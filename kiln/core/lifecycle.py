@@ -357,7 +357,10 @@ class SandboxService:
         row.status, row.ip = Status.RUNNING, handle.ip
 
     async def destroy(self, user: User, id_or_name: str) -> None:
-        row = self.get(user, id_or_name)
+        await self.destroy_row(self.get(user, id_or_name))
+
+    async def destroy_row(self, row: SandboxRow) -> None:
+        """Destroy a sandbox found by its row (a user's, or a warm-pool member no user can name)."""
         async with self.runtimes.lock(row.id):
             # marked first: a crash from here on is finished at the next start, never half-left
             self.store.mark_destroying(row.id)

@@ -117,16 +117,7 @@ class PoolService:
     async def discard(self, row: SandboxRow) -> None:
         with contextlib.suppress(ValueError):
             self.ready.get(row.pool, []).remove(row.id)
-        user = self.store.user_by_id(row.owner_id)
-        if user is None:
-            return
-        # a member is reachable by id for its destroy only
-        async with self.sandboxes.runtimes.lock(row.id):
-            self.store.mark_destroying(row.id)
-            with contextlib.suppress(EngineError):
-                await self.engine.destroy(row.id)
-            self.store.delete_sandbox(row.id)
-        self.sandboxes.runtimes.drop(row.id)
+        await self.sandboxes.destroy_row(row)
 
     async def drain(self, template_id: str) -> None:
         """The template is gone (or its pool shrank to nothing): its members go."""

@@ -134,7 +134,7 @@ def parse(text: str, base_config: Callable[[str], ImageConfig] = lambda name: Im
             if not words or words[0].startswith("--") or (len(words) not in (1, 3)):
                 raise _error(instruction, line, "must be FROM <kiln image name> [AS name]")
             base = words[0]
-            state = State(ImageConfig.from_json(base_config(base).to_json()), state.args)
+            state = State(base_config(base), state.args).copy()
             steps.append(Step(1, line, "FROM", text, state=state.copy()))
             continue
         state = state.copy()

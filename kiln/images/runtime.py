@@ -112,6 +112,11 @@ def agent_python() -> list[str]:
     return [f"{lib}/{loader_name()}", "--library-path", lib, f"{GUEST_RUNTIME}/bin/python3", "-S", "-B"]
 
 
+def python_request(script: str, timeout_sec: int) -> dict:
+    """An exec request running `script` as root on the runtime's python (any image has it)."""
+    return {"argv": [*agent_python(), "-c", script], "user": 0, "env": dict(RUNTIME_ENV), "timeout_sec": timeout_sec}
+
+
 def agent_argv(guest_agent: str, config: str) -> list[str]:
     return [*agent_python(), "-u", f"{guest_agent}/guest.py", config]
 

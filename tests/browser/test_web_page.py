@@ -17,12 +17,18 @@ def browser():
         b.close()
 
 
-def test_create_a_sandbox_and_use_its_terminal(browser, daemon, api):
+def signed_in(browser, daemon):
+    """A page of the daemon's web app, signed in with the admin key."""
     page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(daemon.url + "/")
+    page.fill("#token", daemon.admin_token)
+    page.click("text=Use this key")
+    return page
+
+
+def test_create_a_sandbox_and_use_its_terminal(browser, daemon, api):
+    page = signed_in(browser, daemon)
     try:
-        page.goto(daemon.url + "/")
-        page.fill("#token", daemon.admin_token)
-        page.click("text=Use this key")
         page.fill("#new-name", "browser")
         page.click("#create")
         row = page.locator("#sandboxes tbody tr[data-name=browser]")
@@ -50,11 +56,8 @@ def test_create_a_sandbox_and_use_its_terminal(browser, daemon, api):
 
 
 def test_images_are_listed_and_offered_on_create(browser, daemon, api):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = signed_in(browser, daemon)
     try:
-        page.goto(daemon.url + "/")
-        page.fill("#token", daemon.admin_token)
-        page.click("text=Use this key")
         expect(page.locator("#images tbody tr[data-name=minimal] td").nth(1)).to_have_text("builtin")
         expect(page.locator("#images tbody tr[data-name=default] td").nth(2)).to_have_text("ready")
         page.fill("#new-name", "browser-minimal")
@@ -71,11 +74,8 @@ def test_images_are_listed_and_offered_on_create(browser, daemon, api):
 
 def test_fork_and_snapshot_buttons(browser, daemon, api):
     assert api.post("/sandboxes", json={"name": "browser-src"}).status_code == 201
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = signed_in(browser, daemon)
     try:
-        page.goto(daemon.url + "/")
-        page.fill("#token", daemon.admin_token)
-        page.click("text=Use this key")
         row = page.locator("#sandboxes tbody tr[data-name=browser-src]")
         row.locator("button.fork").click()
         expect(page.locator("#create-status")).to_contain_text("forked browser-src as browser-src-", timeout=60_000)

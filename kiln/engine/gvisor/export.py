@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ... import diskimage
-from ...images.runtime import GUEST_RUNTIME, RUNTIME_ENV, agent_python
+from ...images.runtime import GUEST_RUNTIME, python_request
 from ..base import EngineError, State
 from . import bundle
 from .fork import clone_disk
@@ -34,9 +34,8 @@ async def flush_guest_writes(engine: GVisorEngine, sandbox_id: str) -> None:
     handle = engine.handle(sandbox_id)
     if handle is None:
         return
-    request = {"argv": [*agent_python(), "-c", FLUSH], "user": 0, "env": dict(RUNTIME_ENV), "timeout_sec": 30}
     with contextlib.suppress(Exception):
-        async for _ in handle.agent.exec(request):
+        async for _ in handle.agent.exec(python_request(FLUSH, 30)):
             pass
 
 
