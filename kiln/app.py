@@ -114,6 +114,7 @@ def build_app(config: Config) -> FastAPI:
         await sandboxes.reconcile()
         await builds.start()  # after reconcile: the sandboxes of interrupted builds are destroyed
         checkpoints = CheckpointService(sandboxes)
+        await checkpoints.start()
         pools = PoolService(checkpoints)
         await pools.start()  # members that came through a restart are kept, then every pool is topped up
         app.state.services = Services(

@@ -123,6 +123,11 @@ class AgentClient:
     async def set_secrets(self, env: dict[str, str]) -> None:
         await self.request_json(P.SECRETS_SET, P.EXIT, json.dumps({"env": env}).encode())
 
+    async def set_token(self, token: str) -> None:
+        """Hand the agent a new token; this client uses it from now on."""
+        await self.request_json(P.TOKEN_SET, P.EXIT, token.encode())
+        self.token = token.encode()
+
     async def ports(self) -> list[dict]:
         """Listening TCP ports inside the sandbox: [{"port", "loopback_only"}]."""
         return await self.request_json(P.PORTS_REQ, P.PORTS_RESP)

@@ -44,6 +44,7 @@ PORTS_RESP = 0x61
 FORWARD_REQ = 0x62  # JSON {"port"} -> FORWARD_OK, then the connection is a raw byte relay to that port
 FORWARD_OK = 0x63
 SECRETS_SET = 0x70  # JSON {"env": {...}}: secret environment for every exec and session -> EXIT
+TOKEN_SET = 0x71  # the token every later connection must bring (a copy's own, not its origin's) -> EXIT
 
 # ERROR kinds: "invalid" is the caller's fault (maps to HTTP 400), "not_found" to 404, "failed" is not.
 INVALID = "invalid"

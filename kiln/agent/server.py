@@ -207,6 +207,11 @@ class Agent:
     # -- serving
 
     def serve(self) -> None:
+        try:
+            with open(self.token_file(), "rb") as f:  # the token handed over since boot, if any
+                self.token = f.read() or self.token
+        except OSError:
+            pass
         if os.geteuid() == 0:
             os.setgroups([])  # spawned children inherit the agent's supplementary groups: none
         lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -271,6 +276,9 @@ class Agent:
             conn.send_json(P.PORTS_RESP, ports.listening_ports(exclude={self.port}))
         elif ftype == P.FORWARD_REQ:
             self.forward(conn, json.loads(payload))
+        elif ftype == P.TOKEN_SET:
+            self.set_token(payload)
+            conn.send_json(P.EXIT, {"exit_code": 0})
         elif ftype == P.SECRETS_SET:
             self.set_secrets(json.loads(payload).get("env") or {})
             conn.send_json(P.EXIT, {"exit_code": 0})
@@ -279,6 +287,22 @@ class Agent:
             conn.send_json(P.EXIT, {"exit_code": 0})
         else:
             raise RequestError(f"unknown request type 0x{ftype:02x}")
+
+    def token_file(self) -> str:
+        return os.path.join(os.path.dirname(self.secrets_file), "token")
+
+    def set_token(self, token: bytes) -> None:
+        """A copy of a sandbox (fork, resume) is handed a token of its own; kept on the sandbox's tmpfs
+        like the secrets, so a re-forked agent server still has it."""
+        if len(token) < 16:
+            raise RequestError("a token has 16 bytes at least")
+        os.makedirs(os.path.dirname(self.secrets_file), mode=0o700, exist_ok=True)
+        tmp = self.token_file() + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(token)
+        os.replace(tmp, self.token_file())
+        self.token = token
 
     def set_secrets(self, env: dict) -> None:
         env = {str(k): str(v) for k, v in env.items()}

@@ -44,6 +44,11 @@ class CheckpointService:
             raise NotImplementedYet(f"this engine ({self.sandboxes.engine.name}) cannot keep snapshots")
         return self.engine
 
+    async def start(self) -> None:
+        """Copies the engine kept that the store has no record of (a crash in between) are removed."""
+        if self.engine is not None:
+            await self.engine.prune_named(self.store.named_snapshot_ids())
+
     def sealing_id(self, snapshot_id: str) -> str:
         return f"snapshot.{snapshot_id}"
 
@@ -71,7 +76,7 @@ class CheckpointService:
                 raise Conflict(f'sandbox "{id_or_name}" is {row.status} ({row.reason}): start it first')
             self.sandboxes.events.before_stop(row.id)
             try:
-                size, paused_ms = await engine.checkpoint_named(row.id, snapshot_id)
+                size, paused_ms = await engine.checkpoint_named(row.id, snapshot_id, user.id)
             except EngineError as e:
                 raise Internal(f"snapshot of {row.id}: {e}") from e
         env = self.sandboxes.secrets.open_env(row.id, row.sealed_env)

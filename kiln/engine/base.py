@@ -235,15 +235,19 @@ class Forkable(Protocol):
         while its memory is imaged and its disk cloned; a stopped one is left as it is. On failure
         the source is as it was and nothing of the fork is left."""
 
-    async def checkpoint_named(self, sandbox_id: str, copy_id: str) -> tuple[int, int]:
+    async def checkpoint_named(self, sandbox_id: str, copy_id: str, owner: str) -> tuple[int, int]:
         """Keep a copy of the sandbox as a fork would take it (memory and disk), under copy_id; the
-        sandbox carries on as after a fork. Returns (bytes the copy holds, ms the sandbox was paused)."""
+        sandbox carries on as after a fork. Copies of one owner may share what they hold in common.
+        Returns (bytes the copy added to the disk, ms the sandbox was paused)."""
 
     async def resume_named(self, copy_id: str, spec: SandboxSpec) -> SandboxHandle:
         """A new sandbox (spec.id) from a kept copy; the copy stays, for any number of resumes."""
 
     async def delete_named(self, copy_id: str) -> None:
         """Remove a kept copy (idempotent)."""
+
+    async def prune_named(self, keep: set[str]) -> None:
+        """At start: remove kept copies not in keep (a crash came before their owner recorded them)."""
 
 
 @dataclass(frozen=True)

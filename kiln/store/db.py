@@ -591,6 +591,9 @@ class Store:
         rows = self._exec("SELECT * FROM named_snapshots WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
         return [self._named_snapshot(r) for r in rows]
 
+    def named_snapshot_ids(self) -> set[str]:
+        return {r[0] for r in self._exec("SELECT id FROM named_snapshots")}
+
     def named_snapshot(self, owner_id: str, name: str) -> NamedSnapshot | None:
         r = self._exec("SELECT * FROM named_snapshots WHERE owner_id=? AND name=?", (owner_id, name)).fetchone()
         return self._named_snapshot(r) if r else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kiln.agent.client import AgentClient, AgentError
+from kiln.agent.protocol import AGENT_PORT
 from tests.conftest import listed, make_sandbox, run, wait_for
 from tests.daemon import running_daemon
 
@@ -30,6 +33,26 @@ def start_counter(api, sb) -> dict:
     return state(api, sb) if up else {}
 
 
+def agent_token(daemon, sb) -> str:
+    rec = daemon.engine().record_on_disk(sb["id"])
+    assert rec is not None
+    return rec.token
+
+
+def assert_has_its_own_token(daemon, copy, origin_token: str) -> None:
+    """A copy's restored memory knew its origin's agent token; it is handed its own, and the old
+    one no longer opens it."""
+    own = agent_token(daemon, copy)
+    assert own != origin_token
+
+    async def activity(token):
+        return await AgentClient(copy["ip"], AGENT_PORT, token).activity()
+
+    with pytest.raises(AgentError, match="auth required"):
+        asyncio.run(activity(origin_token))
+    assert "agent_restarts" in asyncio.run(activity(own))
+
+
 def fork(api, source, **body) -> dict:
     r = api.post("/sandboxes", json={"from": source["name"], **body}, timeout=120)
     assert r.status_code == 201, r.text
@@ -44,10 +67,11 @@ def source(api):
     api.delete(f"/sandboxes/{sb['id']}")
 
 
-def test_a_fork_continues_from_the_fork_point_while_the_source_carries_on(api, source):
+def test_a_fork_continues_from_the_fork_point_while_the_source_carries_on(api, daemon, source):
     before = state(api, source)
     f = fork(api, source, name="fork-a", labels={"kind": "fork"})
     try:
+        assert_has_its_own_token(daemon, f, agent_token(daemon, source))
         assert f["name"] == "fork-a" and f["id"] != source["id"] and f["ip"] != source["ip"]
         assert f["fork"]["source"] == source["id"] and 0 < f["fork"]["paused_ms"] < 30_000
         assert (f["cpus"], f["memory_mb"], f["labels"]) == (source["cpus"], source["memory_mb"], {"kind": "fork"})
@@ -205,6 +229,7 @@ def test_a_fork_that_fails_leaves_the_source_as_it_was_and_nothing_behind(defaul
 def test_a_named_snapshot_resumes_into_independent_sandboxes_after_its_source_is_gone(api, daemon):
     sb = make_sandbox(api, name="snap-src", memory_mb=512)
     at_snapshot = start_counter(api, sb)
+    source_token = agent_token(daemon, sb)
     r = api.post(f"/sandboxes/{sb['id']}/checkpoint", json={"name": "cp1"})
     assert r.status_code == 201, r.text
     snap = r.json()
@@ -231,6 +256,11 @@ def test_a_named_snapshot_resumes_into_independent_sandboxes_after_its_source_is
         assert sa["token"] == sb_["token"] == at_snapshot["token"] and sa["ballast_ok"] and sb_["ballast_ok"]
         run(api, a, ["sh", "-c", "echo only-a > /root/a"], user="root")
         assert run(api, b, ["test", "-e", "/root/a"], user="root")["exit_code"] == 1
+        assert_has_its_own_token(daemon, a, source_token)
+        assert agent_token(daemon, b) not in (source_token, agent_token(daemon, a))
+        # its own token outlives a stop and a start (it is in the restored memory and on its tmpfs)
+        assert api.post(f"/sandboxes/{a['id']}/stop").json()["status"] == "stopped"
+        assert run(api, a, ["cat", "/root/a"], user="root")["stdout"] == "only-a\n"
         token = daemon.create_user(f"snapper-{time.time_ns() % 100000}")
         with httpx.Client(base_url=daemon.url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as other:
             assert other.get("/snapshots").json() == []
@@ -243,6 +273,39 @@ def test_a_named_snapshot_resumes_into_independent_sandboxes_after_its_source_is
     assert api.delete("/snapshots/cp1").json() == {"status": "deleted"}
     assert api.get("/snapshots/cp1").status_code == 404 and api.post("/snapshots/cp1/resume").status_code == 404
     assert daemon.leftovers()["snapshots"] == []
+
+
+def test_snapshots_share_pages_and_a_delete_frees_only_what_no_other_needs(api, daemon):
+    sb = make_sandbox(api, name="share-src", memory_mb=512)
+    start_counter(api, sb)  # 64 MB of random ballast in memory
+    pages = daemon.data_dir / "snapshot-pages"
+
+    def stored_mb() -> float:
+        return sum(p.stat().st_blocks * 512 for p in pages.rglob("*.pack")) / (1 << 20)
+
+    try:
+        first = api.post(f"/sandboxes/{sb['id']}/checkpoint", json={"name": "s1"}, timeout=120).json()
+        alone = stored_mb()
+        second = api.post(f"/sandboxes/{sb['id']}/checkpoint", json={"name": "s2"}, timeout=120).json()
+        both = stored_mb()
+        assert first["size_mb"] > 64 and alone > 64
+        # the second checkpoint of the same sandbox stores what changed since (ticks, a log), not the ballast
+        assert second["size_mb"] < first["size_mb"] / 4 and both - alone < alone / 4, (first, second, alone, both)
+        assert api.delete("/snapshots/s1").json() == {"status": "deleted"}
+        assert stored_mb() == both  # s2 still needs most of s1's pages
+        r = api.post("/snapshots/s2/resume", json={"name": "from-s2"}, timeout=120)
+        assert r.status_code == 201, r.text
+        resumed = r.json()
+        got = state(api, resumed)
+        assert got["ballast_ok"] and got["sequential"] and got["token"] == state(api, sb)["token"]
+        assert daemon.leftovers(keep={sb["id"], resumed["id"]})["snapshot_packs"] == []
+        api.delete(f"/sandboxes/{resumed['id']}")
+        assert api.delete("/snapshots/s2").json() == {"status": "deleted"}
+        assert stored_mb() == 0  # every page freed once no snapshot references it
+    finally:
+        api.delete(f"/sandboxes/{sb['id']}")
+        for name in ("s1", "s2"):
+            api.delete(f"/snapshots/{name}")
 
 
 def test_the_cli_and_the_sdk_keep_and_resume_snapshots(api, daemon):

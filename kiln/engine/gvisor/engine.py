@@ -39,6 +39,7 @@ from ..base import (
 )
 from . import bundle, export, fork as forking, recovery
 from .cgroups import Cgroups
+from .kept import KeptSnapshots
 from .network import EgressSettings, Link, Network, find_uplink
 from .reaper import ProcessWatcher
 from .records import RECORD_FILE, RESOLVED_FILE, Record
@@ -90,6 +91,7 @@ class GVisorEngine:
         self.sandbox_pids: dict[str, int] = {}  # sandbox id -> pid whose exit means it died
         self.pending_deletes: dict[str, asyncio.Task] = {}  # container deletes still running
         self.indexing: dict[str, asyncio.Task] = {}  # full snapshots being indexed after their stop
+        self.kept = KeptSnapshots(self.data_dir)  # named snapshots
         self.exit_tasks: set[asyncio.Task] = set()  # exit reports under way (referenced until done)
         self.slot_lock = asyncio.Lock()
         self.exit_listener: ExitListener | None = None
@@ -499,18 +501,19 @@ class GVisorEngine:
     async def fork(self, source_id: str, spec: SandboxSpec) -> ForkResult:
         return await forking.fork(self, source_id, spec)
 
-    def copy_dir(self, copy_id: str) -> Path:
-        return self.data_dir / "snapshots" / copy_id
-
-    async def checkpoint_named(self, sandbox_id: str, copy_id: str) -> tuple[int, int]:
-        self.copy_dir(copy_id).parent.mkdir(mode=0o700, exist_ok=True)  # memory images: root's only
-        return await forking.checkpoint(self, sandbox_id, self.copy_dir(copy_id))
+    async def checkpoint_named(self, sandbox_id: str, copy_id: str, owner: str) -> tuple[int, int]:
+        self.kept.dir.mkdir(mode=0o700, exist_ok=True)  # memory images: root's only
+        return await forking.checkpoint(self, sandbox_id, copy_id, owner)
 
     async def resume_named(self, copy_id: str, spec: SandboxSpec) -> SandboxHandle:
-        return await forking.resume(self, self.copy_dir(copy_id), spec)
+        return await forking.resume(self, copy_id, spec)
 
     async def delete_named(self, copy_id: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self.copy_dir(copy_id), True)
+        await self.kept.delete(copy_id)
+
+    async def prune_named(self, keep: set[str]) -> None:
+        for copy_id in await asyncio.to_thread(self.kept.prune, keep):
+            log.warning("removed snapshot %s: the store has no record of it (a crash while it was taken)", copy_id)
 
     async def restore_detached(self, sandbox_id: str, *args, **kwargs) -> None:
         self.frozen.pop(sandbox_id, None)  # a restored container starts thawed
@@ -668,7 +671,7 @@ class GVisorEngine:
             "cgroups": [c for c in self.cgroups.leftovers() if stray(c)],
             "mounts": [m for m in mounts if stray(m) and m not in kept_volumes],
             "dirs": [d.name for d in dirs if d.name not in keep],
-            "snapshots": [d.name for d in (self.data_dir / "snapshots").glob("*") if d.name not in keep],
+            **self.kept.leftovers(keep),
             "scratch": [str(p) for d in dirs for p in d.glob("*.tmp")],
             "packs": [p for d in dirs for p in PageStore(d).stray_packs()],
         }
@@ -693,7 +696,8 @@ class GVisorEngine:
             subprocess.run(["ip", "netns", "delete", ns], capture_output=True, check=False)
         for i in left["veth"]:
             subprocess.run(["ip", "link", "delete", i], capture_output=True, check=False)
-        shutil.rmtree(self.data_dir / "snapshots", ignore_errors=True)
+        shutil.rmtree(self.kept.dir, ignore_errors=True)
+        shutil.rmtree(self.kept.pages, ignore_errors=True)
         for cg in sorted(self.cgroups.leftovers(), key=len, reverse=True):
             self.cgroups.remove(Path(cg).name)
         self.cgroups.remove_parent()

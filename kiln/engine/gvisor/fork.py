@@ -17,7 +17,7 @@ restored from the image. Whatever fails, the source is resumed as it was and not
 from __future__ import annotations
 
 import asyncio
-import json
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -35,14 +35,11 @@ if TYPE_CHECKING:
     from .engine import GVisorEngine
 
 
-SNAPSHOT_META = "snapshot.json"
-
-
 async def fork(engine: GVisorEngine, source_id: str, spec: SandboxSpec) -> ForkResult:
     src = source_record(engine, source_id)
     fork_dir = engine.dir(spec.id)
     scratch = fork_dir / "fork.tmp"
-    # the fork's agent is the source's, memory and all: it knows the source's token
+    # the fork's agent is the source's, memory and all: it knows the source's token (until handed its own)
     rec = await new_record(engine, spec, src.token, src.image, src.memory_mb)
     try:
         fork_dir.mkdir(parents=True)
@@ -60,32 +57,31 @@ async def fork(engine: GVisorEngine, source_id: str, spec: SandboxSpec) -> ForkR
         await asyncio.to_thread(remove_scratch, scratch)
 
 
-async def checkpoint(engine: GVisorEngine, source_id: str, snapshot_dir: Path) -> tuple[int, int]:
-    """A named snapshot: the memory image and a disk clone in snapshot_dir, taken as for a fork.
-    Returns (bytes it holds, ms the source was paused); on failure nothing of it is left."""
+async def checkpoint(engine: GVisorEngine, source_id: str, snapshot_id: str, owner: str) -> tuple[int, int]:
+    """A named snapshot, taken as for a fork: its memory pages into the owner's shared page store,
+    its disk cloned. Returns (bytes it added, ms the source was paused); on failure nothing is left."""
     src = source_record(engine, source_id)
+    d = engine.kept.path(snapshot_id)
     try:
-        snapshot_dir.mkdir(parents=True)
-        paused_ms = await capture(engine, source_id, snapshot_dir / "image", snapshot_dir / "disk.ext4")
-        meta = {"token": src.token, "image": src.image, "memory_mb": src.memory_mb}
-        write_atomic(snapshot_dir / SNAPSHOT_META, json.dumps(meta))
-        return await asyncio.to_thread(used_bytes, snapshot_dir), paused_ms
+        d.mkdir(parents=True)
+        paused_ms = await capture(engine, source_id, d / "image", d / "disk.ext4")
     except BaseException:
-        await asyncio.to_thread(shutil.rmtree, snapshot_dir, True)
+        await asyncio.to_thread(shutil.rmtree, d, True)
         raise
+    meta = {"token": src.token, "image": src.image, "memory_mb": src.memory_mb}
+    return await engine.kept.save(snapshot_id, owner, meta), paused_ms
 
 
-async def resume(engine: GVisorEngine, snapshot_dir: Path, spec: SandboxSpec) -> SandboxHandle:
+async def resume(engine: GVisorEngine, snapshot_id: str, spec: SandboxSpec) -> SandboxHandle:
     """A new sandbox from a named snapshot (any number of times: the snapshot is only read)."""
-    try:
-        meta = json.loads((snapshot_dir / SNAPSHOT_META).read_text())
-    except (OSError, ValueError) as e:
-        raise EngineError(f"snapshot at {snapshot_dir} is unreadable: {e}") from e
+    meta = engine.kept.meta(snapshot_id)
+    if meta is None:
+        raise EngineError(f"snapshot {snapshot_id} is missing or unreadable")
     rec = await new_record(engine, spec, meta["token"], meta["image"], spec.memory_mb)
     try:
         engine.dir(spec.id).mkdir(parents=True)
-        await diskimage.copy_sparse(snapshot_dir / "disk.ext4", engine.dir(spec.id) / "disk.ext4")
-        return await restore_copy(engine, rec, spec, snapshot_dir / "image", None)
+        async with engine.kept.opened(snapshot_id, engine.dir(spec.id)) as image:
+            return await restore_copy(engine, rec, spec, image, None)
     except BaseException:
         await engine.destroy(spec.id)
         raise
@@ -132,7 +128,8 @@ async def restore_copy(
     new_dir = engine.dir(rec.id)
     link = engine.link(rec)
     path = engine.cgroups.path_for_runsc(rec.id)
-    bundle.write_bundle(spec, new_dir, link, path, rec.token, [], engine.network.resolver_ip, engine.runtime())
+    own_token = secrets.token_hex(16)  # its origin's (in the restored memory) stops opening it below
+    bundle.write_bundle(spec, new_dir, link, path, own_token, [], engine.network.resolver_ip, engine.runtime())
     if resolved is not None and resolved.exists():
         shutil.copyfile(resolved, new_dir / RESOLVED_FILE)
     await engine.network.create(link, spec.net_policy)
@@ -140,11 +137,11 @@ async def restore_copy(
     await bundle.mount_rootfs(engine.image_root(rec), new_dir)
     write_atomic(new_dir / RECORD_FILE, rec.to_json())  # last: a directory without it is half-made
     await engine.restore_detached(rec.id, new_dir, new_dir / "console.log", image_dir)
-    return await engine.until_ready(rec)
-
-
-def used_bytes(directory: Path) -> int:
-    return sum(p.stat().st_blocks * 512 for p in directory.rglob("*") if p.is_file())
+    handle = await engine.until_ready(rec)
+    await handle.agent.set_token(own_token)
+    rec.token = own_token
+    write_atomic(new_dir / RECORD_FILE, rec.to_json())
+    return handle
 
 
 async def checkpoint_and_clone(engine: GVisorEngine, source_id: str, image_dir: Path, disk_copy: Path) -> int:

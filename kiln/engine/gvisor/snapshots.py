@@ -249,36 +249,44 @@ class PageStore:
         if m["index"] is None:  # a full snapshot is its pack, page for page: no copy at all
             os.link(self.pack_path(m["generation"]), target_dir / PAGES_FILE)
             return
-        packs: dict[int, BinaryIO] = {}
-        try:
-            with open(target_dir / PAGES_FILE, "wb") as out:
-                run_pack, run_start, run_len = -1, 0, 0
+        with open(target_dir / PAGES_FILE, "wb") as out:
+            copy_pages([(self.pack_path(pack), slot) for _, pack, slot in self.records(m)], out)
+            out.truncate(m["pages_size"])
 
-                def flush():  # a run of consecutive pages: copied in big reads, 1 MiB at most each
-                    if run_len:
-                        f = packs[run_pack]
-                        f.seek(run_start * PAGE)
-                        left = run_len * PAGE
-                        while left:
-                            chunk = f.read(min(left, COPY_CHUNK))
-                            if not chunk:
-                                break
-                            out.write(chunk)
-                            left -= len(chunk)
 
-                for _, pack, slot in self.records(m):
-                    if pack not in packs:
-                        packs[pack] = open(self.pack_path(pack), "rb")  # noqa: SIM115 (closed below)
-                    if pack == run_pack and slot == run_start + run_len:
-                        run_len += 1  # consecutive pages: read them in one go
-                        continue
-                    flush()
-                    run_pack, run_start, run_len = pack, slot, 1
-                flush()
-                out.truncate(m["pages_size"])
-        finally:
-            for f in packs.values():
-                f.close()
+def copy_pages(pages: list[tuple[Path, int]], out: BinaryIO) -> None:
+    """Write the pages at (pack, slot), in order, to out: runs of consecutive slots of one pack are
+    copied in big reads (1 MiB at most each, so memory stays flat)."""
+    packs: dict[Path, BinaryIO] = {}
+    run_pack: Path | None = None
+    run_start = run_len = 0
+
+    def flush() -> None:
+        if run_pack is None:
+            return
+        f = packs[run_pack]
+        f.seek(run_start * PAGE)
+        left = run_len * PAGE
+        while left:
+            chunk = f.read(min(left, COPY_CHUNK))
+            if not chunk:
+                break
+            out.write(chunk)
+            left -= len(chunk)
+
+    try:
+        for pack, slot in pages:
+            if pack not in packs:
+                packs[pack] = open(pack, "rb")  # noqa: SIM115 (closed below)
+            if pack == run_pack and slot == run_start + run_len:
+                run_len += 1
+                continue
+            flush()
+            run_pack, run_start, run_len = pack, slot, 1
+        flush()
+    finally:
+        for f in packs.values():
+            f.close()
 
 
 def remove_scratch(path: Path) -> None:
