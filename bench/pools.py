@@ -1,13 +1,17 @@
 """Creates from a snapshot template: with a warm pool (a thaw), without (a resume), beside a plain
 create, in the same run; and a burst of 2N creates against a pool of N, which drains and falls back
-to resumes."""
+to resumes. The runtime's floor for a resume beside them: `runsc restore` of a sandbox like the
+template's source (default image, one background process) until its agent answers."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import time
 
-from tests.daemon import Daemon
+from bench.raw import raw_checkpoint, raw_engine, raw_restore
+from kiln.engine.base import SandboxSpec
+from tests.daemon import Daemon, builtin_image
 
 POOL = 3
 
@@ -71,4 +75,16 @@ def bench_pools(n: int) -> dict[str, list[float]]:
             api.delete("/snapshots/plain-snap-template")
     finally:
         d.scrub()
+    res["raw_restore"] = asyncio.run(raw_restores(n))
     return res
+
+
+async def raw_restores(n: int) -> list[float]:
+    out = []
+    async with raw_engine() as engine:
+        handle = await engine.create(SandboxSpec(id="rawtpl", hostname="rawtpl", image=builtin_image("default")))
+        [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", "sleep 1000 &"]})]
+        for _ in range(n + 1):
+            _, image = await raw_checkpoint(engine, "rawtpl")
+            out.append(await raw_restore(engine, "rawtpl", handle, image))
+    return out[1:]  # the first warms the page cache of a fresh image

@@ -340,8 +340,11 @@ def pools_report(res: dict) -> list[str]:
         f"{p('pooled', 50) / plain:.2f}x plain create | <= 30 ms |",
         f"| its first exec `true` | {p('exec', 50):.0f} | {p('exec', 99):.0f} | | answers at once |",
         f"| create from the snapshot template (resume) | {p('resumed', 50):.0f} | {p('resumed', 99):.0f} | "
-        f"{p('resumed', 50) / plain:.2f}x plain create | <= 0.6x and <= 250 ms |",
+        f"{p('resumed', 50) / plain:.2f}x plain create, {p('resumed', 50) / p('raw_restore', 50):.2f}x raw restore "
+        "| <= 0.6x and <= 250 ms |",
         f"| plain create | {plain:.0f} | {p('plain', 99):.0f} | | |",
+        f"| (raw) `runsc restore` until the agent answers | {p('raw_restore', 50):.0f} | {p('raw_restore', 99):.0f} "
+        "| the floor of any resume | |",
         "",
         f"A burst of {2 * 3} concurrent creates against the full pool of 3: {res['burst_claimed'][0]} from the pool, "
         f"{2 * 3 - res['burst_claimed'][0] - res['burst_failed'][0]} resumed, {res['burst_failed'][0]} failed, "

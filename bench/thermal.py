@@ -10,11 +10,9 @@ raw (runsc CLI on an engine-prepared bundle): `runsc pause`/`resume`; `runsc che
 
 from __future__ import annotations
 
-import asyncio
-import shutil
 import time
 
-from bench.raw import raw_engine
+from bench.raw import raw_checkpoint, raw_engine, raw_restore
 from kiln.engine.base import SandboxSpec
 from kiln.engine.gvisor.proc import run
 from tests.daemon import Daemon, builtin_image
@@ -116,24 +114,6 @@ async def bench_thermal_raw(n: int) -> dict[str, list]:
                 [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
             return handle
 
-        async def checkpoint(sid: str) -> tuple[float, object]:
-            image = engine.dir(sid) / "raw-image"
-            shutil.rmtree(image, ignore_errors=True)
-            image.mkdir()
-            engine.expect_exit(sid)
-            t = time.perf_counter()
-            await runsc.checkpoint(sid, image)
-            took = time.perf_counter() - t
-            await runsc.delete(sid)
-            return took, image
-
-        async def restore(sid: str, handle, image) -> float:
-            await engine.network.prepare_for_boot(engine.link(engine.records[sid]))
-            t = time.perf_counter()
-            await runsc.restore_detached(sid, engine.dir(sid), engine.dir(sid) / "console.log", image)
-            await handle.agent.wait_ready(asyncio.get_running_loop().time() + 30)
-            return time.perf_counter() - t
-
         idle = await make("rawidle", None)
         for _ in range(n):
             t = time.perf_counter()
@@ -143,19 +123,19 @@ async def bench_thermal_raw(n: int) -> dict[str, list]:
             await run(runsc.argv("resume", "rawidle"))
             res["resume"].append(time.perf_counter() - t)
         for _ in range(n + 1):
-            _, image = await checkpoint("rawidle")
-            res["restore"].append(await restore("rawidle", idle, image))
+            _, image = await raw_checkpoint(engine, "rawidle")
+            res["restore"].append(await raw_restore(engine, "rawidle", idle, image))
         res["restore"] = res["restore"][1:]
         await engine.destroy("rawidle")
         for i in range(n):  # the first checkpoint of a fresh sandbox holding 256 MB: what a full stop does
             sid = f"rawfull{i}"
             handle = await make(sid, FILL_256MB)
-            took, image = await checkpoint(sid)
+            took, image = await raw_checkpoint(engine, sid)
             res["checkpoint_first"].append(took)
             if i == 0:  # then the same sandbox again and again: what a diff stop does
                 for _ in range(n + 1):
-                    res["restore_256"].append(await restore(sid, handle, image))
-                    took, image = await checkpoint(sid)
+                    res["restore_256"].append(await raw_restore(engine, sid, handle, image))
+                    took, image = await raw_checkpoint(engine, sid)
                     res["checkpoint_again"].append(took)
                 res["restore_256"] = res["restore_256"][1:]
             await engine.destroy(sid)

@@ -30,3 +30,13 @@ async def first_completed(*coros: Coroutine[Any, Any, Any], reraise: bool = True
             t.cancel()
         with contextlib.suppress(BaseException):
             await asyncio.gather(*tasks)
+
+
+async def all_of(*coros: Coroutine[Any, Any, Any]) -> list[Any]:
+    """Run coroutines side by side and wait for every one of them (so none is still running when
+    the caller cleans up after a failure); then raise the first exception, if any."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results

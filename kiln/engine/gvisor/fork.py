@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from ... import diskimage
 from ...fileio import write_atomic
+from ...tasks import all_of
 from ..base import EngineError, ForkResult, SandboxHandle, SandboxSpec, State
 from . import bundle
 from .proc import run
@@ -132,9 +133,12 @@ async def restore_copy(
     bundle.write_bundle(spec, new_dir, link, path, own_token, [], engine.network.resolver_ip, engine.runtime())
     if resolved is not None and resolved.exists():
         shutil.copyfile(resolved, new_dir / RESOLVED_FILE)
-    await engine.network.create(link, spec.net_policy)
-    await engine.attach_resolver(rec)
-    await bundle.mount_rootfs(engine.image_root(rec), new_dir)
+
+    async def network() -> None:
+        await engine.network.create(link, spec.net_policy)
+        await engine.attach_resolver(rec)
+
+    await all_of(network(), bundle.mount_rootfs(engine.image_root(rec), new_dir))  # independent: together
     write_atomic(new_dir / RECORD_FILE, rec.to_json())  # last: a directory without it is half-made
     await engine.restore_detached(rec.id, new_dir, new_dir / "console.log", image_dir)
     handle = await engine.until_ready(rec)
