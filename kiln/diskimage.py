@@ -7,7 +7,9 @@ mounts are nosuid,nodev: a tenant's setuid-root file or device node on them mean
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import os
 from pathlib import Path
 
@@ -55,12 +57,21 @@ async def mount(image: Path, target: Path, read_only: bool = False) -> None:
     await run(["mount", "-o", opts, str(image), str(target)])
 
 
-async def unmount(target: Path, remove_dir: bool = False) -> None:
-    """Unmount target (lazily if it is busy); with remove_dir, remove the empty mount point too."""
-    if is_mounted(target):
-        await run(["umount", str(target)], check=False)
-        if is_mounted(target):
-            await run(["umount", "-l", str(target)], check=False)
+MNT_DETACH = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def unmount_now(target: Path, lazy: bool = False) -> bool:
+    """umount2(2) itself: no umount(8) process per mount (~10 ms each). A loop device that mount(8)
+    set up with -o loop is detached by the kernel when its filesystem goes (autoclear)."""
+    return _libc.umount2(os.fsencode(target), MNT_DETACH if lazy else 0) == 0
+
+
+async def unmount(target: Path, remove_dir: bool = False, lazy: bool = False) -> None:
+    """Unmount target (lazily if it is busy, or at once with lazy); with remove_dir, remove the empty
+    mount point too. In a thread: unmounting a written filesystem writes it out first."""
+    if is_mounted(target) and not await asyncio.to_thread(unmount_now, target, lazy):
+        await asyncio.to_thread(unmount_now, target, True)
     if remove_dir:
         with contextlib.suppress(OSError):
             target.rmdir()

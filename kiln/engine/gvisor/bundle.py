@@ -181,7 +181,5 @@ async def mount_rootfs(image_dir: Path, sandbox_dir: Path) -> None:
 
 
 async def unmount_rootfs(sandbox_dir: Path) -> None:
-    rootfs = sandbox_dir / "rootfs"
-    if diskimage.is_mounted(rootfs):
-        await run(["umount", "-l", str(rootfs)], check=False)
+    await diskimage.unmount(sandbox_dir / "rootfs", lazy=True)
     await diskimage.unmount(sandbox_dir / "disk")

@@ -24,6 +24,7 @@ from ...agent.protocol import AGENT_PORT
 from ...fileio import write_atomic
 from ...images.runtime import RuntimeUnavailable, ensure_runtime
 from ...netpolicy import NEVER, Denylist, NetPolicy
+from ...tasks import all_of
 from ..base import (
     DeathCause,
     EngineError,
@@ -558,32 +559,40 @@ class GVisorEngine:
         await self.volume_mounts.release_unused(self.volumes_in_use())
 
     async def remove_leftovers(self, sandbox_id: str, rec: Record | None) -> None:
+        pid = self.sandbox_pids.get(sandbox_id, 0)
         self.expect_exit(sandbox_id)
         agent = self.agents.pop(sandbox_id, None)
         if agent:
             agent.abort()
-        await self.delete_container(sandbox_id)
+        await self.delete_container(sandbox_id, pid)
         sandbox_dir = self.dir(sandbox_id)
-        await bundle.unmount_rootfs(sandbox_dir)
-        if rec is not None:
-            if self.resolver is not None:
-                self.resolver.stop(self.link(rec).host_if)
-                self.behind.pop(self.link(rec).host_if, None)
-            await self.network.destroy(self.link(rec))
-        else:
-            await self.network.remove_netns(self.network.netns_name(sandbox_id))
+
+        async def network() -> None:
+            if rec is not None:
+                if self.resolver is not None:
+                    self.resolver.stop(self.link(rec).host_if)
+                    self.behind.pop(self.link(rec).host_if, None)
+                await self.network.destroy(self.link(rec))
+            else:
+                await self.network.remove_netns(self.network.netns_name(sandbox_id))
+
+        await all_of(bundle.unmount_rootfs(sandbox_dir), network())  # independent: together
         # (delete_container removed its cgroups) multi-GB snapshots and disks: never on the event loop
         await asyncio.to_thread(shutil.rmtree, sandbox_dir, True)
 
-    async def delete_container(self, sandbox_id: str) -> None:
+    async def delete_container(self, sandbox_id: str, pid: int = 0) -> None:
+        """End the container; with pid (its sandbox process), killed first: `runsc delete -force`
+        of a dead sandbox takes ~30 ms, of a live one ~150 ms (it stops it gently)."""
         pending = self.pending_deletes.pop(sandbox_id, None)
         if pending is not None:
             await pending
-        await self._delete_container_now(sandbox_id)
+        await self._delete_container_now(sandbox_id, pid)
 
-    async def _delete_container_now(self, sandbox_id: str) -> None:
+    async def _delete_container_now(self, sandbox_id: str, pid: int = 0) -> None:
         if self.is_paused(sandbox_id):
-            await self.resume(sandbox_id)  # runsc delete talks to the sandbox: it must not be frozen
+            await self.resume(sandbox_id)  # runsc delete talks to the sandbox (and a frozen one cannot die)
+        if pid:
+            await self.processes.kill(pid)
         await self.runsc.delete(sandbox_id)
         self.cgroups.remove(sandbox_id)
         self.frozen.pop(sandbox_id, None)

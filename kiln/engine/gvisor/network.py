@@ -374,10 +374,14 @@ class Network:
         await run(["ip", "-n", link.netns, "-b", "-"], input=batch.encode())
 
     async def destroy(self, link: Link) -> None:
-        # Deleting the namespace destroys its veth end and with it the host end.
         self.remove_sandbox(link)
-        await self.remove_netns(link.netns)
-        await self.remove_host_if(link.host_if)
+        # one ip run: the host end first (which takes its peer along at once; a namespace's own
+        # devices go asynchronously after it is deleted), then the namespace
+        batch = f"link delete {link.host_if}\n" if os.path.exists(f"/sys/class/net/{link.host_if}") else ""
+        if os.path.exists(os.path.join(NETNS_DIR, link.netns)):
+            batch += f"netns delete {link.netns}\n"
+        if batch:
+            await run(["ip", "-force", "-b", "-"], input=batch.encode(), check=False)
 
     async def remove_netns(self, name: str) -> None:
         if os.path.exists(os.path.join(NETNS_DIR, name)):

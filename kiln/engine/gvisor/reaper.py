@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import signal
 from collections.abc import Callable
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -25,6 +26,7 @@ def become_subreaper() -> None:
 class ProcessWatcher:
     def __init__(self):
         self.fds: dict[int, int] = {}  # pid -> pidfd
+        self.waiters: dict[int, list[asyncio.Future]] = {}  # pid -> who waits for its exit
 
     def track(self, pid: int, on_exit: Callable[[], None] | None = None) -> None:
         """Reap pid when it exits, then call on_exit."""
@@ -40,6 +42,9 @@ class ProcessWatcher:
         def exited() -> None:
             self.forget(pid)
             self.reap(pid)
+            for waiter in self.waiters.pop(pid, []):
+                if not waiter.done():
+                    waiter.set_result(None)
             if on_exit is not None:
                 on_exit()
 
@@ -50,6 +55,21 @@ class ProcessWatcher:
         if fd is not None:
             asyncio.get_running_loop().remove_reader(fd)
             os.close(fd)
+
+    async def kill(self, pid: int, timeout: float = 5.0) -> bool:
+        """SIGKILL a watched process through its pidfd (so never a reused pid) and wait until it
+        has exited; False if it is not watched or did not exit in time."""
+        fd = self.fds.get(pid)
+        if fd is None:
+            return False
+        exited = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(pid, []).append(exited)
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+            await asyncio.wait_for(exited, timeout)
+            return True
+        except (OSError, TimeoutError):
+            return False
 
     @staticmethod
     def reap(pid: int) -> None:
