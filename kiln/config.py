@@ -81,7 +81,13 @@ class PublishConfig(Section):
 
 class PortsConfig(Section):
     host_bind: str = Field("127.0.0.1", description="address the host_port relays listen on")
-    scan_interval: float = Field(2.0, gt=0, description="seconds between port scans of hot sandboxes")
+    scan_interval: float = Field(2.0, gt=0, description="seconds between port scans of a hot sandbox in use")
+    scan_max_interval: float = Field(
+        60.0,
+        gt=0,
+        description="seconds between port scans of a hot sandbox nobody uses: from scan_interval the interval "
+        "doubles while nothing changes, and any use resets it",
+    )
 
 
 class LimitsConfig(Section):

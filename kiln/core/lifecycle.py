@@ -177,7 +177,7 @@ class SandboxService:
 
     def running_rows(self) -> builtins.list[SandboxRow]:
         """Running sandboxes of users (warm-pool members stay frozen: no thermal policy, no port scans)."""
-        return [r for r in self.store.list_sandboxes() if r.status == Status.RUNNING and not r.pool]
+        return self.store.running_sandboxes()
 
     def tier(self, row: SandboxRow) -> Tier | None:
         if row.status == Status.RUNNING:

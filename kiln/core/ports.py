@@ -1,10 +1,13 @@
 """Listening ports of sandboxes, and the host_port relay that serves each one on the daemon host.
 
-A background scan asks the agent of every hot sandbox which TCP ports listen (it never wakes a
-sandbox, and scanning is not guest activity). Each port seen gets a PortRelay: a listener on
-`ports.host_bind` that relays every connection to that sandbox port, waking the sandbox first.
-The last scan and the host ports are kept in the store, so after a daemon restart paused and cold
-sandboxes still list their ports and keep their host ports (when those are still free).
+A background scan asks the agent of a hot sandbox which TCP ports listen (it never wakes a
+sandbox, and scanning is not guest activity): every `scan_interval` while the sandbox is used, and
+less and less often (up to `scan_max_interval`) while nobody uses it and nothing changes, so idle
+sandboxes cost the daemon and their agents next to nothing. `/ports` scans on demand.
+Each port seen gets a PortRelay: a listener on `ports.host_bind` that relays every connection to
+that sandbox port, waking the sandbox first. The last scan and the host ports are kept in the
+store, so after a daemon restart paused and cold sandboxes still list their ports and keep their
+host ports (when those are still free).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 
 from ..agent.client import AgentError
 from ..config import PortsConfig
@@ -102,6 +107,25 @@ def listening_ports(found: object) -> list[int]:
     return sorted(p for p in ports if isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= 65535)
 
 
+@dataclass
+class ScanSchedule:
+    """When a sandbox's next background scan is due: `interval` after the last one, doubling while
+    nothing changes and nobody uses the sandbox, back to the base interval on any use or change."""
+
+    interval: float
+    next_at: float = 0.0
+    used_at_scan: float = 0.0  # the sandbox's host activity clock when it was last scanned
+
+    def due(self, now: float, used: float) -> bool:
+        # used since the last scan (an exec may have started a server): at this tick
+        return used > self.used_at_scan or now >= self.next_at
+
+    def scanned(self, now: float, used: float, changed: bool, base: float, most: float) -> None:
+        self.interval = base if changed or used > self.used_at_scan else min(self.interval * 2, most)
+        self.used_at_scan = used
+        self.next_at = now + self.interval
+
+
 class PortTracker:
     def __init__(self, sandboxes: SandboxService, upstreams: Upstreams, config: PortsConfig, max_ports: int):
         self.sandboxes = sandboxes
@@ -111,6 +135,7 @@ class PortTracker:
         self.max_ports = max_ports  # relays per sandbox: each is a listening socket of the daemon's
         self.capped: set[str] = set()  # sandboxes told about the cap (once each)
         self.relays: dict[str, dict[int, PortRelay]] = {}
+        self.schedules: dict[str, ScanSchedule] = {}
         self.task: asyncio.Task | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -130,33 +155,44 @@ class PortTracker:
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self.config.scan_interval)
+            now = time.monotonic()
             for row in self.sandboxes.running_rows():
+                schedule = self.schedules.setdefault(row.id, ScanSchedule(self.config.scan_interval))
+                rt = self.sandboxes.runtimes.peek(row.id)
+                used = rt.last_activity if rt is not None else 0.0
+                if not schedule.due(now, used):
+                    continue
                 try:
-                    await self.scan(row)
+                    changed = await self.scan(row)
                 except Exception:
                     log.exception("port scan of %s failed", row.id)
+                    changed = False
+                schedule.scanned(now, used, changed, self.config.scan_interval, self.config.scan_max_interval)
 
     async def forget(self, sandbox_id: str) -> None:
         self.capped.discard(sandbox_id)
+        self.schedules.pop(sandbox_id, None)
         for relay in self.relays.pop(sandbox_id, {}).values():
             await relay.close()
 
     # ------------------------------------------------------------ scanning
 
-    async def scan(self, row: SandboxRow) -> None:
-        """Ask a hot sandbox's agent for its ports; paused and cold sandboxes keep their last scan."""
+    async def scan(self, row: SandboxRow) -> bool:
+        """Ask a hot sandbox's agent for its ports (paused and cold sandboxes keep their last scan);
+        True if they changed."""
         async with self.sandboxes.runtimes.lock(row.id):  # never while a pause or snapshot is under way
             handle = self.sandboxes.waker.hot_handle(self.store.sandbox_by_id(row.id))
             if handle is None:
-                return
+                return False
             try:
                 found = await asyncio.wait_for(handle.agent.ports(), SCAN_TIMEOUT)
             except (TimeoutError, AgentError):
-                return
-        await self.apply(row.id, listening_ports(found))
+                return False
+        return await self.apply(row.id, listening_ports(found))
 
-    async def apply(self, sandbox_id: str, ports: list[int], wanted: dict[int, int] | None = None) -> None:
-        """Make the relays match the listening ports: open new ones, close those that went away."""
+    async def apply(self, sandbox_id: str, ports: list[int], wanted: dict[int, int] | None = None) -> bool:
+        """Make the relays match the listening ports: open new ones, close those that went away.
+        True if they changed."""
         relays = self.relays.setdefault(sandbox_id, {})
         if len(ports) > self.max_ports:
             # the lowest ports get relays; thousands of listeners must not cost the daemon its fds
@@ -179,8 +215,9 @@ class PortTracker:
         if changed or wanted is not None:
             if self.store.sandbox_by_id(sandbox_id) is None:  # destroyed meanwhile
                 await self.forget(sandbox_id)
-                return
+                return False
             self.store.set_sandbox_ports(sandbox_id, {p: r.host_port for p, r in relays.items()})
+        return changed
 
     # ------------------------------------------------------------ API
 

@@ -553,6 +553,13 @@ class Store:
             rows = self._exec("SELECT * FROM sandboxes WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
         return [self._sandbox(r) for r in rows]
 
+    def running_sandboxes(self) -> list[SandboxRow]:
+        """Users' running sandboxes (hot or warm), without reading the rest of the table."""
+        rows = self._exec(
+            "SELECT * FROM sandboxes WHERE status=? AND pool='' ORDER BY created_at DESC", (Status.RUNNING,)
+        )
+        return [self._sandbox(r) for r in rows]
+
     def count_sandboxes(self, owner_id: str | None = None, with_pools: bool = True) -> int:
         pools = "" if with_pools else " AND pool=''"
         if owner_id is None:
