@@ -472,9 +472,11 @@ def main() -> int:
     parser.add_argument("--egress", type=int, default=300, help="samples per egress measure")
     parser.add_argument("--forks", type=int, default=5, help="samples per fork measure")
     parser.add_argument("--images", type=int, default=8, help="creates per image (imports and builds: a third)")
+    parser.add_argument("--idle", type=int, default=40, help="idle sandboxes for the idle-cost measures")
+    parser.add_argument("--idle-window", type=float, default=60.0, help="seconds each idle CPU measure averages")
     parser.add_argument(
         "--only",
-        choices=["publish", "load", "cli", "egress", "fork", "images", "pools"],
+        choices=["publish", "load", "cli", "egress", "fork", "images", "pools", "idle"],
         help="re-measure one section and replace it in the report",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
@@ -482,6 +484,7 @@ def main() -> int:
     from bench.cli import bench_cli
     from bench.egress import bench_egress
     from bench.fork import bench_fork
+    from bench.idle import bench_idle, idle_report
     from bench.images import bench_images
     from bench.load import bench_load
     from bench.pools import bench_pools
@@ -496,6 +499,7 @@ def main() -> int:
             "fork": ("## Fork and named snapshots", lambda: fork_report(bench_fork(args.forks))),
             "images": ("## Images", lambda: images_report(bench_images(args.images))),
             "pools": ("## Warm pools", lambda: pools_report(bench_pools(args.forks))),
+            "idle": ("## Idle cost and density", lambda: idle_report(bench_idle(args.idle, args.idle_window))),
         }[args.only]
         out = Path(args.out)
         text = out.read_text() if out.exists() else ""
@@ -533,6 +537,8 @@ def main() -> int:
     cli = bench_cli(args.cli)
     print("load: 50 clients for 60 s ...", flush=True)
     load = bench_load()
+    print(f"idle: {args.idle} sandboxes hot, warm and cold, {args.idle_window:.0f} s each ...", flush=True)
+    idle = bench_idle(args.idle, args.idle_window)
     text = (
         report(api, raw, args)
         + "\n".join(thermal_report(thermal_api, thermal_raw))
@@ -552,6 +558,8 @@ def main() -> int:
         + "\n".join(cli_report(cli))
         + "\n"
         + "\n".join(load_report(load))
+        + "\n"
+        + "\n".join(idle_report(idle))
     )
     Path(args.out).write_text(text)
     print(text)
