@@ -11,7 +11,6 @@ import select
 import selectors
 import threading
 import time
-from typing import TYPE_CHECKING
 
 try:  # imported as kiln.agent.* on the host, run as plain modules in the sandbox
     from . import protocol as P
@@ -22,6 +21,7 @@ except ImportError:  # pragma: no cover
     from spawn import Child, kill_process_group, spawn  # type: ignore[no-redef,import-not-found]
     from wire import READ_CHUNK, Conn, RequestError  # type: ignore[no-redef,import-not-found]
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (boot time)
 if TYPE_CHECKING:
     from .server import Agent
 

@@ -5,7 +5,6 @@ as a plain module inside the sandbox."""
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 import pwd
@@ -14,6 +13,8 @@ import socket
 import sys
 import threading
 import time
+from _operator import _compare_digest as compare_digest  # hmac's, without loading OpenSSL
+from _queue import SimpleQueue
 
 try:  # imported as kiln.agent.* on the host, run as plain modules in the sandbox
     from . import files, ports, protocol as P
@@ -43,6 +44,35 @@ SECRETS_FILE = "/run/kiln-agent/secrets.json"
 SECRETS_WAIT = 60.0
 
 
+class Workers:
+    """Threads that serve one connection each and then wait for the next: starting a thread costs
+    ~1.6 ms under gVisor, on every request. Up to `keep` wait; more end after their connection."""
+
+    def __init__(self, handle, keep: int = 8):
+        self.handle = handle
+        self.keep = keep
+        self.jobs: SimpleQueue[socket.socket] = SimpleQueue()
+        self.idle = 0  # workers waiting on jobs (or about to): each job put is one of them taken
+        self.lock = threading.Lock()
+
+    def submit(self, sock: socket.socket) -> None:
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                self.jobs.put(sock)
+                return
+        threading.Thread(target=self.work, args=(sock,), daemon=True).start()
+
+    def work(self, sock: socket.socket) -> None:
+        while True:
+            self.handle(sock)
+            with self.lock:
+                if self.idle >= self.keep:
+                    return
+                self.idle += 1
+            sock = self.jobs.get()
+
+
 class Agent:
     def __init__(self, config: dict):
         self.token = config["token"].encode()
@@ -70,6 +100,7 @@ class Agent:
         self.sessions_lock = threading.Lock()
         self.session_counter = 0
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.workers = Workers(self.handle_connection)
 
     def touch(self) -> None:
         self.last_activity = time.time()
@@ -227,7 +258,7 @@ class Agent:
                 sock.close()
                 continue
             try:
-                threading.Thread(target=self.handle_connection, args=(sock,), daemon=True).start()
+                self.workers.submit(sock)
             except RuntimeError:  # no thread to be had (a fork bomb holds every pid): refuse, keep serving
                 self.connections.release()
                 Conn(sock).send_json(P.ERROR, {"error": "the sandbox is out of processes", "kind": P.FAILED})
@@ -239,7 +270,7 @@ class Agent:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(AUTH_DEADLINE)
             first = recv_frame(sock)
-            if first is None or first[0] != P.AUTH or not hmac.compare_digest(first[1], self.token):
+            if first is None or first[0] != P.AUTH or not compare_digest(first[1], self.token):
                 conn.send_json(P.ERROR, {"error": "auth required", "kind": P.FAILED})
                 return
             request = recv_frame(sock)

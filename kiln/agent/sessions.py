@@ -12,11 +12,9 @@ import os
 import selectors
 import signal
 import struct
-import subprocess
 import termios
 import threading
 import time
-from typing import TYPE_CHECKING
 
 try:  # imported as kiln.agent.* on the host, run as plain modules in the sandbox
     from . import protocol as P
@@ -25,7 +23,10 @@ except ImportError:  # pragma: no cover
     import protocol as P  # type: ignore[no-redef,import-not-found]
     from wire import READ_CHUNK, Conn, RequestError, recv_frame  # type: ignore[no-redef,import-not-found]
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (boot time)
 if TYPE_CHECKING:
+    import subprocess
+
     from .server import Agent
 
 SCROLLBACK = 64 * 1024
@@ -61,6 +62,8 @@ class Session:
 
         def make_controlling_tty() -> None:
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        import subprocess  # here, not at boot: most sandboxes never open a terminal
 
         try:
             proc = subprocess.Popen(
