@@ -489,6 +489,18 @@ def load_report(res) -> list[str]:
     ]
 
 
+HISTORY = REPO / "bench" / "history.md"  # earlier figures by hand, kept in every report written
+HISTORY_TITLE = "## Earlier measurements"
+
+
+def with_history(text: str) -> str:
+    """The report with its "Earlier measurements" section replaced by bench/history.md."""
+    before, _, rest = text.partition(HISTORY_TITLE)
+    after = rest[rest.index("\n## ") :] if "\n## " in rest else ""
+    history = HISTORY.read_text().strip() if HISTORY.exists() else ""
+    return before.rstrip() + "\n\n" + after.lstrip("\n") + ("\n" + history + "\n" if history else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sandboxes", type=int, default=10)
@@ -523,7 +535,7 @@ def main() -> int:
         text = out.read_text() if out.exists() else ""
         rest = text[text.index("\n## ") :] if "\n## " in text else ""
         core = report(bench_api(args.sandboxes, args.execs), asyncio.run(bench_raw(args.sandboxes, args.execs)), args)
-        out.write_text(core + rest)
+        out.write_text(with_history(core + rest))
         print(core)
         return 0
     if args.only:  # re-measure one section and replace it in the report
@@ -542,7 +554,7 @@ def main() -> int:
         before, _, rest = text.partition(title)
         after = rest[rest.index("\n## ") :] if "\n## " in rest else ""
         new = "\n".join(section())
-        out.write_text(before + new + after)
+        out.write_text(with_history(before + new + after))
         print(new)
         return 0
     print(f"kiln API: {args.sandboxes} creates, {args.execs} execs, {args.sandboxes} destroys ...", flush=True)
@@ -597,7 +609,7 @@ def main() -> int:
         + "\n"
         + "\n".join(idle_report(idle))
     )
-    Path(args.out).write_text(text)
+    Path(args.out).write_text(with_history(text))
     print(text)
     return 0
 

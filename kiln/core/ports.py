@@ -156,16 +156,17 @@ class PortTracker:
         while True:
             await asyncio.sleep(self.config.scan_interval)
             now = time.monotonic()
-            for row in self.sandboxes.running_rows():
-                schedule = self.schedules.setdefault(row.id, ScanSchedule(self.config.scan_interval))
-                rt = self.sandboxes.runtimes.peek(row.id)
+            for sandbox_id in self.store.running_sandbox_ids():  # rows are read only for scans that are due
+                schedule = self.schedules.setdefault(sandbox_id, ScanSchedule(self.config.scan_interval))
+                rt = self.sandboxes.runtimes.peek(sandbox_id)
                 used = rt.last_activity if rt is not None else 0.0
                 if not schedule.due(now, used):
                     continue
+                row = self.store.sandbox_by_id(sandbox_id)
                 try:
-                    changed = await self.scan(row)
+                    changed = row is not None and await self.scan(row)
                 except Exception:
-                    log.exception("port scan of %s failed", row.id)
+                    log.exception("port scan of %s failed", sandbox_id)
                     changed = False
                 schedule.scanned(now, used, changed, self.config.scan_interval, self.config.scan_max_interval)
 

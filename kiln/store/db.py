@@ -553,6 +553,11 @@ class Store:
             rows = self._exec("SELECT * FROM sandboxes WHERE owner_id=? ORDER BY created_at DESC", (owner_id,))
         return [self._sandbox(r) for r in rows]
 
+    def running_sandbox_ids(self) -> list[str]:
+        """Ids of users' running sandboxes: what a background loop needs to pick the few it acts on."""
+        rows = self._exec("SELECT id FROM sandboxes WHERE status=? AND pool=''", (Status.RUNNING,))
+        return [r[0] for r in rows]
+
     def running_sandboxes(self) -> list[SandboxRow]:
         """Users' running sandboxes (hot or warm), without reading the rest of the table."""
         rows = self._exec(
