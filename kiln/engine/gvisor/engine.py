@@ -564,8 +564,11 @@ class GVisorEngine:
         agent = self.agents.pop(sandbox_id, None)
         if agent:
             agent.abort()
-        await self.delete_container(sandbox_id, pid)
         sandbox_dir = self.dir(sandbox_id)
+
+        async def container() -> None:
+            await self.delete_container(sandbox_id, pid)
+            await bundle.unmount_rootfs(sandbox_dir)
 
         async def network() -> None:
             if rec is not None:
@@ -576,7 +579,7 @@ class GVisorEngine:
             else:
                 await self.network.remove_netns(self.network.netns_name(sandbox_id))
 
-        await all_of(bundle.unmount_rootfs(sandbox_dir), network())  # independent: together
+        await all_of(container(), network())  # independent: together
         # (delete_container removed its cgroups) multi-GB snapshots and disks: never on the event loop
         await asyncio.to_thread(shutil.rmtree, sandbox_dir, True)
 
