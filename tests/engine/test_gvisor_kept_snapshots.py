@@ -94,10 +94,14 @@ def test_a_failed_save_leaves_nothing_and_the_others_intact(tmp_path, monkeypatc
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(module, "write_atomic", full)
+    under_way = kept.pack(KeptSnapshots.group_of("usr_1"), "c")  # another save's pack, its index not yet written
+    under_way.write_bytes(b"\1" * PAGE)
     with pytest.raises(OSError, match="No space"):
         save(kept, "b", "usr_1", base + os.urandom(PAGE))
     monkeypatch.undo()
-    assert not kept.path("b").exists() and pack_bytes(kept) == PAGE * 64
+    assert not kept.path("b").exists() and under_way.exists()  # a failed save removes only its own
+    under_way.unlink()
+    assert pack_bytes(kept) == PAGE * 64
     assert opened(kept, "a", tmp_path / "ra")[0]["pages.img"] == base
 
 

@@ -111,7 +111,9 @@ class KeptSnapshots:
                 added = await asyncio.to_thread(self._save, snapshot_id, group, meta)
             return added
         except BaseException:
-            await asyncio.to_thread(self._remove, snapshot_id, group)
+            # only its own: a pack of another save still under way is unreferenced too until it ends
+            await asyncio.to_thread(shutil.rmtree, self.path(snapshot_id), True)
+            self.pack(group, snapshot_id).unlink(missing_ok=True)
             raise
 
     def _save(self, snapshot_id: str, group: str, meta: dict) -> int:
