@@ -67,7 +67,9 @@ async def bench_fork_raw(n: int) -> dict[str, list[float]]:
     async with raw_engine() as engine:
         for mb in (64, 256):
             sid = f"rawsrc{mb}"
-            handle = await engine.create(SandboxSpec(id=sid, hostname=sid, image=builtin_image(), memory_mb=512))
+            handle = await engine.create(
+                SandboxSpec(id=sid, hostname=sid, image=builtin_image("default"), memory_mb=512)
+            )
             [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", FILL.format(mb=mb)]})]
             for _ in range(n):
                 image = engine.dir(sid) / "raw-image"

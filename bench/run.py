@@ -213,6 +213,12 @@ def report(api: dict, raw: dict, args) -> str:
     )
 
 
+def thermal_section(n: int) -> list[str]:
+    from bench.thermal import bench_thermal_api, bench_thermal_raw
+
+    return thermal_report(bench_thermal_api(n), asyncio.run(bench_thermal_raw(n)))
+
+
 def thermal_report(api: dict, raw: dict) -> list[str]:
     hot50 = pct(api["hot_exec"], 50)
     warm_added = [w - hot50 for w in api["warm_exec"]]
@@ -546,7 +552,7 @@ def main() -> int:
     parser.add_argument("--idle-window", type=float, default=60.0, help="seconds each idle CPU measure averages")
     parser.add_argument(
         "--only",
-        choices=["core", "publish", "load", "cli", "egress", "fork", "images", "pools", "idle"],
+        choices=["core", "thermal", "publish", "load", "cli", "egress", "fork", "images", "pools", "idle"],
         help="re-measure one section and replace it in the report",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
@@ -570,6 +576,7 @@ def main() -> int:
         return 0
     if args.only:  # re-measure one section and replace it in the report
         title, section = {
+            "thermal": ("## Thermal", lambda: thermal_section(args.thermal)),
             "publish": ("## Publish and proxy", lambda: publish_report(bench_publish(args.publish))),
             "load": ("## Load", lambda: load_report(bench_load())),
             "cli": ("## CLI", lambda: cli_report(bench_cli(args.cli))),

@@ -109,7 +109,7 @@ async def bench_thermal_raw(n: int) -> dict[str, list]:
         runsc = engine.runsc
 
         async def make(sid: str, fill: str | None):
-            handle = await engine.create(SandboxSpec(id=sid, hostname=sid, image=builtin_image()))
+            handle = await engine.create(SandboxSpec(id=sid, hostname=sid, image=builtin_image("default")))
             if fill:
                 [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
             return handle
