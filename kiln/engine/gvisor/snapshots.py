@@ -253,37 +253,62 @@ class PageStore:
             out.truncate(m["pages_size"])
 
 
+LONG_RUN = 256  # pages: runs this long are copied by the kernel (copy_file_range), shorter ones gathered
+GATHER = 1 << 20  # bytes of short runs written at once (so memory stays flat however large a snapshot is)
+
+
 def copy_pages(pages: list[tuple[Path, int]], out: BinaryIO) -> None:
-    """Write the pages at (pack, slot), in order, to out: each run of consecutive slots of one pack
-    in one copy_file_range (the kernel copies, nothing passes through the daemon's memory)."""
-    packs: dict[Path, BinaryIO] = {}
+    """Write the pages at (pack, slot), in order, to out (from where it is): each run of consecutive
+    slots of one pack at once. A diff snapshot is mostly short runs, gathered into big writes (one
+    copy_file_range per short run costs more than the copy); long runs never pass through the daemon."""
+    out.flush()
+    out_fd, pos = out.fileno(), out.tell()
+    packs: dict[Path, int] = {}
+    gathered = bytearray()
     run_pack: Path | None = None
     run_start = run_len = 0
 
+    def write_gathered() -> None:
+        nonlocal pos
+        done = 0
+        with memoryview(gathered) as view:  # released before the buffer is cleared
+            while done < len(view):
+                n = os.pwrite(out_fd, view[done:], pos)
+                done, pos = done + n, pos + n
+        gathered.clear()
+
     def flush() -> None:
+        nonlocal pos
         if run_pack is None:
             return
-        offset, left = run_start * PAGE, run_len * PAGE
+        fd, offset, left = packs[run_pack], run_start * PAGE, run_len * PAGE
+        if run_len < LONG_RUN:
+            gathered.extend(os.pread(fd, left, offset))  # short at the end of a pack: a last, short page
+            if len(gathered) >= GATHER:
+                write_gathered()
+            return
+        write_gathered()
         while left:
-            n = os.copy_file_range(packs[run_pack].fileno(), out.fileno(), left, offset)
+            n = os.copy_file_range(fd, out_fd, left, offset, pos)
             if not n:  # the pack ends here (a last, short page)
                 break
-            offset += n
-            left -= n
+            offset, pos, left = offset + n, pos + n, left - n
 
     try:
         for pack, slot in pages:
             if pack not in packs:
-                packs[pack] = open(pack, "rb")  # noqa: SIM115 (closed below)
+                packs[pack] = os.open(pack, os.O_RDONLY | os.O_CLOEXEC)
             if pack == run_pack and slot == run_start + run_len:
                 run_len += 1
                 continue
             flush()
             run_pack, run_start, run_len = pack, slot, 1
         flush()
+        write_gathered()
+        out.seek(pos)
     finally:
-        for f in packs.values():
-            f.close()
+        for fd in packs.values():
+            os.close(fd)
 
 
 def remove_scratch(path: Path) -> None:
