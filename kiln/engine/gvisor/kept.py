@@ -193,7 +193,7 @@ class KeptSnapshots:
             os.link(packs[0], image / PAGES_FILE)  # the pack is the image, page for page: no copy
             return
         with open(image / PAGES_FILE, "wb") as out:
-            copy_pages([(packs[p], s) for _, p, s in records], out)
+            copy_pages(((p, s) for _, p, s in records), packs.__getitem__, out)
             out.truncate(m["pages_size"])
 
     # ------------------------------------------------------------ deleting

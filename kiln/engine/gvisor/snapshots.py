@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -249,23 +250,22 @@ class PageStore:
             os.link(self.pack_path(m["generation"]), target_dir / PAGES_FILE)
             return
         with open(target_dir / PAGES_FILE, "wb") as out:
-            copy_pages([(self.pack_path(pack), slot) for _, pack, slot in self.records(m)], out)
+            copy_pages(((pack, slot) for _, pack, slot in self.records(m)), self.pack_path, out)
             out.truncate(m["pages_size"])
 
 
-LONG_RUN = 256  # pages: runs this long are copied by the kernel (copy_file_range), shorter ones gathered
-GATHER = 1 << 20  # bytes of short runs written at once (so memory stays flat however large a snapshot is)
+GATHER = 1 << 20  # bytes read or written at once (memory stays flat however large a snapshot is)
 
 
-def copy_pages(pages: list[tuple[Path, int]], out: BinaryIO) -> None:
-    """Write the pages at (pack, slot), in order, to out (from where it is): each run of consecutive
-    slots of one pack at once. A diff snapshot is mostly short runs, gathered into big writes (one
-    copy_file_range per short run costs more than the copy); long runs never pass through the daemon."""
+def copy_pages(pages: Iterable[tuple[int, int]], pack_path: Callable[[int], Path], out: BinaryIO) -> None:
+    """Write the pages at (pack, slot), in order, to out (from where it is; packs are numbers, opened
+    by pack_path once each: a Path per page cost more than the copy): each run of consecutive
+    slots of one pack is read in big reads, and short runs are gathered into big writes."""
     out.flush()
     out_fd, pos = out.fileno(), out.tell()
-    packs: dict[Path, int] = {}
+    packs: dict[int, int] = {}
     gathered = bytearray()
-    run_pack: Path | None = None
+    run_pack: int | None = None
     run_start = run_len = 0
 
     def write_gathered() -> None:
@@ -278,26 +278,22 @@ def copy_pages(pages: list[tuple[Path, int]], out: BinaryIO) -> None:
         gathered.clear()
 
     def flush() -> None:
-        nonlocal pos
         if run_pack is None:
             return
         fd, offset, left = packs[run_pack], run_start * PAGE, run_len * PAGE
-        if run_len < LONG_RUN:
-            gathered.extend(os.pread(fd, left, offset))  # short at the end of a pack: a last, short page
+        while left:
+            chunk = os.pread(fd, min(left, GATHER), offset)
+            if not chunk:  # the pack ends here (a last, short page)
+                break
+            gathered.extend(chunk)
+            offset, left = offset + len(chunk), left - len(chunk)
             if len(gathered) >= GATHER:
                 write_gathered()
-            return
-        write_gathered()
-        while left:
-            n = os.copy_file_range(fd, out_fd, left, offset, pos)
-            if not n:  # the pack ends here (a last, short page)
-                break
-            offset, pos, left = offset + n, pos + n, left - n
 
     try:
         for pack, slot in pages:
             if pack not in packs:
-                packs[pack] = os.open(pack, os.O_RDONLY | os.O_CLOEXEC)
+                packs[pack] = os.open(pack_path(pack), os.O_RDONLY | os.O_CLOEXEC)
             if pack == run_pack and slot == run_start + run_len:
                 run_len += 1
                 continue
