@@ -41,16 +41,29 @@ def test_exec_after_resume_and_three_pause_cycles(engine):
         assert engine.exec(h, "echo", "awake") == (0, "awake\n")
 
 
-COUNTER = "echo $$ > /tmp/pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"
+# /tmp/n is replaced by rename, never truncated in place: a `cat` between the truncate and the write
+# would read nothing
+COUNTER = (
+    "echo $$ > /tmp/pid; i=0; while :; do i=$((i+1)); echo $i > /tmp/n.new; mv /tmp/n.new /tmp/n; sleep 0.05; done"
+)
+
+
+def counted(engine, h) -> int:
+    """The counter's value; it is written within moments of starting (a busy host: give it 10 s)."""
+    for _ in range(100):
+        code, out = engine.exec(h, "cat", "/tmp/n")[:2]
+        if code == 0 and out.strip():
+            return int(out)
+        engine.loop.run(asyncio.sleep(0.1))
+    raise AssertionError("the counter never wrote /tmp/n")
 
 
 def test_memory_survives_three_stop_start_cycles(engine):
     needs(engine, Snapshottable)
     h = engine.create(memory_mb=256)
     engine.exec(h, "sh", "-c", f"echo in-ram > /dev/shm/marker; nohup sh -c '{COUNTER}' >/dev/null 2>&1 &")
-    engine.loop.run(asyncio.sleep(0.3))
     for _ in range(3):
-        before = int(engine.exec(h, "cat", "/tmp/n")[1])
+        before = counted(engine, h)
         summary = engine.loop.run(engine.engine.stop(h.id))
         assert summary.kind in ("full", "diff") and summary.bytes_total > 0
         assert engine.loop.run(engine.engine.status(h.id)).state == State.STOPPED
@@ -59,7 +72,7 @@ def test_memory_survives_three_stop_start_cycles(engine):
         # the same counting process goes on (tmpfs kept, pid alive): not a reboot
         assert engine.exec(h, "sh", "-c", "kill -0 $(cat /tmp/pid)")[0] == 0
         engine.loop.run(asyncio.sleep(0.3))
-        assert int(engine.exec(h, "cat", "/tmp/n")[1]) > before
+        assert counted(engine, h) > before
 
 
 def test_wake_storm_restores_once(engine):
