@@ -46,11 +46,12 @@ def process_cpu(pid: int) -> float:
     return sum(int(f) for f in fields[11:15]) / TICKS
 
 
-def mem_available() -> int:
+def meminfo(key: str = "MemAvailable") -> int:
+    """A /proc/meminfo figure, in bytes."""
     for line in open("/proc/meminfo"):
-        if line.startswith("MemAvailable:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable")
+    raise RuntimeError(f"no {key} in /proc/meminfo")
 
 
 def rss_of(pid: int | None) -> int:
@@ -102,14 +103,14 @@ def bench_idle(n: int, window: float) -> dict:
 
         with d.client(timeout=300) as api:
             res["none"] = cpu([])
-            before = mem_available()
+            before = meminfo()
             ids = []
             for i in range(n):
                 r = api.post("/sandboxes", json={"name": f"idle-{i}", "memory_mb": 512, "keep_hot": True})
                 assert r.status_code == 201, r.text
                 ids.append(r.json()["id"])
             time.sleep(5)
-            res["host_per_hot"] = (before - mem_available()) / n
+            res["host_per_hot"] = (before - meminfo()) / n
             cgroup = [engine.cgroups.memory_usage(i) or 0 for i in ids]  # type: ignore[attr-defined]
             gofer = [rss_of(engine.runsc.pids(i)[1]) for i in ids]  # type: ignore[attr-defined]
             res["cgroup_per_hot"] = sum(cgroup) / n
@@ -145,11 +146,11 @@ def bench_idle(n: int, window: float) -> dict:
                 assert time.monotonic() < deadline, "the sandboxes did not go warm"
                 time.sleep(1)
             res["warm"] = cpu(ids)
-            before = mem_available()
+            before = meminfo()
             for sid in ids:
                 assert api.post(f"/sandboxes/{sid}/stop").json()["status"] == "stopped"
             time.sleep(5)
-            res["host_per_cold_freed"] = (mem_available() - before) / n
+            res["host_per_cold_freed"] = (meminfo() - before) / n
             res["cold"] = cpu(ids)
             for sid in ids:
                 api.delete(f"/sandboxes/{sid}")
@@ -223,16 +224,9 @@ def idle_report(res: dict) -> list[str]:
         f"| the agent's RSS inside (PID 1 + its server) | {' + '.join(f'{a / mb:.1f}' for a in agent)} |",
         f"| freed per sandbox by a stop (it is then a file on disk) | {res['host_per_cold_freed'] / mb:.1f} |",
         "",
-        f"So this machine's {mem_available_total() / (1 << 30):.0f} GiB hold about "
-        f"{mem_available_total() / max(res['host_per_hot'], 1):.0f} idle hot sandboxes; warm ones cost the same "
+        f"So this machine's {meminfo('MemTotal') / (1 << 30):.0f} GiB hold about "
+        f"{meminfo('MemTotal') / max(res['host_per_hot'], 1):.0f} idle hot sandboxes; warm ones cost the same "
         "memory (frozen, not freed); cold ones cost disk only.",
         "",
     ]
     return rows
-
-
-def mem_available_total() -> int:
-    for line in open("/proc/meminfo"):
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemTotal")

@@ -44,6 +44,16 @@ SECRETS_FILE = "/run/kiln-agent/secrets.json"
 SECRETS_WAIT = 60.0
 
 
+def write_private(path: str, data: bytes) -> None:
+    """Replace a root-only file on the sandbox's tmpfs at once (temp file, then rename)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 class Workers:
     """Threads that serve one connection each and then wait for the next: starting a thread costs
     ~1.6 ms under gVisor, on every request. Up to `keep` wait; more end after their connection."""
@@ -327,22 +337,12 @@ class Agent:
         like the secrets, so a re-forked agent server still has it."""
         if len(token) < 16:
             raise RequestError("a token has 16 bytes at least")
-        os.makedirs(os.path.dirname(self.secrets_file), mode=0o700, exist_ok=True)
-        tmp = self.token_file() + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(token)
-        os.replace(tmp, self.token_file())
+        write_private(self.token_file(), token)
         self.token = token
 
     def set_secrets(self, env: dict) -> None:
         env = {str(k): str(v) for k, v in env.items()}
-        os.makedirs(os.path.dirname(self.secrets_file), mode=0o700, exist_ok=True)
-        tmp = self.secrets_file + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(env, f)
-        os.replace(tmp, self.secrets_file)
+        write_private(self.secrets_file, json.dumps(env).encode())
         self.secret_env = env
         self.secrets_ready.set()
 
