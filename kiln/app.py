@@ -56,6 +56,11 @@ from .core.upstream import Upstreams
 from .core.users import ensure_admin
 from .core.volumes import VolumeService
 from .core.web_shell import WebShellService
+from .e2b import control as e2b_control
+from .e2b.envd import build_envd
+from .e2b.gateway import E2bGateway
+from .e2b.processes import ProcessTable
+from .e2b.sandboxes import E2bService
 from .engine import make_engine
 from .engine.gvisor.reaper import become_subreaper
 from .store.db import Store
@@ -144,6 +149,15 @@ def build_app(config: Config) -> FastAPI:
             started=time.monotonic(),
             server=config.server,
         )
+        e2b_processes = ProcessTable()
+        events.on_before_stop(e2b_processes.forget)  # envd's processes end with a stop or destroy
+        if config.e2b.enabled:
+            e2b = E2bService(store, sandboxes, config.e2b, app.state.services.rate_limits, config.data_dir / "e2b.key")
+            e2b.control_app = e2b_control.build_app(e2b)
+            e2b.envd_app = build_envd(sandboxes, e2b_processes, config.e2b.max_upload_bytes)
+            events.on_destroyed(e2b.forget_destroyed)
+            app.state.services.e2b = e2b
+            e2b.start()
         await ports.start()
         await forwards.start()
         thermal = ThermalPolicy(config.thermal, sandboxes)
@@ -158,6 +172,9 @@ def build_app(config: Config) -> FastAPI:
             yield
         finally:
             await thermal.stop()
+            if app.state.services.e2b is not None:
+                await app.state.services.e2b.stop()
+            await e2b_processes.close()
             await pools.close()
             await images.close()
             await ports.stop()
@@ -179,6 +196,7 @@ def build_app(config: Config) -> FastAPI:
     )
     app.openapi = lambda: openapi_with_unique_ids(app)  # type: ignore[method-assign]
     app.add_middleware(CommonHeaders, limits=config.server)
+    app.add_middleware(E2bGateway)  # E2B's requests never reach kiln's routes, limits or JSON handling
     app.add_middleware(PublicProxy)  # added last = outermost: published hosts never reach the API
     errors.install(app)
     for module in (

@@ -130,6 +130,16 @@ class ServerConfig(Section):
     public_deadline: float = Field(300.0, gt=0, description="seconds one published-URL HTTP request may last")
 
 
+class E2bConfig(Section):
+    """The E2B-compatible surface: E2B's REST API and envd under /e2b on the main listener."""
+
+    enabled: bool = Field(True, description="serve E2B's API under /e2b (the E2B SDKs' URL mode)")
+    keep_hot: bool = Field(True, description="an E2B sandbox runs for its whole lease (no thermal pause)")
+    max_lease: float = Field(86400.0, gt=0, description="the longest timeout an E2B sandbox may ask for, seconds")
+    lease_tick: float = Field(1.0, gt=0, description="how often expired leases are looked for, seconds")
+    max_upload_bytes: int = Field(2 << 30, ge=1 << 20, description="one envd file upload, after gunzip; more is 413")
+
+
 class Config(Section):
     listen: str = "127.0.0.1:8080"
     data_dir: Path = DEFAULT_DATA_DIR
@@ -143,6 +153,7 @@ class Config(Section):
     ports: PortsConfig = PortsConfig()
     limits: LimitsConfig = LimitsConfig()
     server: ServerConfig = ServerConfig()
+    e2b: E2bConfig = E2bConfig()
 
     @field_validator("listen")
     @classmethod

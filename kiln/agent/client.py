@@ -24,6 +24,10 @@ class AgentNotFound(AgentRequestError):
     """The path (or session) the request names does not exist in the sandbox."""
 
 
+class AgentExists(AgentRequestError):
+    """What the request would make is there already."""
+
+
 class AgentLimit(AgentError):
     """A limit of the agent (sessions, connections per sandbox) is reached."""
 
@@ -34,14 +38,21 @@ class ExecEvent:
     data: bytes = b""
     exit_code: int = 0
     timed_out: bool = False
+    signal: int = 0  # the signal that ended the command, if one did
 
 
 def error_from(payload: bytes) -> AgentError:
     err = json.loads(payload)
-    cls = {P.INVALID: AgentRequestError, P.NOT_FOUND: AgentNotFound, P.LIMIT: AgentLimit}.get(
+    cls = {P.INVALID: AgentRequestError, P.NOT_FOUND: AgentNotFound, P.EXISTS: AgentExists, P.LIMIT: AgentLimit}.get(
         err.get("kind"), AgentError
     )
     return cls(err.get("error", "agent error"))
+
+
+def exit_event(info: dict) -> ExecEvent:
+    return ExecEvent(
+        "exit", exit_code=info["exit_code"], timed_out=bool(info.get("timed_out")), signal=int(info.get("signal") or 0)
+    )
 
 
 class AgentConnection:
@@ -212,10 +223,25 @@ class AgentClient:
                     yield ExecEvent("stderr", payload)
                 elif ftype == P.EXIT:
                     info = json.loads(payload)
-                    yield ExecEvent("exit", exit_code=info["exit_code"], timed_out=bool(info.get("timed_out")))
+                    yield exit_event(info)
                     return
         finally:
             await conn.close()
+
+    async def start(self, request: dict, stdin: bool) -> tuple[int, AgentConnection]:
+        """Start a one-shot command and hand over its connection once it runs: (pid, connection).
+        The caller reads its frames and sends STDIN / KILL; closing the connection kills the command."""
+        conn = await self.connect(P.EXEC_REQ, json.dumps(dict(request, stdin=stdin)).encode())
+        try:
+            while True:
+                ftype, payload = await asyncio.wait_for(conn.read_frame(), 30)
+                if ftype == P.STARTED:
+                    return int(json.loads(payload)["pid"]), conn
+                if ftype in (P.STDERR, P.EXIT):  # not spawned: its reason, then its exit status
+                    raise AgentRequestError(payload.decode(errors="replace").strip() or "the command did not start")
+        except BaseException:
+            await conn.close()
+            raise
 
     async def detach(self, request: dict, timeout: float = 30.0) -> dict:
         """Start a command that outlives the request: {"pid", "output_file", "detached"} once it runs."""
@@ -229,6 +255,15 @@ class AgentClient:
 
     async def ls(self, path: str) -> list[dict]:
         return await self.request_json(P.FILE_LS, P.FILE_LS_RESP, json.dumps({"path": path}).encode(), timeout=60)
+
+    async def entries(self, path: str, depth: int) -> list[dict]:
+        """Rich entries: the path's own (depth 0) or what is under it, `depth` levels deep."""
+        payload = json.dumps({"path": path, "depth": depth}).encode()
+        return await self.request_json(P.FILE_ENTRIES, P.FILE_ENTRIES_RESP, payload, timeout=60)
+
+    async def file_op(self, ftype: int, request: dict) -> dict:
+        """FILE_MKDIR, FILE_MOVE or FILE_REMOVE: their EXIT record."""
+        return await self.request_json(ftype, P.EXIT, json.dumps(request).encode(), timeout=60)
 
     async def read(self, path: str, offset: int = 0, limit: int = 0, max_bytes: int = 0):
         """Open a file for reading: returns (its stat info, an async iterator of content chunks)."""

@@ -201,3 +201,136 @@ def list_dir(req: dict) -> list[dict]:
             }
         )
     return entries
+
+
+# -- richer operations (the E2B filesystem service): entries with owners and links, mkdir, move, remove
+
+
+def name_of(table, key: int) -> str:
+    """A uid's or gid's name from pwd/grp, else the number."""
+    try:
+        return table(key)[0]
+    except (KeyError, OverflowError):
+        return str(key)
+
+
+def entry(path: str) -> dict:
+    """One entry: lstat, and for a symlink what it points to (its type is the target's, if any)."""
+    import grp
+    import pwd
+
+    st = os.lstat(path)
+    target = None
+    if stat.S_ISLNK(st.st_mode):
+        target = os.path.realpath(path)
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+    kind = "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+    return {
+        "name": os.path.basename(path.rstrip("/")) or "/",
+        "path": path,
+        "type": kind,
+        "size": st.st_size,
+        "mode": stat.S_IMODE(st.st_mode) | (stat.S_IFDIR if kind == "dir" else 0),
+        "permissions": stat.filemode(st.st_mode),
+        "owner": name_of(pwd.getpwuid, st.st_uid),
+        "group": name_of(grp.getgrgid, st.st_gid),
+        "mtime_ns": st.st_mtime_ns,
+        "symlink_target": target,
+    }
+
+
+def entries(req: dict) -> list[dict]:
+    """depth 0: the path's own entry; depth N: what is under it, N levels deep (at most LS_CAP)."""
+    path = checked_path(req)
+    depth = req.get("depth", 0)
+    if not isinstance(depth, int) or depth < 0:
+        raise FileError("depth must be a non-negative integer")
+    try:
+        if depth == 0:
+            return [entry(path)]
+        if not os.path.isdir(path):
+            os.stat(path)  # a missing path says so
+            raise FileError(f"{path} is not a directory")
+    except OSError as e:
+        raise path_error(path, e)
+    out: list[dict] = []
+    level = [path]
+    for _ in range(depth):
+        below = []
+        for d in level:
+            try:
+                names = sorted(os.listdir(d))
+            except OSError:
+                continue
+            for n in names:
+                full = os.path.join(d, n)
+                try:
+                    item = entry(full)
+                except OSError:
+                    continue
+                out.append(item)
+                if len(out) >= LS_CAP:
+                    return out
+                if item["type"] == "dir" and item["symlink_target"] is None:
+                    below.append(full)
+        level = below
+    return out
+
+
+def make_dir(req: dict) -> dict:
+    """mkdir -p owned by the request's user; created is False when the directory was there already."""
+    import pwd
+
+    path = checked_path(req)
+    if os.path.isdir(path):
+        return {"exit_code": 0, "created": False}
+    if os.path.lexists(path):
+        raise FileError(f"{path} exists and is not a directory", P.EXISTS)
+    uid = gid = OWNER
+    user = req.get("user")
+    if isinstance(user, str) and user:
+        try:
+            pw = pwd.getpwnam(user)
+            uid, gid = pw.pw_uid, pw.pw_gid
+        except KeyError:
+            raise FileError(f"unknown user: {user}")
+    missing = []
+    probe = path
+    while not os.path.isdir(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    try:
+        for d in reversed(missing):
+            os.mkdir(d, 0o755)
+            os.chown(d, uid, gid)
+    except OSError as e:
+        raise path_error(path, e)
+    return {"exit_code": 0, "created": True}
+
+
+def move(req: dict) -> dict:
+    source = checked_path({"path": req.get("source")})
+    destination = checked_path({"path": req.get("destination")})
+    try:
+        make_dirs(os.path.dirname(destination) or "/")
+        os.rename(source, destination)
+    except OSError as e:
+        raise path_error(source, e)
+    return {"exit_code": 0}
+
+
+def remove(req: dict) -> dict:
+    path = checked_path(req)
+    if os.path.normpath(path) == "/":
+        raise FileError("refusing to remove /")
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            import shutil
+
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    except OSError as e:
+        raise path_error(path, e)
+    return {"exit_code": 0}

@@ -134,7 +134,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         conn.send_json(P.EXIT, {"exit_code": 124, "timed_out": True})
     else:
         rc = proc.returncode or 0
-        conn.send_json(P.EXIT, {"exit_code": 128 - rc if rc < 0 else rc})
+        conn.send_json(P.EXIT, {"exit_code": 128 - rc, "signal": -rc} if rc < 0 else {"exit_code": rc})
 
 
 def checked_argv(req: dict) -> list[str]:

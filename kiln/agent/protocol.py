@@ -39,6 +39,12 @@ FILE_WRITE = 0x52  # JSON {"path","size","mode"}, then STDIN chunks -> EXIT
 FILE_STAT = 0x54  # JSON {"path"} -> FILE_INFO
 FILE_LS = 0x56  # JSON {"path"} -> FILE_LS_RESP
 FILE_LS_RESP = 0x57
+FILE_MKDIR = 0x58  # JSON {"path","user"?}: mkdir -p, new directories owned by the user -> EXIT {"created"}
+FILE_MOVE = 0x59  # JSON {"source","destination"} -> EXIT
+FILE_REMOVE = 0x5A  # JSON {"path"}: a file, or a directory with everything in it -> EXIT
+FILE_ENTRIES = 0x5B  # JSON {"path","depth"}: rich entries (owner, permissions, links) -> FILE_ENTRIES_RESP
+FILE_ENTRIES_RESP = 0x5C  # depth 0: the path's own entry only
+FILE_REQUESTS = (FILE_READ, FILE_WRITE, FILE_STAT, FILE_LS, FILE_MKDIR, FILE_MOVE, FILE_REMOVE, FILE_ENTRIES)
 PORTS_REQ = 0x60  # -> PORTS_RESP JSON [{"port", "loopback_only"}] (the agent's own port left out)
 PORTS_RESP = 0x61
 FORWARD_REQ = 0x62  # JSON {"port"} -> FORWARD_OK, then the connection is a raw byte relay to that port
@@ -50,6 +56,7 @@ TOKEN_SET = 0x71  # the token every later connection must bring (a copy's own, n
 INVALID = "invalid"
 NOT_FOUND = "not_found"
 FAILED = "failed"
+EXISTS = "exists"  # what a request would make is there already (409)
 LIMIT = "limit"  # a per-sandbox limit of the agent (sessions, connections) is reached
 
 

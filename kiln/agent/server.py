@@ -140,6 +140,7 @@ class Agent:
             "LANG": "C.UTF-8",
             "HOME": pw.pw_dir if pw else "/",
             "USER": pw.pw_name if pw else str(uid),
+            "LOGNAME": pw.pw_name if pw else str(uid),
         }
         env.update(self.sandbox_env)
         env.update(self.secret_env)
@@ -311,7 +312,7 @@ class Agent:
                 session.attach(conn, force=True)
             else:
                 run_exec(self, conn, req)
-        elif ftype in (P.FILE_READ, P.FILE_WRITE, P.FILE_STAT, P.FILE_LS):
+        elif ftype in P.FILE_REQUESTS:
             self.file_request(conn, ftype, json.loads(payload))
         elif ftype == P.PORTS_REQ:
             conn.send_json(P.PORTS_RESP, ports.listening_ports(exclude={self.port}))
@@ -362,7 +363,7 @@ class Agent:
             if conn.send(P.FORWARD_OK):
                 ports.relay(conn.sock, upstream)
 
-    def file_request(self, conn: Conn, ftype: int, req: dict) -> None:
+    def file_request(self, conn: Conn, ftype: int, req: dict) -> None:  # one of FILE_REQUESTS
         def send(t: int, obj) -> None:
             if isinstance(obj, (bytes, bytearray)):
                 conn.send(t, bytes(obj))
@@ -382,9 +383,15 @@ class Agent:
                 send(P.FILE_INFO, files.stat_path(req))
             elif ftype == P.FILE_LS:
                 send(P.FILE_LS_RESP, files.list_dir(req))
+            elif ftype == P.FILE_ENTRIES:
+                send(P.FILE_ENTRIES_RESP, files.entries(req))
             elif ftype == P.FILE_READ:
                 self.touch()
                 files.read_file(req, send)
+            elif ftype in (P.FILE_MKDIR, P.FILE_MOVE, P.FILE_REMOVE):
+                self.touch()
+                op = {P.FILE_MKDIR: files.make_dir, P.FILE_MOVE: files.move, P.FILE_REMOVE: files.remove}[ftype]
+                send(P.EXIT, op(req))
             else:
                 self.touch()
                 send(P.EXIT, files.write_file(req, receive))

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from ..core.upstream import Upstreams
     from ..core.volumes import VolumeService
     from ..core.web_shell import WebShellService
+    from ..e2b.sandboxes import E2bService
     from ..store.db import Store
     from .public import PublicLimits
 
@@ -57,6 +58,7 @@ class Services:
     web_shells: WebShellService
     started: float
     server: ServerConfig
+    e2b: E2bService | None = None  # None: the E2B API is turned off
 
 
 def services(conn: Request | WebSocket) -> Services:

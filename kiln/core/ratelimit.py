@@ -72,4 +72,8 @@ class UserRateLimits:
         self.limiters = {"create": KeyedLimiter(*create), "exec": KeyedLimiter(*exec_), "read": KeyedLimiter(*read)}
 
     def allow(self, user_id: str, method: str, route: str) -> bool:
-        return self.limiters[rate_class(method, route)].take(user_id)
+        return self.allow_class(user_id, rate_class(method, route))
+
+    def allow_class(self, user_id: str, klass: str) -> bool:
+        """For surfaces with routes of their own (the E2B API): "create", "exec" or "read"."""
+        return self.limiters[klass].take(user_id)

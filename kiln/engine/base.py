@@ -120,6 +120,8 @@ class Usage:
 
     cpu_seconds: float
     memory_bytes: int
+    disk_used_bytes: int = 0  # of its root disk, when the engine can tell
+    disk_total_bytes: int = 0
 
 
 class EngineError(Exception):

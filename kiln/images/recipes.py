@@ -80,5 +80,23 @@ DEFAULT = Recipe(
     hooks=KILN_USER + SUDO_FOR_KILN,
 )
 
-BUILTIN: dict[str, Recipe] = {r.name: r for r in (MINIMAL, DEFAULT)}
+# E2B's templates run as `user` (uid 1000, /home/user, passwordless sudo): the E2B SDKs' `base` template
+# is kiln's developer image with that user instead of `kiln`.
+E2B_USER = (
+    'echo "user:x:1000:1000:user:/home/user:/bin/bash" >> "$1/etc/passwd"',
+    'echo "user:x:1000:" >> "$1/etc/group"',
+    'echo "user:*:19000:0:99999:7:::" >> "$1/etc/shadow"',
+    'mkdir -p "$1/home/user" && chown 1000:1000 "$1/home/user"',
+    'echo "user ALL=(ALL) NOPASSWD:ALL" > "$1/etc/sudoers.d/user" && chmod 0440 "$1/etc/sudoers.d/user"',
+)
+
+E2B_BASE = Recipe(
+    name="e2b-base",
+    description="the E2B SDKs' `base` template: the developer image, run as `user` in /home/user",
+    variant="apt",
+    packages=DEFAULT.packages,
+    hooks=E2B_USER,
+)
+
+BUILTIN: dict[str, Recipe] = {r.name: r for r in (MINIMAL, DEFAULT, E2B_BASE)}
 DEFAULT_IMAGE = DEFAULT.name

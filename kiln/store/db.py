@@ -188,6 +188,18 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE sandboxes ADD COLUMN pool TEXT NOT NULL DEFAULT '';
     """,
+    # 15: sandboxes made through the E2B API: the template asked for, free-form metadata, the lease
+    """
+    CREATE TABLE e2b_sandboxes (
+        sandbox_id TEXT PRIMARY KEY REFERENCES sandboxes(id) ON DELETE CASCADE,
+        template TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        end_at REAL NOT NULL,
+        on_timeout TEXT NOT NULL,
+        auto_resume INTEGER NOT NULL,
+        token_hash TEXT NOT NULL UNIQUE
+    );
+    """,
 ]
 
 
@@ -315,6 +327,19 @@ class PublishRule:
     port: int
     alias: str
     created_at: str
+
+
+@dataclass
+class E2bRecord:
+    """What the E2B API keeps of one of its sandboxes beside the sandbox's own row."""
+
+    sandbox_id: str
+    template: str
+    metadata: dict[str, str]
+    end_at: float  # unix time the lease ends
+    on_timeout: str  # "kill" | "pause"
+    auto_resume: bool  # whether traffic to it while paused resumes it
+    token_hash: str  # sha256 of the envd access token
 
 
 class NameTaken(Exception):
@@ -832,3 +857,50 @@ class Store:
         return [
             Attachment(r["volume_id"], r["sandbox_id"], r["mount"], bool(r["read_only"])) for r in self._exec(sql, args)
         ]
+
+    # ------------------------------------------------------------ E2B sandboxes
+
+    @staticmethod
+    def _e2b(r: sqlite3.Row) -> E2bRecord:
+        d = dict(r)
+        d["metadata"] = json.loads(d["metadata"])
+        d["auto_resume"] = bool(d["auto_resume"])
+        return E2bRecord(**d)
+
+    def insert_e2b(self, r: E2bRecord) -> None:
+        self._exec(
+            "INSERT INTO e2b_sandboxes (sandbox_id, template, metadata, end_at, on_timeout, auto_resume, token_hash)"
+            " VALUES (?,?,?,?,?,?,?)",
+            (
+                r.sandbox_id,
+                r.template,
+                json.dumps(r.metadata),
+                r.end_at,
+                r.on_timeout,
+                int(r.auto_resume),
+                r.token_hash,
+            ),
+        )
+
+    def e2b_record(self, sandbox_id: str) -> E2bRecord | None:
+        row = self._exec("SELECT * FROM e2b_sandboxes WHERE sandbox_id=?", (sandbox_id,)).fetchone()
+        return self._e2b(row) if row else None
+
+    def e2b_by_token_hash(self, token_hash: str) -> E2bRecord | None:
+        row = self._exec("SELECT * FROM e2b_sandboxes WHERE token_hash=?", (token_hash,)).fetchone()
+        return self._e2b(row) if row else None
+
+    def e2b_records(self, owner_id: str) -> list[E2bRecord]:
+        rows = self._exec(
+            "SELECT e.* FROM e2b_sandboxes e JOIN sandboxes s ON s.id = e.sandbox_id WHERE s.owner_id=?"
+            " ORDER BY s.created_at, s.id",
+            (owner_id,),
+        )
+        return [self._e2b(r) for r in rows]
+
+    def expired_e2b(self, now_unix: float) -> list[E2bRecord]:
+        rows = self._exec("SELECT * FROM e2b_sandboxes WHERE end_at <= ?", (now_unix,))
+        return [self._e2b(r) for r in rows]
+
+    def set_e2b_lease(self, sandbox_id: str, end_at: float) -> None:
+        self._exec("UPDATE e2b_sandboxes SET end_at=? WHERE sandbox_id=?", (end_at, sandbox_id))

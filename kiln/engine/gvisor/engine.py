@@ -623,7 +623,12 @@ class GVisorEngine:
         cpu, memory = self.cgroups.cpu_seconds(sandbox_id), self.cgroups.memory_usage(sandbox_id)
         if cpu is None or memory is None:
             return None
-        return Usage(cpu_seconds=cpu, memory_bytes=memory)
+        used = total = 0
+        disk = self.dir(sandbox_id) / "disk"
+        if os.path.ismount(disk):  # the loop-mounted ext4 of its own disk
+            fs = os.statvfs(disk)
+            total, used = fs.f_blocks * fs.f_frsize, (fs.f_blocks - fs.f_bfree) * fs.f_frsize
+        return Usage(cpu_seconds=cpu, memory_bytes=memory, disk_used_bytes=used, disk_total_bytes=total)
 
     # ------------------------------------------------------------ exit watching
 

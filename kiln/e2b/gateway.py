@@ -1,0 +1,131 @@
+"""The E2B surface's front door: an ASGI middleware, outermost, that takes E2B's requests before any
+of kiln's own routes, limits or JSON handling see them.
+
+URL mode (the SDKs' `E2B_API_URL` / `E2B_SANDBOX_URL`), on the main listener:
+- `/e2b/sandbox[/...]`: a sandbox's traffic. The sandbox comes from `E2b-Sandbox-Id` (or, for SDK
+  versions that leave it out, from the envd token alone), the port from `E2b-Sandbox-Port`: 49983 is
+  envd, any other port goes to that port of the sandbox through kiln's proxy. Every request but
+  envd's `/health` needs the sandbox's envd token (`X-Access-Token`).
+- `/e2b/...`: the REST control plane; the caller's `X-API-Key` is checked before the body is read,
+  and the body is capped like kiln's own API bodies.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+
+from ..api.auth import read_at_most, replay
+from ..api.deps import services_of
+from ..api.proxy import Target, proxy_http
+from ..core.errors import KilnError
+from ..states import Status
+from ..store.db import User
+from .control import USER
+from .envd import CALL, EnvdCall, basic_user
+from .sandboxes import E2bSandbox, E2bService
+
+log = logging.getLogger("kiln.e2b")
+
+PREFIX = "/e2b"
+SANDBOX_PREFIX = "/e2b/sandbox"
+ENVD_PORT = 49983
+
+
+async def reply(send, status: int, message: str) -> None:
+    body = json.dumps({"code": status, "message": message}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def strip(scope: dict, prefix: str) -> dict:
+    path = scope["path"][len(prefix) :] or "/"
+    raw = scope.get("raw_path") or scope["path"].encode()
+    return dict(scope, path=path, raw_path=raw[len(prefix) :] or b"/", root_path=scope.get("root_path", "") + prefix)
+
+
+def api_key_user(e2b: E2bService, headers: dict[bytes, bytes]) -> User | None:
+    """`X-API-Key`: a kiln key, or its `e2b_` alias (some SDK versions insist on that prefix)."""
+    key = headers.get(b"x-api-key", b"").decode("latin-1").strip()
+    if key.startswith("e2b_"):
+        key = "kiln_" + key[4:]
+    return e2b.store.user_by_key(key) if key else None
+
+
+class E2bGateway:
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not under(scope["path"], PREFIX):
+            return await self.app(scope, receive, send)
+        state = services_of(scope["app"])
+        e2b: E2bService | None = state.e2b
+        if e2b is None:  # turned off (e2b.enabled: false): kiln's own routes answer, with a 404
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if under(scope["path"], SANDBOX_PREFIX):
+            return await self.sandbox(state, e2b, strip(scope, SANDBOX_PREFIX), headers, receive, send)
+        user = api_key_user(e2b, headers)
+        if user is None:
+            return await reply(send, 401, "invalid API key" if headers.get(b"x-api-key") else "X-API-Key required")
+        cap = state.server.max_json_body_bytes
+        body = await read_at_most(receive, cap)
+        if body is None:
+            return await reply(send, 413, f"request body too large (max {cap} bytes)")
+        scope = dict(strip(scope, PREFIX), **{USER: user})
+        await e2b.control_app(scope, replay(body, receive), send)
+
+    async def sandbox(self, state, e2b: E2bService, scope, headers, receive, send) -> None:
+        token = headers.get(b"x-access-token", b"").decode("latin-1")
+        sandbox_id = headers.get(b"e2b-sandbox-id", b"").decode("latin-1")
+        port_text = headers.get(b"e2b-sandbox-port", b"").decode("latin-1") or str(ENVD_PORT)
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            return await reply(send, 400, "E2b-Sandbox-Port must be a port number")
+        port = int(port_text)
+        sb = self.find(e2b, sandbox_id, token)
+        if sb is None:
+            return await reply(send, 502, f"The sandbox {sandbox_id or '(unnamed)'} was not found")
+        is_health = port == ENVD_PORT and scope["path"] == "/health"
+        if not is_health and not hmac.compare_digest(token.encode(), e2b.envd_token(sb.row.id).encode()):
+            return await reply(send, 401, "unauthenticated: a valid X-Access-Token is required")
+        if sb.row.status == Status.STOPPED and not sb.record.auto_resume:
+            return await reply(send, 502, f"The sandbox {sb.row.id} was not found")  # paused: not running
+        if not state.rate_limits.allow_class(sb.row.owner_id, "exec"):
+            return await reply(send, 429, "rate limit exceeded")
+        if port != ENVD_PORT:
+            target = Target(sb.row, port, (scope.get("raw_path") or b"/").decode("latin-1"), strip_credentials=False)
+            return await proxy_http(state, target, scope, receive, send)
+        try:
+            call = EnvdCall(sb, basic_user(headers.get(b"authorization", b"").decode("latin-1")))
+        except Exception:
+            return await reply(send, 400, "malformed Basic authorization")
+        reset = CALL.set(call)
+        try:
+            await e2b.envd_app(scope, receive, send)
+        except KilnError as e:
+            await reply(send, e.status, e.message)
+        finally:
+            CALL.reset(reset)
+
+    @staticmethod
+    def find(e2b: E2bService, sandbox_id: str, token: str) -> E2bSandbox | None:
+        """By its id (the token is checked after), else by the token alone."""
+        if sandbox_id:
+            record = e2b.store.e2b_record(sandbox_id)
+            row = e2b.store.sandbox_by_id(sandbox_id) if record else None
+            if record is None or row is None or row.status in (Status.CREATING, Status.DESTROYING):
+                return None
+            return E2bSandbox(row, record)
+        return e2b.by_token(token)

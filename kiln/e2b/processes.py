@@ -1,0 +1,134 @@
+"""envd's process model on top of the agent's one-shot exec: processes addressed by pid that outlive
+the request that started them, with output fanned out to every subscriber and stdin by separate calls.
+
+The daemon holds each process's agent connection (the agent kills a command when its connection
+closes): its output is read as it comes and handed to whoever is subscribed (Start's own stream,
+Connect streams: live output only, no replay, as envd does); stdin and kills go down the same
+connection. A process is listed until it exits. It ends with its sandbox's stop or destroy, and with
+the daemon: envd's processes live in the guest, these in the daemon's hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+from ..agent import protocol as P
+from ..agent.client import AgentConnection, AgentError, exit_event
+
+log = logging.getLogger("kiln.e2b")
+
+QUEUE_EVENTS = 256  # per subscriber: a subscriber this far behind holds the process's output back
+
+
+@dataclass
+class Event:
+    kind: str  # "stdout" | "stderr" | "end"
+    data: bytes = b""
+    exit_code: int = 0
+    signal: int = 0
+    timed_out: bool = False
+    error: str = ""
+
+
+@dataclass
+class EnvdProcess:
+    pid: int
+    cmd: str
+    args: list[str]
+    envs: dict[str, str]
+    cwd: str
+    tag: str
+    conn: AgentConnection
+    stdin: bool
+    subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
+    end: Event | None = None
+    pump: asyncio.Task | None = None
+    keep: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+
+    def subscribe(self) -> asyncio.Queue[Event]:
+        q: asyncio.Queue[Event] = asyncio.Queue(QUEUE_EVENTS)
+        if self.end is not None:
+            q.put_nowait(self.end)
+        else:
+            self.subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[Event]) -> None:
+        self.subscribers.discard(q)
+        while not q.empty():  # a publish waiting for room in it goes on
+            q.get_nowait()
+
+    async def publish(self, ev: Event) -> None:
+        for q in list(self.subscribers):
+            await q.put(ev)
+
+    async def send_stdin(self, data: bytes) -> None:
+        for i in range(0, len(data), P.MAX_FRAME):
+            await self.conn.send(P.STDIN, data[i : i + P.MAX_FRAME])
+
+    async def close_stdin(self) -> None:
+        await self.conn.send(P.STDIN, b"")
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.conn.send(P.KILL)
+
+
+class ProcessTable:
+    """Every sandbox's envd processes, by pid."""
+
+    def __init__(self) -> None:
+        self.by_sandbox: dict[str, dict[int, EnvdProcess]] = {}
+
+    def of(self, sandbox_id: str) -> dict[int, EnvdProcess]:
+        return self.by_sandbox.get(sandbox_id, {})
+
+    def get(self, sandbox_id: str, pid: int) -> EnvdProcess | None:
+        return self.of(sandbox_id).get(pid)
+
+    def by_tag(self, sandbox_id: str, tag: str) -> EnvdProcess | None:
+        return next((p for p in self.of(sandbox_id).values() if p.tag == tag), None)
+
+    def add(self, sandbox_id: str, proc: EnvdProcess) -> None:
+        """Take the process over: its output is read from now on, and it leaves the table when it ends."""
+        self.by_sandbox.setdefault(sandbox_id, {})[proc.pid] = proc
+        proc.pump = asyncio.create_task(self.pump(sandbox_id, proc))
+
+    async def pump(self, sandbox_id: str, proc: EnvdProcess) -> None:
+        end = Event("end", error="the sandbox's agent went away")
+        try:
+            while True:
+                ftype, payload = await proc.conn.read_frame()
+                if ftype == P.STDOUT:
+                    await proc.publish(Event("stdout", payload))
+                elif ftype == P.STDERR:
+                    await proc.publish(Event("stderr", payload))
+                elif ftype == P.EXIT:
+                    info = exit_event(json.loads(payload))
+                    end = Event("end", exit_code=info.exit_code, signal=info.signal, timed_out=info.timed_out)
+                    break
+        except (AgentError, ConnectionError, OSError) as e:
+            log.info("e2b process %d in %s ended without its exit status: %s", proc.pid, sandbox_id, e)
+        finally:
+            proc.end = end
+            self.of(sandbox_id).pop(proc.pid, None)
+            with contextlib.suppress(Exception):
+                await proc.publish(end)
+            await proc.conn.close()
+            await proc.keep.aclose()
+
+    def forget(self, sandbox_id: str) -> None:
+        """Before a stop or destroy: every process of the sandbox ends (its connection is cut)."""
+        for proc in list(self.by_sandbox.pop(sandbox_id, {}).values()):
+            proc.conn.writer.transport.abort()
+
+    async def forget_destroyed(self, sandbox_id: str) -> None:
+        self.forget(sandbox_id)
+
+    async def close(self) -> None:
+        for sandbox_id in list(self.by_sandbox):
+            self.forget(sandbox_id)
