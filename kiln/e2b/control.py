@@ -34,9 +34,11 @@ def error(status: int, message: str, headers: dict[str, str] | None = None) -> J
 class Body(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    def refuse_unknown(self) -> None:
-        if self.model_extra:
-            raise BadRequest(f"kiln does not support {', '.join(sorted(self.model_extra))}")
+    def refuse_unknown(self, *unsupported: str) -> None:
+        """400 naming every field kiln does not honour: unknown ones, and known ones asking for more."""
+        names = [*sorted(self.model_extra or {}), *unsupported]
+        if names:
+            raise BadRequest(f"kiln does not support {', '.join(names)}")
 
 
 class AutoResume(BaseModel):
@@ -61,7 +63,6 @@ class NewSandbox(Body):
     volume_mounts: list[Any] | None = Field(None, alias="volumeMounts")
 
     def check(self) -> None:
-        self.refuse_unknown()
         unsupported = [
             name
             for name, asked in (
@@ -73,8 +74,7 @@ class NewSandbox(Body):
             )
             if asked
         ]
-        if unsupported:
-            raise BadRequest(f"kiln does not support {', '.join(unsupported)}")
+        self.refuse_unknown(*unsupported)
 
 
 class ConnectBody(Body):
@@ -82,9 +82,7 @@ class ConnectBody(Body):
     memory: StrictBool = True  # false: resume by rebooting, which kiln does not offer
 
     def check(self) -> None:
-        self.refuse_unknown()
-        if not self.memory:
-            raise BadRequest("kiln does not support memory=false (a resume by reboot)")
+        self.refuse_unknown(*([] if self.memory else ["memory=false (a resume by reboot)"]))
 
 
 class TimeoutBody(Body):

@@ -1,0 +1,1 @@
+"""envd's Connect RPC stubs (process and filesystem services), vendored: see NOTICE."""
