@@ -59,7 +59,7 @@ from .core.web_shell import WebShellService
 from .e2b import control as e2b_control
 from .e2b.envd import build_envd
 from .e2b.gateway import E2bGateway
-from .e2b.processes import ProcessTable
+from .e2b.processes import ProcessTable, Watchers
 from .e2b.sandboxes import E2bService
 from .engine import make_engine
 from .engine.gvisor.reaper import become_subreaper
@@ -149,12 +149,13 @@ def build_app(config: Config) -> FastAPI:
             started=time.monotonic(),
             server=config.server,
         )
-        e2b_processes = ProcessTable()
-        events.on_before_stop(e2b_processes.forget)  # envd's processes end with a stop or destroy
+        e2b_processes, e2b_watchers = ProcessTable(), Watchers()
+        events.on_before_stop(e2b_processes.forget)  # envd's processes and watches end with a stop or destroy
+        events.on_before_stop(e2b_watchers.forget)
         if config.e2b.enabled:
             e2b = E2bService(store, sandboxes, config.e2b, app.state.services.rate_limits, config.data_dir / "e2b.key")
             e2b.control_app = e2b_control.build_app(e2b)
-            e2b.envd_app = build_envd(sandboxes, e2b_processes, config.e2b.max_upload_bytes)
+            e2b.envd_app = build_envd(sandboxes, e2b_processes, e2b_watchers, config.e2b.max_upload_bytes)
             events.on_destroyed(e2b.forget_destroyed)
             app.state.services.e2b = e2b
             e2b.start()

@@ -307,6 +307,17 @@ class AgentClient:
         finally:
             await conn.close()
 
+    async def watch(self, path: str, recursive: bool) -> AgentConnection:
+        """A directory watch: once it is set, the connection carries WATCH_EVENT frames until closed."""
+        conn = await self.connect(P.WATCH_REQ, json.dumps({"path": path, "recursive": recursive}).encode())
+        try:
+            while (await asyncio.wait_for(conn.read_frame(), 10))[0] != P.WATCH_OK:
+                pass
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
     # ------------------------------------------------------------ PTY sessions
 
     async def attach(self, request: dict) -> tuple[dict, AgentConnection]:

@@ -6,7 +6,7 @@ Python runtime mounted into every sandbox (kiln/images/runtime.py), so any image
 CONFIG_JSON holds {"token", "env", "init"} and optionally "port" and "bind" (tests run it on the host).
 This module is PID 1: it forks the server (server.py) and reaps orphans, and forks the server again
 if it ever dies. The rest of the agent: wire.py (framing), spawn.py (starting processes),
-oneshot.py (one-shot exec), sessions.py (PTY sessions), files.py, ports.py, protocol.py.
+oneshot.py (one-shot exec), sessions.py (PTY sessions), files.py, watch.py (inotify), ports.py, protocol.py.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ PORTS_REQ = 0x60  # -> PORTS_RESP JSON [{"port", "loopback_only"}] (the agent's 
 PORTS_RESP = 0x61
 FORWARD_REQ = 0x62  # JSON {"port"} -> FORWARD_OK, then the connection is a raw byte relay to that port
 FORWARD_OK = 0x63
+WATCH_REQ = 0x80  # JSON {"path","recursive"} -> WATCH_OK, then WATCH_EVENT JSON {"name","type"} until the host closes
+WATCH_OK = 0x81
+WATCH_EVENT = 0x82
 SECRETS_SET = 0x70  # JSON {"env": {...}}: secret environment for every exec and session -> EXIT
 TOKEN_SET = 0x71  # the token every later connection must bring (a copy's own, not its origin's) -> EXIT
 

@@ -31,6 +31,16 @@ except ImportError:  # pragma: no cover
     from spawn import DEFAULT_PATH, Launch  # type: ignore[no-redef,import-not-found]
     from wire import Conn, RequestError, recv_frame  # type: ignore[no-redef,import-not-found]
 
+
+def watch_dir(conn: Conn, req: dict) -> None:
+    """inotify, imported here rather than at boot: few sandboxes are ever watched."""
+    try:
+        from .watch import watch
+    except ImportError:  # pragma: no cover
+        from watch import watch  # type: ignore[no-redef,import-not-found]
+    watch(conn, req)
+
+
 DEFAULT_UID = 1000
 AUTH_DEADLINE = 5.0
 MAX_CONNECTIONS = 50
@@ -314,6 +324,8 @@ class Agent:
                 run_exec(self, conn, req)
         elif ftype in P.FILE_REQUESTS:
             self.file_request(conn, ftype, json.loads(payload))
+        elif ftype == P.WATCH_REQ:
+            watch_dir(conn, json.loads(payload))
         elif ftype == P.PORTS_REQ:
             conn.send_json(P.PORTS_RESP, ports.listening_ports(exclude={self.port}))
         elif ftype == P.FORWARD_REQ:

@@ -90,6 +90,7 @@ class Session:
     def info(self) -> dict:
         d = {
             "session_id": self.id,
+            "pid": self.proc.pid,
             "argv": " ".join(self.argv),
             "tty": True,
             "running": self.running,

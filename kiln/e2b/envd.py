@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import json
 import logging
 import posixpath
 import tempfile
@@ -29,14 +30,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..agent import protocol as P
-from ..agent.client import AgentError, AgentExists, AgentNotFound, AgentRequestError
+from ..agent.client import AgentConnection, AgentError, AgentExists, AgentNotFound, AgentRequestError
 from ..core.errors import KilnError
 from ..core.lifecycle import SandboxService
 from ..engine.base import SandboxHandle
 from .envd_schema import filesystem_pb as fs_pb, process_pb as proc_pb
 from .envd_schema.filesystem_connect import Filesystem, FilesystemASGIApplication
 from .envd_schema.process_connect import Process, ProcessASGIApplication
-from .processes import EnvdProcess, Event, ProcessTable
+from .processes import EnvdProcess, Event, ProcessTable, Watchers
 from .sandboxes import E2bSandbox
 
 log = logging.getLogger("kiln.e2b")
@@ -98,9 +99,10 @@ def connect_error(e: Exception) -> ConnectError:
 class Envd:
     """What both services share: the sandbox of the call, and its agent."""
 
-    def __init__(self, sandboxes: SandboxService, processes: ProcessTable):
+    def __init__(self, sandboxes: SandboxService, processes: ProcessTable, watchers: Watchers | None = None):
         self.sandboxes = sandboxes
         self.processes = processes
+        self.watchers = watchers or Watchers()
 
     @contextlib.asynccontextmanager
     async def agent(self) -> AsyncIterator[SandboxHandle]:
@@ -177,9 +179,6 @@ class ProcessService(Envd, Process):
         cfg = request.process
         if cfg is None or not cfg.cmd:
             raise ConnectError(Code.INVALID_ARGUMENT, "process.cmd is required")
-        if request.pty is not None:
-            raise ConnectError(Code.UNIMPLEMENTED, "kiln's envd does not run PTY processes yet")
-        timeout_ms = ctx.timeout_ms
         agent_req: dict[str, Any] = {
             "argv": [cfg.cmd, *cfg.args],
             "env": dict(cfg.envs),
@@ -187,24 +186,40 @@ class ProcessService(Envd, Process):
         }
         if call.user:
             agent_req["user"] = call.user
+        timeout_ms = ctx.timeout_ms
         if timeout_ms:
             agent_req["timeout_sec"] = timeout_ms / 1000
         stdin = request.stdin is not False
         keep = contextlib.AsyncExitStack()
         try:
             handle = await keep.enter_async_context(self.agent())
-            pid, conn = await handle.agent.start(agent_req, stdin)
+            if request.pty is not None:
+                size = request.pty.size or proc_pb.PTY.Size(cols=80, rows=24)
+                info, conn = await handle.agent.attach({**agent_req, "tty": True, "rows": size.rows, "cols": size.cols})
+                pid, session_id, stdin = int(info["pid"]), str(info["session_id"]), True
+                if timeout_ms:  # a terminal session has no deadline of its own
+                    asyncio.get_running_loop().call_later(timeout_ms / 1000, self.kill_later, call, pid)
+            else:
+                pid, conn = await handle.agent.start(agent_req, stdin)
+                session_id = ""
         except BaseException as e:
             await keep.aclose()
             raise connect_error(e) if isinstance(e, Exception) else e
         proc = EnvdProcess(
-            pid, cfg.cmd, list(cfg.args), dict(cfg.envs), agent_req["cwd"], request.tag or "", conn, stdin
+            pid, cfg.cmd, list(cfg.args), dict(cfg.envs), agent_req["cwd"], request.tag or "", conn, stdin, session_id
         )
         proc.keep = keep  # the sandbox stays in use (hot) while the process runs
         q = proc.subscribe()
         self.processes.add(call.sandbox.row.id, proc)
         async for ev in process_events(proc, q, keepalive_interval(ctx)):
             yield proc_pb.StartResponse(event=ev)
+
+    def kill_later(self, call: EnvdCall, pid: int) -> None:
+        proc = self.processes.get(call.sandbox.row.id, pid)
+        if proc is not None:
+            task = asyncio.create_task(proc.kill())
+            self.processes.background.add(task)
+            task.add_done_callback(self.processes.background.discard)
 
     async def connect(self, request: proc_pb.ConnectRequest, ctx: Any) -> AsyncIterator[proc_pb.ConnectResponse]:
         proc = self.find(request.process)
@@ -230,8 +245,10 @@ class ProcessService(Envd, Process):
                 if not proc.stdin:
                     raise ConnectError(Code.FAILED_PRECONDITION, "the process was started without stdin")
                 await proc.send_stdin(bytes(data))
-            case OneofValue(field="pty"):
-                raise ConnectError(Code.UNIMPLEMENTED, "kiln's envd does not run PTY processes yet")
+            case OneofValue(field="pty", value=data):
+                if not proc.session_id:
+                    raise ConnectError(Code.FAILED_PRECONDITION, "the process has no PTY")
+                await proc.send_stdin(bytes(data))
 
     async def send_input(self, request: proc_pb.SendInputRequest, ctx: Any) -> proc_pb.SendInputResponse:
         await self.write_input(self.find(request.process), request.input)
@@ -269,7 +286,12 @@ class ProcessService(Envd, Process):
         return proc_pb.SendSignalResponse()
 
     async def update(self, request: proc_pb.UpdateRequest, ctx: Any) -> proc_pb.UpdateResponse:
-        raise ConnectError(Code.UNIMPLEMENTED, "kiln's envd does not run PTY processes yet")
+        proc = self.find(request.process)
+        if request.pty is not None and request.pty.size is not None:
+            if not proc.session_id:
+                raise ConnectError(Code.FAILED_PRECONDITION, "the process has no PTY")
+            await proc.resize(request.pty.size.rows, request.pty.size.cols)
+        return proc_pb.UpdateResponse()
 
 
 # ---------------------------------------------------------------- filesystem.Filesystem
@@ -338,18 +360,61 @@ class FilesystemService(Envd, Filesystem):
         await self.file_op(P.FILE_REMOVE, {"path": CALL.get().path(request.path)})
         return fs_pb.RemoveResponse()
 
-    async def watch_dir(self, request: Any, ctx: Any) -> AsyncIterator[Any]:
-        raise ConnectError(Code.UNIMPLEMENTED, "kiln's envd does not watch directories yet")
-        yield  # pragma: no cover (a generator, as the service's streaming methods are)
+    async def open_watch(self, path: str, recursive: bool) -> AgentConnection:
+        async with self.agent() as handle:
+            try:
+                return await handle.agent.watch(CALL.get().path(path), recursive)
+            except (AgentError, TimeoutError) as e:
+                raise connect_error(e) from e
 
-    async def create_watcher(self, request: Any, ctx: Any) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "kiln's envd does not watch directories yet")
+    async def watch_dir(self, request: fs_pb.WatchDirRequest, ctx: Any) -> AsyncIterator[fs_pb.WatchDirResponse]:
+        conn = await self.open_watch(request.path, request.recursive)
+        keepalive = keepalive_interval(ctx)
+        try:
+            yield fs_pb.WatchDirResponse(event=oneof("start", fs_pb.WatchDirResponse.StartEvent()))
+            while True:
+                try:
+                    ftype, payload = await asyncio.wait_for(conn.read_frame(), keepalive)
+                except TimeoutError:
+                    yield fs_pb.WatchDirResponse(event=oneof("keepalive", fs_pb.WatchDirResponse.KeepAlive()))
+                    continue
+                except AgentError as e:
+                    raise connect_error(e) from e
+                if ftype == P.WATCH_EVENT:
+                    yield fs_pb.WatchDirResponse(event=oneof("filesystem", fs_event(json.loads(payload))))
+        finally:
+            await conn.close()
 
-    async def get_watcher_events(self, request: Any, ctx: Any) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "kiln's envd does not watch directories yet")
+    async def create_watcher(self, request: fs_pb.CreateWatcherRequest, ctx: Any) -> fs_pb.CreateWatcherResponse:
+        conn = await self.open_watch(request.path, request.recursive)
+        watcher_id = self.watchers.add(CALL.get().sandbox.row.id, conn)
+        return fs_pb.CreateWatcherResponse(watcher_id=watcher_id)
 
-    async def remove_watcher(self, request: Any, ctx: Any) -> Any:
-        raise ConnectError(Code.UNIMPLEMENTED, "kiln's envd does not watch directories yet")
+    async def get_watcher_events(
+        self, request: fs_pb.GetWatcherEventsRequest, ctx: Any
+    ) -> fs_pb.GetWatcherEventsResponse:
+        events = self.watchers.take(CALL.get().sandbox.row.id, request.watcher_id)
+        if events is None:
+            raise ConnectError(Code.NOT_FOUND, f"watcher {request.watcher_id} not found")
+        return fs_pb.GetWatcherEventsResponse(events=[fs_event(e) for e in events])
+
+    async def remove_watcher(self, request: fs_pb.RemoveWatcherRequest, ctx: Any) -> fs_pb.RemoveWatcherResponse:
+        if not await self.watchers.remove(CALL.get().sandbox.row.id, request.watcher_id):
+            raise ConnectError(Code.NOT_FOUND, f"watcher {request.watcher_id} not found")
+        return fs_pb.RemoveWatcherResponse()
+
+
+EVENT_TYPES = {
+    "create": fs_pb.EventType.CREATE,
+    "write": fs_pb.EventType.WRITE,
+    "remove": fs_pb.EventType.REMOVE,
+    "rename": fs_pb.EventType.RENAME,
+    "chmod": fs_pb.EventType.CHMOD,
+}
+
+
+def fs_event(e: dict) -> fs_pb.FilesystemEvent:
+    return fs_pb.FilesystemEvent(name=e["name"], type=EVENT_TYPES[e["type"]])
 
 
 # ---------------------------------------------------------------- /files and /health
@@ -467,10 +532,10 @@ def capped(receive, cap: int):
     return counted
 
 
-def build_envd(sandboxes: SandboxService, processes: ProcessTable, max_upload_bytes: int):
+def build_envd(sandboxes: SandboxService, processes: ProcessTable, watchers: Watchers, max_upload_bytes: int):
     """The envd ASGI app: Connect services by path, `/files` and `/health` (the gateway authenticated)."""
     process_app = ProcessASGIApplication(ProcessService(sandboxes, processes))
-    filesystem_app = FilesystemASGIApplication(FilesystemService(sandboxes, processes))
+    filesystem_app = FilesystemASGIApplication(FilesystemService(sandboxes, processes, watchers))
     files = Files(sandboxes, processes, max_upload_bytes)
 
     async def app(scope, receive, send):

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from dataclasses import dataclass, field
 
 from ..agent import protocol as P
@@ -26,7 +27,7 @@ QUEUE_EVENTS = 256  # per subscriber: a subscriber this far behind holds the pro
 
 @dataclass
 class Event:
-    kind: str  # "stdout" | "stderr" | "end"
+    kind: str  # "stdout" | "stderr" | "pty" | "end"
     data: bytes = b""
     exit_code: int = 0
     signal: int = 0
@@ -44,6 +45,7 @@ class EnvdProcess:
     tag: str
     conn: AgentConnection
     stdin: bool
+    session_id: str = ""  # a PTY process: the agent's terminal session it runs in
     subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
     end: Event | None = None
     pump: asyncio.Task | None = None
@@ -73,9 +75,18 @@ class EnvdProcess:
     async def close_stdin(self) -> None:
         await self.conn.send(P.STDIN, b"")
 
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.conn.send(P.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
+
     async def kill(self) -> None:
-        with contextlib.suppress(ConnectionError, OSError):
-            await self.conn.send(P.KILL)
+        """SIGKILL to its process group: a one-shot's KILL frame, a terminal session's EXEC_KILL."""
+        with contextlib.suppress(ConnectionError, OSError, AgentError):
+            if self.session_id:
+                await self.conn.client.request_json(
+                    P.EXEC_KILL, P.EXIT, json.dumps({"session_id": self.session_id}).encode()
+                )
+            else:
+                await self.conn.send(P.KILL)
 
 
 class ProcessTable:
@@ -83,6 +94,7 @@ class ProcessTable:
 
     def __init__(self) -> None:
         self.by_sandbox: dict[str, dict[int, EnvdProcess]] = {}
+        self.background: set[asyncio.Task] = set()  # kills at a deadline, held until done
 
     def of(self, sandbox_id: str) -> dict[int, EnvdProcess]:
         return self.by_sandbox.get(sandbox_id, {})
@@ -104,7 +116,7 @@ class ProcessTable:
             while True:
                 ftype, payload = await proc.conn.read_frame()
                 if ftype == P.STDOUT:
-                    await proc.publish(Event("stdout", payload))
+                    await proc.publish(Event("pty" if proc.session_id else "stdout", payload))
                 elif ftype == P.STDERR:
                     await proc.publish(Event("stderr", payload))
                 elif ftype == P.EXIT:
@@ -132,3 +144,54 @@ class ProcessTable:
     async def close(self) -> None:
         for sandbox_id in list(self.by_sandbox):
             self.forget(sandbox_id)
+
+
+MAX_WATCHER_EVENTS = 10_000  # buffered for a polling watcher; older ones are dropped
+
+
+@dataclass
+class Watcher:
+    conn: AgentConnection
+    events: list[dict] = field(default_factory=list)
+    reader: asyncio.Task | None = None
+
+
+class Watchers:
+    """envd's polling watchers (CreateWatcher / GetWatcherEvents / RemoveWatcher): each holds its
+    agent watch connection and buffers what it reports until the client asks."""
+
+    def __init__(self) -> None:
+        self.by_sandbox: dict[str, dict[str, Watcher]] = {}
+
+    def add(self, sandbox_id: str, conn: AgentConnection) -> str:
+        watcher_id = secrets.token_hex(8)
+        w = Watcher(conn)
+        w.reader = asyncio.create_task(self.read(w))
+        self.by_sandbox.setdefault(sandbox_id, {})[watcher_id] = w
+        return watcher_id
+
+    async def read(self, w: Watcher) -> None:
+        with contextlib.suppress(AgentError, ConnectionError, OSError):
+            while True:
+                ftype, payload = await w.conn.read_frame()
+                if ftype == P.WATCH_EVENT:
+                    w.events.append(json.loads(payload))
+                    del w.events[:-MAX_WATCHER_EVENTS]
+
+    def take(self, sandbox_id: str, watcher_id: str) -> list[dict] | None:
+        w = self.by_sandbox.get(sandbox_id, {}).get(watcher_id)
+        if w is None:
+            return None
+        events, w.events = w.events, []
+        return events
+
+    async def remove(self, sandbox_id: str, watcher_id: str) -> bool:
+        w = self.by_sandbox.get(sandbox_id, {}).pop(watcher_id, None)
+        if w is None:
+            return False
+        await w.conn.close()
+        return True
+
+    def forget(self, sandbox_id: str) -> None:
+        for w in self.by_sandbox.pop(sandbox_id, {}).values():
+            w.conn.writer.transport.abort()

@@ -235,3 +235,62 @@ def test_another_users_key_cannot_see_or_touch_the_sandbox(sbx, daemon):
         headers={"E2b-Sandbox-Id": sbx.sandbox_id, "Connect-Protocol-Version": "1"},
     )
     assert r.status_code == 401
+
+
+def test_pty_create_resize_input_and_kill(sbx):
+    from e2b import PtySize
+
+    out = bytearray()
+    handle = sbx.pty.create(PtySize(rows=24, cols=80), timeout=0)
+    collected: list[Exception] = []
+
+    def follow():
+        try:
+            handle.wait(on_pty=out.extend)
+        except CommandExitException as e:
+            collected.append(e)
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    sbx.pty.send_stdin(handle.pid, b"echo pty-$((40+2)); whoami\n")
+    wait_for(lambda: b"pty-42" in out and b"user" in out, what="the PTY's output")
+    sbx.pty.resize(handle.pid, PtySize(rows=33, cols=111))
+    sbx.pty.send_stdin(handle.pid, b"stty size\n")
+    wait_for(lambda: b"33 111" in out, what="the resized PTY")
+    assert handle.pid in [p.pid for p in sbx.commands.list()]
+    assert sbx.pty.kill(handle.pid) is True
+    follower.join(30)
+    assert not follower.is_alive()
+    wait_for(lambda: handle.pid not in [p.pid for p in sbx.commands.list()], what="the PTY gone")
+
+
+def test_watch_dir_sees_files_made_by_a_command(sbx, opts):
+    sbx.files.make_dir("/home/user/watched")
+    watcher = sbx.files.watch_dir("/home/user/watched")
+    try:
+        sbx.commands.run("echo x > /home/user/watched/new.txt && rm /home/user/watched/new.txt")
+
+        def seen():
+            events.extend(watcher.get_new_events())
+            return {(e.name, e.type.value) for e in events} >= {("new.txt", "create"), ("new.txt", "remove")}
+
+        events: list = []
+        wait_for(seen, what="create and remove events")
+    finally:
+        watcher.stop()
+
+    async def watch_async():
+        sb = await AsyncSandbox.connect(sbx.sandbox_id, **opts)
+        got: list = []
+        handle = await sb.files.watch_dir("/home/user/watched", on_event=got.append, recursive=True)
+        try:
+            await sb.commands.run("mkdir -p /home/user/watched/sub && touch /home/user/watched/sub/deep.txt")
+            for _ in range(100):
+                if any(e.name == "sub/deep.txt" for e in got):
+                    return True
+                await asyncio.sleep(0.1)
+            return [(e.name, e.type) for e in got]
+        finally:
+            await handle.stop()
+
+    assert asyncio.run(watch_async()) is True
