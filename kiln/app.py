@@ -61,6 +61,7 @@ from .e2b.envd import build_envd
 from .e2b.gateway import E2bGateway
 from .e2b.processes import ProcessTable, Watchers
 from .e2b.sandboxes import E2bService
+from .e2b.tls import tls_files
 from .engine import make_engine
 from .engine.gvisor.reaper import become_subreaper
 from .store.db import Store
@@ -154,6 +155,7 @@ def build_app(config: Config) -> FastAPI:
         events.on_before_stop(e2b_watchers.forget)
         if config.e2b.enabled:
             e2b = E2bService(store, sandboxes, config.e2b, app.state.services.rate_limits, config.data_dir / "e2b.key")
+            e2b.domain = config.e2b.domain or tls_files(config.data_dir).domain()
             e2b.control_app = e2b_control.build_app(e2b)
             e2b.envd_app = build_envd(sandboxes, e2b_processes, e2b_watchers, config.e2b.max_upload_bytes)
             events.on_destroyed(e2b.forget_destroyed)
@@ -197,8 +199,9 @@ def build_app(config: Config) -> FastAPI:
     )
     app.openapi = lambda: openapi_with_unique_ids(app)  # type: ignore[method-assign]
     app.add_middleware(CommonHeaders, limits=config.server)
-    app.add_middleware(E2bGateway)  # E2B's requests never reach kiln's routes, limits or JSON handling
-    app.add_middleware(PublicProxy)  # added last = outermost: published hosts never reach the API
+    app.add_middleware(PublicProxy)  # published hosts never reach the API
+    # added last = outermost: E2B's hosts and paths never reach kiln's routes, limits or JSON handling
+    app.add_middleware(E2bGateway)
     errors.install(app)
     for module in (
         health,

@@ -138,6 +138,33 @@ class E2bConfig(Section):
     max_lease: float = Field(86400.0, gt=0, description="the longest timeout an E2B sandbox may ask for, seconds")
     lease_tick: float = Field(1.0, gt=0, description="how often expired leases are looked for, seconds")
     max_upload_bytes: int = Field(2 << 30, ge=1 << 20, description="one envd file upload, after gunzip; more is 413")
+    domain: str = Field(
+        "",
+        description="domain mode: api.<domain> and <port>-<id>.<domain> on the TLS listener ('': what `kiln e2b "
+        "setup` recorded, if anything)",
+    )
+    tls_listen: str = Field("127.0.0.1:8443", description="HOST:PORT of the TLS listener of domain mode")
+    public_ports: bool = Field(
+        True,
+        description="a sandbox's ports answer anyone at <port>-<id>.<domain>, as E2B's do; false: only with "
+        "the sandbox's envd token (X-Access-Token or E2B-Traffic-Access-Token)",
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        v = v.strip(".").lower()
+        if v and (len(v.split(".")) < 2 or any(not p or len(p) > 63 for p in v.split("."))):
+            raise ValueError("must be a DNS name of two labels at least, such as e2b.localhost")
+        return v
+
+    @field_validator("tls_listen")
+    @classmethod
+    def _tls_listen(cls, v: str) -> str:
+        _host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8443")
+        return v
 
 
 class Config(Section):

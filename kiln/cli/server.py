@@ -11,6 +11,7 @@ as root, the admin key in <data_dir>/admin.token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 
@@ -33,8 +34,10 @@ image_app = typer.Typer(
     help="Images: built in, imported, built from a Dockerfile or saved from a sandbox.", no_args_is_help=True
 )
 user_app = typer.Typer(help="API users and keys (server host).", no_args_is_help=True)
+e2b_app = typer.Typer(help="The E2B-compatible API (server host).", no_args_is_help=True)
 app.add_typer(image_app, name="image")
 app.add_typer(user_app, name="user")
+app.add_typer(e2b_app, name="e2b")
 
 ConfigOpt = typer.Option(None, "--config", help="config.yaml (default: $KILN_CONFIG, then /etc/kiln/config.yaml)")
 
@@ -86,10 +89,8 @@ def serve(config: str | None = ConfigOpt):
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactTokens())
     raise_open_files_limit()
-    uvicorn.run(
-        build_app(cfg),
-        host=cfg.host,
-        port=cfg.port,
+    app = build_app(cfg)
+    common = dict(
         log_level=cfg.log_level,
         log_config=None,  # our handlers (with the token filter) for uvicorn's loggers too
         http=GuardedHttpTools.configure(cfg.server),
@@ -106,6 +107,48 @@ def serve(config: str | None = ConfigOpt):
         # a connection the server is closing at that very moment
         timeout_keep_alive=65,
     )
+    main = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, **common))
+    tls = e2b_tls_server(cfg, app, common)
+    asyncio.run(serve_all(main, tls))
+
+
+def e2b_tls_server(cfg, app, common: dict):
+    """E2B's domain mode on its TLS listener, once `kiln e2b setup` made its certificate."""
+    import uvicorn
+
+    from ..e2b.tls import tls_files
+
+    files = tls_files(cfg.data_dir)
+    if not cfg.e2b.enabled or not (cfg.e2b.domain or files.domain()):
+        return None
+    host, _, port = cfg.e2b.tls_listen.rpartition(":")
+    config = uvicorn.Config(
+        app,
+        host=host or "0.0.0.0",
+        port=int(port),
+        ssl_certfile=str(files.cert),
+        ssl_keyfile=str(files.key),
+        lifespan="off",  # the main listener's server runs the app's start-up and shut-down
+        **common,
+    )
+    return uvicorn.Server(config)
+
+
+async def serve_all(main, tls) -> None:
+    """The main listener, and beside it the TLS one from when the app has started until it stops."""
+    if tls is None:
+        return await main.serve()
+    task = asyncio.create_task(main.serve())
+    while not main.started and not task.done():  # noqa: ASYNC110 (uvicorn has a flag, no event)
+        await asyncio.sleep(0.05)
+    if task.done():
+        return await task
+    tls_task = asyncio.create_task(tls._serve())  # no signal handlers of its own: the main server's stop it
+    try:
+        await task
+    finally:
+        tls.should_exit = True
+        await tls_task
 
 
 def raise_open_files_limit() -> None:
@@ -240,3 +283,39 @@ def setup(
     CLIENT_CONFIG.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(CLIENT_CONFIG, yaml.safe_dump({"url": url, "token": token}))
     typer.echo(f"saved to {CLIENT_CONFIG}")
+
+
+@e2b_app.command("setup")
+def e2b_setup(
+    domain: str = typer.Option("e2b.localhost", "--domain", help="two labels at least; *.<domain> must reach kiln"),
+    config: str | None = ConfigOpt,
+):
+    """(server host) Make a local CA and a *.<domain> certificate, turn on the E2B TLS listener (at the
+    next start of the daemon), and print what E2B clients need."""
+    from ..config import E2bConfig
+    from ..e2b.tls import setup
+
+    cfg = load_or_exit(config)
+    try:
+        domain = E2bConfig(domain=domain).domain
+    except ValueError as e:
+        raise fail(f"--domain: {e}", 2)
+    files = setup(cfg.data_dir, domain)
+    _host, _, port = cfg.e2b.tls_listen.rpartition(":")
+    key_file = cfg.data_dir / "admin.token"
+    key = key_file.read_text().strip() if key_file.exists() else ""
+    shown = "e2b_" + key.removeprefix("kiln_") if key.startswith("kiln_") else "e2b_<the hex of a kiln key>"
+    typer.echo(
+        f"made {files.cert} for *.{domain} (CA: {files.ca}); restart the daemon to serve it on {cfg.e2b.tls_listen}"
+    )
+    typer.echo("E2B clients (domain mode):")
+    typer.echo(f"  export E2B_DOMAIN={domain}:{port}")
+    typer.echo(f"  export E2B_API_KEY={shown}")
+    typer.echo(f"  export SSL_CERT_FILE={files.bundle}        # Python (the system's roots plus kiln's CA)")
+    typer.echo(f"  export NODE_EXTRA_CA_CERTS={files.ca}   # Node")
+    typer.echo(
+        f"DNS: api.{domain} and <port>-<id>.{domain} must resolve to this host. The Python SDK (2.45 and later) "
+        "resolves *.localhost to loopback itself; other clients need a wildcard record (or dnsmasq)."
+    )
+    typer.echo("URL mode (plain http, no DNS; Python 2.7+ and recent JS):")
+    typer.echo(f"  export E2B_API_URL=http://{cfg.listen}/e2b E2B_SANDBOX_URL=http://{cfg.listen}/e2b/sandbox")

@@ -1,11 +1,15 @@
 """The E2B surface's front door: an ASGI middleware, outermost, that takes E2B's requests before any
 of kiln's own routes, limits or JSON handling see them.
 
+Domain mode (`e2b.domain`, on the TLS listener and the main one alike): `api.<domain>` is the REST
+control plane, `<port>-<sandbox id>.<domain>` a sandbox's port (49983: envd). A sandbox's other ports
+answer anyone who knows its id unless `e2b.public_ports` is off, as E2B's do.
+
 URL mode (the SDKs' `E2B_API_URL` / `E2B_SANDBOX_URL`), on the main listener:
 - `/e2b/sandbox[/...]`: a sandbox's traffic. The sandbox comes from `E2b-Sandbox-Id` (or, for SDK
   versions that leave it out, from the envd token alone), the port from `E2b-Sandbox-Port`: 49983 is
-  envd, any other port goes to that port of the sandbox through kiln's proxy. Every request but
-  envd's `/health` needs the sandbox's envd token (`X-Access-Token`).
+  envd, any other port goes to that port of the sandbox through kiln's proxy. Every envd request but
+  `/health` needs the sandbox's envd token (`X-Access-Token`).
 - `/e2b/...`: the REST control plane; the caller's `X-API-Key` is checked before the body is read,
   and the body is capped like kiln's own API bodies.
 """
@@ -15,10 +19,14 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
+
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
 
 from ..api.auth import read_at_most, replay
 from ..api.deps import services_of
-from ..api.proxy import Target, proxy_http
+from ..api.proxy import Target, proxy_http, proxy_websocket
 from ..core.errors import KilnError
 from ..states import Status
 from ..store.db import User
@@ -31,6 +39,7 @@ log = logging.getLogger("kiln.e2b")
 PREFIX = "/e2b"
 SANDBOX_PREFIX = "/e2b/sandbox"
 ENVD_PORT = 49983
+SANDBOX_HOST = re.compile(r"(\d{1,5})-([0-9a-f]{1,64})")  # <port>-<sandbox id>
 
 
 async def reply(send, status: int, message: str) -> None:
@@ -43,6 +52,17 @@ async def reply(send, status: int, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def refuse(scope, send, status: int, message: str) -> None:
+    if scope["type"] == "websocket":
+        body = JSONResponse({"code": status, "message": message}, status_code=status)
+        return await WebSocket(scope, no_receive, send).send_denial_response(body)
+    await reply(send, status, message)
+
+
+async def no_receive() -> dict:
+    return {"type": "websocket.connect"}
 
 
 def under(path: str, prefix: str) -> bool:
@@ -68,15 +88,36 @@ class E2bGateway:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not under(scope["path"], PREFIX):
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         state = services_of(scope["app"])
         e2b: E2bService | None = state.e2b
         if e2b is None:  # turned off (e2b.enabled: false): kiln's own routes answer, with a 404
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1").rsplit(":", 1)[0].strip().lower().rstrip(".")
+        domain = e2b.domain
+        if domain and host == f"api.{domain}":
+            return await self.control(state, e2b, scope, headers, receive, send)
+        if domain and host.endswith("." + domain):
+            label = SANDBOX_HOST.fullmatch(host[: -len(domain) - 1])
+            if label is None:
+                return await reply(send, 404, f"{host} is not a sandbox host: <port>-<sandbox id>.{domain}")
+            return await self.sandbox(state, e2b, scope, headers, receive, send, label[2], int(label[1]))
+        if state.publish.alias_of_host(host) is not None or not under(scope["path"], PREFIX):
+            return await self.app(scope, receive, send)  # published URLs and kiln's own API
         if under(scope["path"], SANDBOX_PREFIX):
-            return await self.sandbox(state, e2b, strip(scope, SANDBOX_PREFIX), headers, receive, send)
+            sandbox_id = headers.get(b"e2b-sandbox-id", b"").decode("latin-1")
+            port = headers.get(b"e2b-sandbox-port", b"").decode("latin-1") or str(ENVD_PORT)
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                return await reply(send, 400, "E2b-Sandbox-Port must be a port number")
+            scope = strip(scope, SANDBOX_PREFIX)
+            return await self.sandbox(state, e2b, scope, headers, receive, send, sandbox_id, int(port))
+        return await self.control(state, e2b, strip(scope, PREFIX), headers, receive, send)
+
+    async def control(self, state, e2b: E2bService, scope, headers, receive, send) -> None:
+        if scope["type"] != "http":
+            return await reply(send, 404, "the E2B API has no WebSocket routes")
         user = api_key_user(e2b, headers)
         if user is None:
             return await reply(send, 401, "invalid API key" if headers.get(b"x-api-key") else "X-API-Key required")
@@ -84,29 +125,33 @@ class E2bGateway:
         body = await read_at_most(receive, cap)
         if body is None:
             return await reply(send, 413, f"request body too large (max {cap} bytes)")
-        scope = dict(strip(scope, PREFIX), **{USER: user})
-        await e2b.control_app(scope, replay(body, receive), send)
+        await e2b.control_app(dict(scope, **{USER: user}), replay(body, receive), send)
 
-    async def sandbox(self, state, e2b: E2bService, scope, headers, receive, send) -> None:
+    async def sandbox(self, state, e2b: E2bService, scope, headers, receive, send, sandbox_id: str, port: int):
         token = headers.get(b"x-access-token", b"").decode("latin-1")
-        sandbox_id = headers.get(b"e2b-sandbox-id", b"").decode("latin-1")
-        port_text = headers.get(b"e2b-sandbox-port", b"").decode("latin-1") or str(ENVD_PORT)
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            return await reply(send, 400, "E2b-Sandbox-Port must be a port number")
-        port = int(port_text)
         sb = self.find(e2b, sandbox_id, token)
         if sb is None:
-            return await reply(send, 502, f"The sandbox {sandbox_id or '(unnamed)'} was not found")
-        is_health = port == ENVD_PORT and scope["path"] == "/health"
-        if not is_health and not hmac.compare_digest(token.encode(), e2b.envd_token(sb.row.id).encode()):
-            return await reply(send, 401, "unauthenticated: a valid X-Access-Token is required")
+            return await refuse(scope, send, 502, f"The sandbox {sandbox_id or '(unnamed)'} was not found")
+        valid = hmac.compare_digest(token.encode(), e2b.envd_token(sb.row.id).encode())
+        if port == ENVD_PORT:
+            needs_token = scope["path"] != "/health"
+        else:
+            traffic = headers.get(b"e2b-traffic-access-token", b"").decode("latin-1")
+            valid = valid or hmac.compare_digest(traffic.encode(), e2b.envd_token(sb.row.id).encode())
+            needs_token = not e2b.config.public_ports
+        if needs_token and not valid:
+            return await refuse(scope, send, 401, "unauthenticated: a valid X-Access-Token is required")
         if sb.row.status == Status.STOPPED and not sb.record.auto_resume:
-            return await reply(send, 502, f"The sandbox {sb.row.id} was not found")  # paused: not running
+            return await refuse(scope, send, 502, f"The sandbox {sb.row.id} was not found")  # paused: not running
         if not state.rate_limits.allow_class(sb.row.owner_id, "exec"):
-            return await reply(send, 429, "rate limit exceeded")
+            return await refuse(scope, send, 429, "rate limit exceeded")
         if port != ENVD_PORT:
             target = Target(sb.row, port, (scope.get("raw_path") or b"/").decode("latin-1"), strip_credentials=False)
+            if scope["type"] == "websocket":
+                return await proxy_websocket(state, target, WebSocket(scope, receive, send))
             return await proxy_http(state, target, scope, receive, send)
+        if scope["type"] != "http":
+            return await refuse(scope, send, 404, "envd has no WebSocket routes")
         try:
             call = EnvdCall(sb, basic_user(headers.get(b"authorization", b"").decode("latin-1")))
         except Exception:

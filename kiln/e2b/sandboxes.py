@@ -82,6 +82,7 @@ class E2bService:
         self.tokens = TokenKey(key_path)
         self.reaper: asyncio.Task | None = None
         self.cpu_seen: dict[str, tuple[float, float]] = {}  # sandbox -> (when, its CPU seconds then)
+        self.domain = ""  # domain mode's (app.py: the config's, else what `kiln e2b setup` recorded)
         self.control_app: Any = None  # the ASGI apps the gateway hands E2B's requests to (app.py sets them)
         self.envd_app: Any = None
 
