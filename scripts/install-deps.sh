@@ -33,6 +33,9 @@ command -v mkfs.xfs >/dev/null || need_apt+=(xfsprogs)  # `make bench`: forks on
 if [ "$mode" = "--test" ]; then
   command -v chromium >/dev/null || need_apt+=(chromium)   # driven by Playwright in tests/browser
   dpkg -s busybox-static >/dev/null 2>&1 || need_apt+=(busybox-static)  # the tests' image without python3
+  command -v node >/dev/null || need_apt+=(nodejs)   # the E2B JS SDK's tests
+  command -v npm >/dev/null || need_apt+=(npm)
+  [ -f /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)  # the E2B TLS tests' system roots
 fi
 
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -76,5 +79,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'
   touch "$stamp"
+fi
+if [ "$mode" = "--test" ]; then
+  # The other E2B SDKs the tests drive, each in a directory of its own (versions in versions.env), from
+  # the package sources pip and npm are already configured with.
+  source tests/integration/e2b_clients/versions.env
+  old=.cache/e2b-py-$E2B_PY_OLD
+  if ! "$old/bin/python" -c "import e2b" 2>/dev/null; then
+    say "pip: e2b $E2B_PY_OLD into $old (the E2B tests' older Python SDK)"
+    rm -rf "$old" && "$PY" -m venv "$old" && "$old/bin/pip" install -q "e2b==$E2B_PY_OLD"
+  fi
+  js=.cache/e2b-js-$E2B_JS
+  if [ ! -f "$js/node_modules/e2b/package.json" ]; then
+    say "npm: e2b $E2B_JS into $js (the E2B tests' JS SDK)"
+    rm -rf "$js" && mkdir -p "$js" && (cd "$js" && npm init -y >/dev/null && npm install -q --no-audit --no-fund "e2b@$E2B_JS")
+  fi
 fi
 say "dependencies ready"

@@ -182,6 +182,7 @@ def build_app(e2b: E2bService) -> FastAPI:
             "pause" if body.auto_pause else "kill",
             body.allow_internet_access,
             auto_resume=bool(body.auto_resume and body.auto_resume.enabled),
+            route=f"{request.method} {request.url.path}",
         )
         return created(sb, 201)
 

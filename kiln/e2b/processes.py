@@ -46,6 +46,7 @@ class EnvdProcess:
     conn: AgentConnection
     stdin: bool
     session_id: str = ""  # a PTY process: the agent's terminal session it runs in
+    killed: bool = False  # SIGKILL sent: an end without an exit status is that kill's
     subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
     end: Event | None = None
     pump: asyncio.Task | None = None
@@ -80,6 +81,7 @@ class EnvdProcess:
 
     async def kill(self) -> None:
         """SIGKILL to its process group: a one-shot's KILL frame, a terminal session's EXEC_KILL."""
+        self.killed = True
         with contextlib.suppress(ConnectionError, OSError, AgentError):
             if self.session_id:
                 await self.conn.client.request_json(
@@ -124,7 +126,10 @@ class ProcessTable:
                     end = Event("end", exit_code=info.exit_code, signal=info.signal, timed_out=info.timed_out)
                     break
         except (AgentError, ConnectionError, OSError) as e:
-            log.info("e2b process %d in %s ended without its exit status: %s", proc.pid, sandbox_id, e)
+            if proc.killed:  # the agent hangs up on a command it was told to kill
+                end = Event("end", signal=9)
+            else:
+                log.info("e2b process %d in %s ended without its exit status: %s", proc.pid, sandbox_id, e)
         finally:
             proc.end = end
             self.of(sandbox_id).pop(proc.pid, None)

@@ -155,6 +155,7 @@ class E2bService:
         on_timeout: str,
         internet: bool,
         auto_resume: bool,
+        route: str = "",
     ) -> E2bSandbox:
         end_at = self.lease(timeout)
         row, _ = await self.sandboxes.create(user, self.create_request(user, template, env, internet))
@@ -165,7 +166,7 @@ class E2bService:
         except BaseException:
             await self.sandboxes.destroy_row(row)
             raise
-        log.info("e2b sandbox %s created from template %s", row.id, template)
+        log.info("e2b sandbox %s created from template %s (%s)", row.id, template, route)
         return E2bSandbox(row, record)
 
     async def connect(self, user: User, sandbox_id: str, timeout: int | None) -> tuple[E2bSandbox, bool]:

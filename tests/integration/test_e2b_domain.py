@@ -92,12 +92,11 @@ def test_the_sdk_works_in_domain_mode_over_tls(tls_daemon, domain_opts):
 def test_the_certificate_is_for_the_wildcard_and_trusted_only_through_kiln_ca(tls_daemon):
     port = int(tls_daemon.config["e2b"]["tls_listen"].rpartition(":")[2])
     system_roots = ssl.create_default_context(cafile="/etc/ssl/certs/ca-certificates.crt")
-    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-        with httpx.Client(verify=system_roots) as c:
-            c.get(
-                f"https://127.0.0.1:{port}/",
-                headers={"Host": f"api.{DOMAIN}"},
-                extensions={"sni_hostname": f"api.{DOMAIN}"},
-            )
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"), httpx.Client(verify=system_roots) as c:
+        c.get(
+            f"https://127.0.0.1:{port}/",
+            headers={"Host": f"api.{DOMAIN}"},
+            extensions={"sni_hostname": f"api.{DOMAIN}"},
+        )
     r = https_get(tls_daemon, f"api.{DOMAIN}", "/v2/sandboxes")
     assert r.status_code == 401 and r.json() == {"code": 401, "message": "X-API-Key required"}

@@ -1,0 +1,56 @@
+"""The other E2B SDKs, unmodified, against a real daemon: an older Python release (which creates
+through E2B's v1 API) and the JS SDK from npm under Debian's node. scripts/install-deps.sh --test
+(run by `make test`) installs them into .cache; their versions are in e2b_clients/versions.env."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.daemon import REPO
+
+CLIENTS = Path(__file__).parent / "e2b_clients"
+VERSIONS = dict(
+    line.split("=", 1) for line in (CLIENTS / "versions.env").read_text().splitlines() if "=" in line and line[0] != "#"
+)
+
+
+def run_client(daemon, argv: list[str], cwd: Path) -> dict[str, dict]:
+    env = dict(
+        os.environ,
+        E2B_API_KEY="e2b_" + daemon.admin_token.removeprefix("kiln_"),
+        E2B_API_URL=f"{daemon.url}/e2b",
+        E2B_SANDBOX_URL=f"{daemon.url}/e2b/sandbox",
+    )
+    p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    checks = {c["check"]: c for c in map(json.loads, filter(None, p.stdout.splitlines()))}
+    assert p.returncode == 0, p.stdout + p.stderr
+    return checks
+
+
+def installed(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(f"{path} is missing: scripts/install-deps.sh --test installs it (make test runs it)")
+    return path
+
+
+def test_an_older_python_sdk_runs_the_core_loop_through_the_v1_api(daemon):
+    python = installed(REPO / ".cache" / f"e2b-py-{VERSIONS['E2B_PY_OLD']}" / "bin" / "python")
+    checks = run_client(daemon, [str(python), str(CLIENTS / "core_loop.py")], REPO)
+    expected = {"run", "exit code", "files", "list files", "background kill", "list sandboxes", "kill", "kill again"}
+    assert set(checks) == expected and all(c["ok"] for c in checks.values()), checks
+    assert "(POST /sandboxes)" in daemon.log()  # this release's create is v1's
+
+
+def test_the_js_sdk_runs_the_core_loop(daemon):
+    js = installed(REPO / ".cache" / f"e2b-js-{VERSIONS['E2B_JS']}" / "node_modules" / "e2b")
+    here = js.parents[1]
+    shutil.copy(CLIENTS / "core_loop.mjs", here / "core_loop.mjs")  # node resolves `e2b` from the script's place
+    checks = run_client(daemon, ["node", "core_loop.mjs"], here)
+    expected = {"run", "exit code", "files", "list files", "background kill", "killed"}
+    assert set(checks) == expected and all(c["ok"] for c in checks.values()), checks
