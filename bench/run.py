@@ -417,6 +417,30 @@ def pools_report(res: dict) -> list[str]:
     ]
 
 
+def e2b_report(res: dict) -> list[str]:
+    def p(key, q):
+        return ms(pct(res[key], q))
+
+    return [
+        "## E2B SDK",
+        "",
+        "The unmodified E2B Python SDK (URL mode) against kiln's own API on the same daemon, interleaved:",
+        f"{len(res['sdk_run'])} commands on one `base` sandbox, {len(res['sdk_create'])} creates each way.",
+        "",
+        "| measure | p50 ms | p99 ms | compared with | target |",
+        "|---|---|---|---|---|",
+        f'| `commands.run("true")` through the SDK (it runs `/bin/bash -l -c true`) | {p("sdk_run", 50):.1f} | '
+        f"{p('sdk_run', 99):.1f} | {p('sdk_run', 50) / p('api_true', 50):.2f}x kiln exec of `true`, "
+        f"{p('sdk_run', 50) / p('api_bash', 50):.2f}x kiln exec of the same `bash -l -c true` | <= 1.5x |",
+        f"| kiln exec API, `true` | {p('api_true', 50):.1f} | {p('api_true', 99):.1f} | | |",
+        f"| kiln exec API, `/bin/bash -l -c true` | {p('api_bash', 50):.1f} | {p('api_bash', 99):.1f} | | |",
+        f"| create to first command through the SDK | {p('sdk_create', 50):.0f} | {p('sdk_create', 99):.0f} | "
+        f"{p('sdk_create', 50) / p('api_create', 50):.2f}x kiln's create + exec | |",
+        f"| kiln create + exec `true` (image e2b-base) | {p('api_create', 50):.0f} | {p('api_create', 99):.0f} | | |",
+        "",
+    ]
+
+
 def xfs_target(res: dict, mb: int) -> str:
     target = 300 + 3 * mb
     got = ms(pct(res[f"xfs{mb}"], 50))
@@ -550,14 +574,16 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=8, help="creates per image (imports and builds: a third)")
     parser.add_argument("--idle", type=int, default=40, help="idle sandboxes for the idle-cost measures")
     parser.add_argument("--idle-window", type=float, default=60.0, help="seconds each idle CPU measure averages")
+    parser.add_argument("--e2b", type=int, default=100, help="commands through the E2B SDK (creates: a tenth)")
     parser.add_argument(
         "--only",
-        choices=["core", "thermal", "publish", "load", "cli", "egress", "fork", "images", "pools", "idle"],
+        choices=["core", "thermal", "publish", "load", "cli", "egress", "fork", "images", "pools", "idle", "e2b"],
         help="re-measure one section and replace it in the report",
     )
     parser.add_argument("--out", default=str(REPO / "bench" / "REPORT.md"))
     args = parser.parse_args()
     from bench.cli import bench_cli
+    from bench.e2b import bench_e2b
     from bench.egress import bench_egress
     from bench.fork import bench_fork
     from bench.idle import bench_idle, idle_report
@@ -585,6 +611,7 @@ def main() -> int:
             "images": ("## Images", lambda: images_report(bench_images(args.images))),
             "pools": ("## Warm pools", lambda: pools_report(bench_pools(args.forks))),
             "idle": ("## Idle cost and density", lambda: idle_report(bench_idle(args.idle, args.idle_window))),
+            "e2b": ("## E2B SDK", lambda: e2b_report(bench_e2b(args.e2b, max(3, args.e2b // 10)))),
         }[args.only]
         out = Path(args.out)
         text = out.read_text() if out.exists() else ""
@@ -624,6 +651,8 @@ def main() -> int:
     load = bench_load()
     print(f"idle: {args.idle} sandboxes hot, warm and cold, {args.idle_window:.0f} s each ...", flush=True)
     idle = bench_idle(args.idle, args.idle_window)
+    print(f"e2b: {args.e2b} commands through the E2B SDK and kiln's exec API ...", flush=True)
+    e2b = bench_e2b(args.e2b, max(3, args.e2b // 10))
     text = (
         report(api, raw, args)
         + "\n".join(thermal_report(thermal_api, thermal_raw))
@@ -645,6 +674,8 @@ def main() -> int:
         + "\n".join(load_report(load))
         + "\n"
         + "\n".join(idle_report(idle))
+        + "\n"
+        + "\n".join(e2b_report(e2b))
     )
     Path(args.out).write_text(with_history(text))
     print(text)
