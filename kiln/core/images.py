@@ -206,7 +206,9 @@ class ImageService:
         b = self.builtins.get(name)
         if b is not None:
             if b.status == "ready":
-                return ResolvedImage(name, ImageSpec(rootfs=str(b.path / "rootfs")), {})
+                r = b.recipe
+                spec = ImageSpec(rootfs=str(b.path / "rootfs"), workdir=r.workdir, start=r.start)
+                return ResolvedImage(name, spec, dict(r.env))
             if b.status == "failed":
                 raise Unavailable(f'image "{name}" could not be built: {b.error}')
             step = f" ({b.progress})" if b.progress else ""

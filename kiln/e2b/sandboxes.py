@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import E2bConfig
-from ..core.errors import BadRequest, NotFound
+from ..core.errors import BadRequest, NotFound, Unavailable
 from ..core.lifecycle import CreateRequest, SandboxService
 from ..core.ratelimit import UserRateLimits
 from ..states import Status
@@ -34,7 +34,10 @@ log = logging.getLogger("kiln.e2b")
 
 ENVD_VERSION = "0.5.7"  # what the SDKs gate features on; raise it as envd features land
 # E2B template names with an image of kiln's own; any other name is a kiln template or image
-TEMPLATE_IMAGES = {"base": "e2b-base"}
+TEMPLATE_IMAGES = {"base": "e2b-base", "code-interpreter-v1": "e2b-code-interpreter"}
+# templates whose server must listen before a create returns (E2B's templates have a ready check)
+READY_PORTS = {"code-interpreter-v1": 49999}
+READY_TIMEOUT = 120.0
 DEFAULT_TIMEOUT = 15  # seconds: E2B's spec default (the SDKs send 300)
 NEVER = 1e18  # a paused sandbox's lease: it waits for a connect
 
@@ -163,11 +166,21 @@ class E2bService:
         record = E2bRecord(row.id, template, metadata, end_at, on_timeout, auto_resume, token)
         try:
             self.store.insert_e2b(record)
+            if template in READY_PORTS:
+                await self.wait_listening(row, READY_PORTS[template])
         except BaseException:
             await self.sandboxes.destroy_row(row)
             raise
         log.info("e2b sandbox %s created from template %s (%s)", row.id, template, route)
         return E2bSandbox(row, record)
+
+    async def wait_listening(self, row: SandboxRow, port: int) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        async with self.sandboxes.using(row) as handle:
+            while not any(p["port"] == port for p in await handle.agent.ports()):
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the template's server did not listen on port {port} in time")
+                await asyncio.sleep(0.1)
 
     async def connect(self, user: User, sandbox_id: str, timeout: int | None) -> tuple[E2bSandbox, bool]:
         """Resume a paused sandbox (True) or extend a running one's lease (never shortens it)."""

@@ -13,12 +13,13 @@ import fcntl
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..fileio import write_atomic
-from .recipes import PATH_EXCLUDES, SUITE, Recipe
+from .recipes import KILN, PATH_EXCLUDES, PIP_TARGET, SUITE, Recipe
 from .rootfs import ensure_mount_points, tree_size
 
 IMAGE_FILE = "image.json"
@@ -88,6 +89,7 @@ def ensure_built(recipe: Recipe, images_dir: Path, progress: Progress = print) -
         started = time.monotonic()
         progress(f"building image {recipe.name} ({recipe.description}) into {path}")
         run_with_progress(mmdebstrap_argv(recipe, path / "rootfs", host_mirror()), progress)
+        add_pip_and_copies(recipe, path / "rootfs", progress)
         ensure_mount_points(path / "rootfs")
         size = tree_size(path / "rootfs")
         meta = {
@@ -101,6 +103,27 @@ def ensure_built(recipe: Recipe, images_dir: Path, progress: Progress = print) -
         write_atomic(path / IMAGE_FILE, json.dumps(meta), mode=0o644)
         progress(f"image {recipe.name} ready: {size >> 20} MB in {meta['build_seconds']} s")
         return path
+
+
+def add_pip_and_copies(recipe: Recipe, rootfs: Path, progress: Progress) -> None:
+    """A recipe's PyPI packages, by the host's pip from the host's configured sources (binary wheels for
+    the image's Python, the same 3.11 as the host's), and the files it copies from the kiln package."""
+    if recipe.pip:
+        progress(f"pip: {len(recipe.pip)} packages (and what they need) into {PIP_TARGET}")
+        target = rootfs / PIP_TARGET.lstrip("/")
+        argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location"]
+        argv += ["--disable-pip-version-check", "--only-binary=:all:", "--target", str(target), *recipe.pip]
+        run_with_progress(argv, progress)
+        bash_kernel = target / "share" / "jupyter" / "kernels" / "bash"
+        if any(r.startswith("bash_kernel") for r in recipe.pip) and not bash_kernel.exists():
+            bash_kernel.mkdir(parents=True)  # bash_kernel's installer would write this; its spec is one file
+            spec = {"argv": ["python3", "-m", "bash_kernel", "-f", "{connection_file}"], "display_name": "Bash"}
+            (bash_kernel / "kernel.json").write_text(json.dumps(spec) + "\n")
+    for src, dst in recipe.copies:
+        target = rootfs / dst.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(KILN / src, target)
+        target.chmod(0o644)
 
 
 def mounts_under(path: Path) -> list[str]:

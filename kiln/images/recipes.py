@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
+
+KILN = Path(__file__).resolve().parents[1]  # the package: sources of files copied into images
 
 SUITE = "bookworm"
 RECIPE_FORMAT = 1  # raise when the way recipes are built changes
@@ -25,6 +28,9 @@ KILN_USER = (
 SUDO_FOR_KILN = ('echo "kiln ALL=(ALL) NOPASSWD:ALL" > "$1/etc/sudoers.d/kiln" && chmod 0440 "$1/etc/sudoers.d/kiln"',)
 
 
+KEYED_ALWAYS = ("name", "description", "variant", "packages", "hooks")  # the fields recipes had at first
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -32,11 +38,20 @@ class Recipe:
     variant: str  # mmdebstrap's: essential (no apt) or apt
     packages: tuple[str, ...]
     hooks: tuple[str, ...] = KILN_USER
+    pip: tuple[str, ...] = ()  # PyPI requirements (pinned), installed into PIP_TARGET from the host's sources
+    copies: tuple[tuple[str, str], ...] = ()  # (file of the kiln package, where it goes in the image)
+    env: tuple[tuple[str, str], ...] = ()  # the image's environment
+    start: tuple[str, ...] = ()  # what every boot starts (as the image's user)
+    workdir: str = ""
 
     @property
     def key(self) -> str:
-        """12 hex digits of the recipe's content: the image's directory is `<name>-<key>`."""
-        blob = json.dumps({"format": RECIPE_FORMAT, "suite": SUITE, "excludes": PATH_EXCLUDES, **asdict(self)})
+        """12 hex digits of the recipe's content (and of the files it copies): the image's directory is
+        `<name>-<key>`."""
+        fields = {k: v for k, v in asdict(self).items() if v or k in KEYED_ALWAYS}  # empty extras: keys as before
+        if self.copies:
+            fields["copied"] = {src: hashlib.sha256((KILN / src).read_bytes()).hexdigest() for src, _ in self.copies}
+        blob = json.dumps({"format": RECIPE_FORMAT, "suite": SUITE, "excludes": PATH_EXCLUDES, **fields})
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -98,5 +113,34 @@ E2B_BASE = Recipe(
     hooks=E2B_USER,
 )
 
-BUILTIN: dict[str, Recipe] = {r.name: r for r in (MINIMAL, DEFAULT, E2B_BASE)}
+PIP_TARGET = "/opt/kiln-pip"  # where a recipe's PyPI packages go (on the image's PYTHONPATH)
+
+# E2B's code interpreter: `base` plus Jupyter kernels (Python, bash), the Python data stack from PyPI,
+# and kiln's server for E2B's /execute contract on port 49999 (kiln/e2b/code_interpreter_server.py).
+E2B_CODE_INTERPRETER = Recipe(
+    name="e2b-code-interpreter",
+    description="the E2B SDKs' `code-interpreter-v1` template: `base` with Jupyter kernels and numpy, pandas, "
+    "matplotlib, serving run_code on port 49999",
+    variant="apt",
+    packages=DEFAULT.packages,
+    hooks=E2B_USER,
+    pip=(
+        "jupyter_client==8.10.0",
+        "ipykernel==7.4.0",
+        "bash_kernel==0.10.0",
+        "numpy==2.4.6",
+        "pandas==3.1.1",
+        "matplotlib==3.11.2",
+    ),
+    copies=(("e2b/code_interpreter_server.py", "/opt/kiln-interpreter/server.py"),),
+    env=(
+        ("PYTHONPATH", PIP_TARGET),
+        ("JUPYTER_PATH", f"{PIP_TARGET}/share/jupyter"),
+        ("MPLCONFIGDIR", "/tmp/matplotlib"),
+    ),
+    start=("python3", "/opt/kiln-interpreter/server.py"),
+    workdir="/home/user",
+)
+
+BUILTIN: dict[str, Recipe] = {r.name: r for r in (MINIMAL, DEFAULT, E2B_BASE, E2B_CODE_INTERPRETER)}
 DEFAULT_IMAGE = DEFAULT.name

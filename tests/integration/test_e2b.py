@@ -294,3 +294,32 @@ def test_watch_dir_sees_files_made_by_a_command(sbx, opts):
             await handle.stop()
 
     assert asyncio.run(watch_async()) is True
+
+
+def test_code_interpreter_runs_code_keeps_state_and_reports_errors(opts):
+    from e2b_code_interpreter import Sandbox as CodeInterpreter
+
+    sb = CodeInterpreter.create(timeout=300, **opts)
+    try:
+        seen: list[str] = []
+        ex = sb.run_code("x = 6 * 7\nprint('hello from python')\nx", on_stdout=lambda m: seen.append(m.line))
+        assert ex.logs.stdout == ["hello from python\n"] and seen == ["hello from python\n"]
+        assert ex.text == "42" and ex.error is None
+        assert sb.run_code("x + 1").text == "43"  # state kept between calls
+        err = sb.run_code("1 / 0")
+        assert (
+            err.error is not None
+            and err.error.name == "ZeroDivisionError"
+            and "ZeroDivisionError" in err.error.traceback
+        )
+        assert sb.run_code("import pandas as pd; int(pd.DataFrame({'a': [1, 2, 3]})['a'].sum())").text == "6"
+        png = sb.run_code("import matplotlib.pyplot as plt; plt.plot([1, 2, 3]); plt.show()")
+        assert png.results and png.results[0].png
+        bash = sb.run_code("echo from-bash $((2+3))", language="bash")
+        assert bash.logs.stdout == ["from-bash 5\n"]
+        ctx = sb.create_code_context(language="python", cwd="/tmp")
+        assert sb.run_code("import os; os.getcwd()", context=ctx).text == "'/tmp'"
+        assert sb.run_code("'x' in dir()", context=ctx).text == "False"  # a context of its own
+        assert sb.run_code("import os; os.environ['ONLY_HERE']", envs={"ONLY_HERE": "yes"}).text == "'yes'"
+    finally:
+        sb.kill()
