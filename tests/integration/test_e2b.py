@@ -1,9 +1,19 @@
 """The unmodified E2B Python SDK (`e2b`, pinned in pyproject) against a real daemon and real sandboxes,
-in URL mode (E2B_API_URL / E2B_SANDBOX_URL on kiln's main listener), loopback only."""
+loopback only, in both of its modes:
+
+- URL mode: E2B_API_URL / E2B_SANDBOX_URL on kiln's main listener (plain http);
+- domain mode: `kiln e2b setup` made a CA and a *.e2b.localhost certificate, the daemon serves
+  api.<domain> and <port>-<id>.<domain> on its TLS listener, and the SDK is given E2B_DOMAIN and
+  SSL_CERT_FILE only (it resolves *.localhost to loopback itself: no DNS set-up).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -13,20 +23,62 @@ from e2b import AsyncSandbox, CommandExitException, NotFoundException, Sandbox, 
 from e2b.exceptions import AuthenticationException, SandboxException
 
 from tests.conftest import wait_for
+from tests.daemon import Daemon, free_port
 
-
-def url_mode(daemon, key: str) -> dict:
-    """The SDK's options for this daemon: an `e2b_` key (some SDK versions insist on the prefix)."""
-    return {
-        "api_key": "e2b_" + key.removeprefix("kiln_"),
-        "api_url": f"{daemon.url}/e2b",
-        "sandbox_url": f"{daemon.url}/e2b/sandbox",
-    }
+DOMAIN = "e2b.localhost"
 
 
 @pytest.fixture(scope="module")
-def opts(daemon):
-    return url_mode(daemon, daemon.admin_token)
+def daemon(default_image):
+    """A daemon with both modes: its TLS listener serves the certificate `kiln e2b setup` made."""
+    d = Daemon({"e2b": {"tls_listen": f"127.0.0.1:{free_port()}"}})
+    old = os.environ.get("SSL_CERT_FILE")
+    try:
+        argv = [
+            sys.executable,
+            "-m",
+            "kiln.cli.main",
+            "e2b",
+            "setup",
+            "--domain",
+            DOMAIN,
+            "--config",
+            str(d.config_path),
+        ]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+        assert f"E2B_DOMAIN={DOMAIN}:" in out and "SSL_CERT_FILE=" in out and "NODE_EXTRA_CA_CERTS=" in out
+        os.environ["SSL_CERT_FILE"] = str(d.data_dir / "e2b-tls" / "bundle.pem")  # what setup tells clients
+        d.start()
+        yield d
+        d.destroy_all([d.admin_token])
+    finally:
+        d.scrub()
+        if old is None:
+            os.environ.pop("SSL_CERT_FILE", None)
+        else:
+            os.environ["SSL_CERT_FILE"] = old
+
+
+def tls_port(daemon) -> str:
+    return daemon.config["e2b"]["tls_listen"].rpartition(":")[2]
+
+
+def sdk_opts(daemon, key: str, mode: str) -> dict:
+    """The SDK's options for this daemon, with an `e2b_` key (some SDK versions insist on the prefix)."""
+    key = "e2b_" + key.removeprefix("kiln_")
+    if mode == "domain":
+        return {"api_key": key, "domain": f"{DOMAIN}:{tls_port(daemon)}"}
+    return {"api_key": key, "api_url": f"{daemon.url}/e2b", "sandbox_url": f"{daemon.url}/e2b/sandbox"}
+
+
+@pytest.fixture(scope="module", params=["url", "domain"])
+def mode(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def opts(daemon, mode):
+    return sdk_opts(daemon, daemon.admin_token, mode)
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +86,18 @@ def sbx(opts):
     sb = Sandbox.create("base", timeout=600, metadata={"suite": "e2b"}, envs={"GREETING": "hello"}, **opts)
     yield sb
     sb.kill()
+
+
+def https_get(daemon, host: str, path: str = "/", **headers) -> httpx.Response:
+    """A request to <host> on the TLS listener, by address (glibc does not resolve *.localhost here),
+    with the host's name for SNI and the certificate check."""
+    ctx = ssl.create_default_context(cafile=str(daemon.data_dir / "e2b-tls" / "ca.pem"))
+    with httpx.Client(verify=ctx) as c:
+        return c.get(
+            f"https://127.0.0.1:{tls_port(daemon)}{path}",
+            headers={"Host": f"{host}:{tls_port(daemon)}", **headers},
+            extensions={"sni_hostname": host},
+        )
 
 
 def test_create_returns_a_running_sandbox_with_its_metadata_and_envs(sbx, opts, api):
@@ -221,8 +285,8 @@ def test_bad_requests_are_clear_errors_that_change_nothing(opts, daemon, api):
     assert len(api.get("/sandboxes").json()) == before
 
 
-def test_another_users_key_cannot_see_or_touch_the_sandbox(sbx, daemon):
-    other = url_mode(daemon, daemon.create_user("e2b-other"))
+def test_another_users_key_cannot_see_or_touch_the_sandbox(sbx, daemon, mode):
+    other = sdk_opts(daemon, daemon.create_user(f"e2b-other-{mode}"), mode)
     assert sbx.sandbox_id not in [s.sandbox_id for s in Sandbox.list(**other).next_items()]
     with pytest.raises(NotFoundException):
         Sandbox.connect(sbx.sandbox_id, **other)
@@ -323,3 +387,45 @@ def test_code_interpreter_runs_code_keeps_state_and_reports_errors(opts):
         assert sb.run_code("import os; os.environ['ONLY_HERE']", envs={"ONLY_HERE": "yes"}).text == "'yes'"
     finally:
         sb.kill()
+
+
+def test_get_host_reaches_a_server_in_the_sandbox(daemon):
+    """get_host() names <port>-<id>.<domain>, whatever the mode: a domain-mode host."""
+    opts = sdk_opts(daemon, daemon.admin_token, "domain")
+    sb = Sandbox.create("base", timeout=300, metadata={"mode": "get-host"}, **opts)
+    try:
+        assert sb.commands.run("echo over tls").stdout == "over tls\n"
+        sb.files.write("/home/user/t.txt", "tls file")
+        assert sb.files.read("/home/user/t.txt") == "tls file"
+        assert [e.name for e in sb.files.list("/home/user")] == ["t.txt"]
+        listed = Sandbox.list(query=SandboxQuery(metadata={"mode": "get-host"}), **opts).next_items()
+        assert [s.sandbox_id for s in listed] == [sb.sandbox_id]
+
+        # get_host(port): a server in the sandbox, at <port>-<id>.<domain>, public as E2B's are
+        sb.commands.run("cd /tmp && echo served > index.html && python3 -m http.server 8000", background=True)
+        host = sb.get_host(8000)
+        assert host == f"8000-{sb.sandbox_id}.{opts['domain']}"
+        wait_for(
+            lambda: https_get(daemon, host.rsplit(":", 1)[0], "/index.html").text == "served\n",
+            what="the sandbox's web server through its E2B host",
+        )
+        # envd's own host needs the sandbox's token; the wrong one is refused
+        envd = f"49983-{sb.sandbox_id}.{DOMAIN}"
+        assert https_get(daemon, envd, "/health").status_code == 204
+        assert https_get(daemon, envd, "/files?path=/home/user/t.txt").status_code == 401
+        assert https_get(daemon, f"8000-{'0' * 16}.{DOMAIN}").status_code == 502
+    finally:
+        assert sb.kill() is True
+
+
+def test_the_certificate_is_for_the_wildcard_and_trusted_only_through_kiln_ca(daemon):
+    port = int(daemon.config["e2b"]["tls_listen"].rpartition(":")[2])
+    system_roots = ssl.create_default_context(cafile="/etc/ssl/certs/ca-certificates.crt")
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"), httpx.Client(verify=system_roots) as c:
+        c.get(
+            f"https://127.0.0.1:{port}/",
+            headers={"Host": f"api.{DOMAIN}"},
+            extensions={"sni_hostname": f"api.{DOMAIN}"},
+        )
+    r = https_get(daemon, f"api.{DOMAIN}", "/v2/sandboxes")
+    assert r.status_code == 401 and r.json() == {"code": 401, "message": "X-API-Key required"}
