@@ -444,12 +444,17 @@ class Files(Envd):
             status = {Code.NOT_FOUND: 404, Code.INVALID_ARGUMENT: 400}.get(err.code, 502)
             return envd_error(status, err.message if status != 404 else f"path '{path}' does not exist")
 
+        gzipped = "gzip" in request.headers.get("accept-encoding", "").lower()
+
         async def body() -> AsyncIterator[bytes]:
+            packer = zlib.compressobj(wbits=31) if gzipped else None
             async with stack:
                 async for chunk in chunks:
-                    yield chunk
+                    yield packer.compress(chunk) if packer else chunk
+            if packer:
+                yield packer.flush()
 
-        headers = {"Content-Length": str(info["size"])}
+        headers = {"Content-Encoding": "gzip"} if gzipped else {"Content-Length": str(info["size"])}
         return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
     async def upload(self, request: Request) -> Response:

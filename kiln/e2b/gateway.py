@@ -16,10 +16,14 @@ URL mode (the SDKs' `E2B_API_URL` / `E2B_SANDBOX_URL`), on the main listener:
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import hmac
 import json
 import logging
 import re
+import time
+import urllib.parse
 
 from fastapi import WebSocket
 from fastapi.responses import JSONResponse
@@ -63,6 +67,19 @@ async def refuse(scope, send, status: int, message: str) -> None:
 
 async def no_receive() -> dict:
     return {"type": "websocket.connect"}
+
+
+def signed(token: str, method: str, query: dict[str, list[str]]) -> bool:
+    """envd's signed file URLs: "v1_" + base64(sha256("<path>:<read|write>:<user>:<token>[:<expiry>]")),
+    unpadded, made by the SDK from the sandbox's token; an expired one is refused."""
+    path, user = (query.get(k, [""])[0] for k in ("path", "username"))
+    expiry = query.get("signature_expiration", [""])[0]
+    if expiry and (not expiry.isdigit() or int(expiry) < time.time()):
+        return False
+    operation = "read" if method == "GET" else "write"
+    raw = f"{path}:{operation}:{user}:{token}" + (f":{expiry}" if expiry else "")
+    expected = "v1_" + base64.b64encode(hashlib.sha256(raw.encode()).digest()).rstrip(b"=").decode()
+    return hmac.compare_digest(expected.encode(), query.get("signature", [""])[0].encode())
 
 
 def under(path: str, prefix: str) -> bool:
@@ -133,8 +150,11 @@ class E2bGateway:
         if sb is None:
             return await refuse(scope, send, 502, f"The sandbox {sandbox_id or '(unnamed)'} was not found")
         valid = hmac.compare_digest(token.encode(), e2b.envd_token(sb.row.id).encode())
+        query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if port == ENVD_PORT:
             needs_token = scope["path"] != "/health"
+            if not valid and scope["path"] == "/files" and "signature" in query:
+                valid = signed(e2b.envd_token(sb.row.id), scope["method"], query)
         else:
             traffic = headers.get(b"e2b-traffic-access-token", b"").decode("latin-1")
             valid = valid or hmac.compare_digest(traffic.encode(), e2b.envd_token(sb.row.id).encode())
@@ -153,9 +173,12 @@ class E2bGateway:
         if scope["type"] != "http":
             return await refuse(scope, send, 404, "envd has no WebSocket routes")
         try:
-            call = EnvdCall(sb, basic_user(headers.get(b"authorization", b"").decode("latin-1")))
+            user = basic_user(headers.get(b"authorization", b"").decode("latin-1"))
         except Exception:
             return await reply(send, 400, "malformed Basic authorization")
+        if scope["path"] == "/files" and query.get("username"):
+            user = query["username"][0]  # /files names its user in the query (signed URLs have no headers)
+        call = EnvdCall(sb, user)
         reset = CALL.set(call)
         try:
             await e2b.envd_app(scope, receive, send)

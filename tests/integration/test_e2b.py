@@ -10,10 +10,7 @@ loopback only, in both of its modes:
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
-import subprocess
-import sys
 import threading
 import time
 
@@ -23,52 +20,13 @@ from e2b import AsyncSandbox, CommandExitException, NotFoundException, Sandbox, 
 from e2b.exceptions import AuthenticationException, SandboxException
 
 from tests.conftest import wait_for
-from tests.daemon import Daemon, free_port
-
-DOMAIN = "e2b.localhost"
+from tests.integration.e2b_support import DOMAIN, e2b_daemon, sdk_opts, tls_port
 
 
 @pytest.fixture(scope="module")
 def daemon(default_image):
-    """A daemon with both modes: its TLS listener serves the certificate `kiln e2b setup` made."""
-    d = Daemon({"e2b": {"tls_listen": f"127.0.0.1:{free_port()}"}})
-    old = os.environ.get("SSL_CERT_FILE")
-    try:
-        argv = [
-            sys.executable,
-            "-m",
-            "kiln.cli.main",
-            "e2b",
-            "setup",
-            "--domain",
-            DOMAIN,
-            "--config",
-            str(d.config_path),
-        ]
-        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
-        assert f"E2B_DOMAIN={DOMAIN}:" in out and "SSL_CERT_FILE=" in out and "NODE_EXTRA_CA_CERTS=" in out
-        os.environ["SSL_CERT_FILE"] = str(d.data_dir / "e2b-tls" / "bundle.pem")  # what setup tells clients
-        d.start()
+    with e2b_daemon() as d:
         yield d
-        d.destroy_all([d.admin_token])
-    finally:
-        d.scrub()
-        if old is None:
-            os.environ.pop("SSL_CERT_FILE", None)
-        else:
-            os.environ["SSL_CERT_FILE"] = old
-
-
-def tls_port(daemon) -> str:
-    return daemon.config["e2b"]["tls_listen"].rpartition(":")[2]
-
-
-def sdk_opts(daemon, key: str, mode: str) -> dict:
-    """The SDK's options for this daemon, with an `e2b_` key (some SDK versions insist on the prefix)."""
-    key = "e2b_" + key.removeprefix("kiln_")
-    if mode == "domain":
-        return {"api_key": key, "domain": f"{DOMAIN}:{tls_port(daemon)}"}
-    return {"api_key": key, "api_url": f"{daemon.url}/e2b", "sandbox_url": f"{daemon.url}/e2b/sandbox"}
 
 
 @pytest.fixture(scope="module", params=["url", "domain"])
@@ -227,6 +185,17 @@ def test_set_timeout_and_an_expired_lease_kills_the_sandbox(opts, api):
     with pytest.raises(NotFoundException):
         Sandbox.connect(sb.sandbox_id, **opts)
     assert Sandbox.kill(sb.sandbox_id, **opts) is False
+
+
+def test_a_lease_that_asked_for_pause_pauses_at_its_end(opts):
+    sb = Sandbox.create("base", timeout=2, lifecycle={"on_timeout": "pause"}, **opts)
+    try:
+        sb.commands.run("echo kept > /dev/shm/lease")
+        wait_for(lambda: Sandbox.get_info(sb.sandbox_id, **opts).state.value == "paused", timeout=60, what="paused")
+        resumed = Sandbox.connect(sb.sandbox_id, timeout=120, **opts)
+        assert resumed.commands.run("cat /dev/shm/lease").stdout == "kept\n"
+    finally:
+        sb.kill()
 
 
 def test_pause_then_connect_resumes_with_memory_intact(opts):
@@ -429,3 +398,21 @@ def test_the_certificate_is_for_the_wildcard_and_trusted_only_through_kiln_ca(da
         )
     r = https_get(daemon, f"api.{DOMAIN}", "/v2/sandboxes")
     assert r.status_code == 401 and r.json() == {"code": 401, "message": "X-API-Key required"}
+
+
+def test_gzip_uploads_and_downloads_and_signed_file_urls(sbx, daemon, mode):
+    text = "compressible " * 10_000
+    sbx.files.write("/home/user/gz.txt", text, gzip=True)
+    assert sbx.files.read("/home/user/gz.txt", gzip=True) == text
+    assert sbx.commands.run("wc -c < /home/user/gz.txt").stdout.strip() == str(len(text))
+    if mode != "domain":
+        return  # signed URLs carry no headers: only a host names the sandbox
+    url = sbx.download_url("/home/user/gz.txt", use_signature_expiration=60)
+    parsed = httpx.URL(url)
+    got = https_get(daemon, parsed.host, f"{parsed.path}?{parsed.query.decode()}")
+    assert got.status_code == 200 and got.text == text
+    tampered = https_get(daemon, parsed.host, f"{parsed.path}?{parsed.query.decode().replace('gz.txt', 'big.bin')}")
+    assert tampered.status_code == 401
+    expired = sbx.download_url("/home/user/gz.txt", use_signature_expiration=-10)
+    parsed = httpx.URL(expired)
+    assert https_get(daemon, parsed.host, f"{parsed.path}?{parsed.query.decode()}").status_code == 401

@@ -5,7 +5,6 @@ through E2B's v1 API) and the JS SDK from npm under Debian's node. scripts/insta
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import REPO
+from tests.integration.e2b_support import e2b_daemon, sdk_env
 
 CLIENTS = Path(__file__).parent / "e2b_clients"
 VERSIONS = dict(
@@ -20,14 +20,14 @@ VERSIONS = dict(
 )
 
 
-def run_client(daemon, argv: list[str], cwd: Path) -> dict[str, dict]:
-    env = dict(
-        os.environ,
-        E2B_API_KEY="e2b_" + daemon.admin_token.removeprefix("kiln_"),
-        E2B_API_URL=f"{daemon.url}/e2b",
-        E2B_SANDBOX_URL=f"{daemon.url}/e2b/sandbox",
-    )
-    p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+@pytest.fixture(scope="module")
+def daemon(default_image):
+    with e2b_daemon() as d:
+        yield d
+
+
+def run_client(daemon, argv: list[str], cwd: Path, mode: str = "url") -> dict[str, dict]:
+    p = subprocess.run(argv, cwd=cwd, env=sdk_env(daemon, mode), capture_output=True, text=True, timeout=300)
     checks = {c["check"]: c for c in map(json.loads, filter(None, p.stdout.splitlines()))}
     assert p.returncode == 0, p.stdout + p.stderr
     return checks
@@ -39,9 +39,10 @@ def installed(path: Path) -> Path:
     return path
 
 
-def test_an_older_python_sdk_runs_the_core_loop_through_the_v1_api(daemon):
+@pytest.mark.parametrize("mode", ["url", "domain"])
+def test_an_older_python_sdk_runs_the_core_loop_through_the_v1_api(daemon, mode):
     python = installed(REPO / ".cache" / f"e2b-py-{VERSIONS['E2B_PY_OLD']}" / "bin" / "python")
-    checks = run_client(daemon, [str(python), str(CLIENTS / "core_loop.py")], REPO)
+    checks = run_client(daemon, [str(python), str(CLIENTS / "core_loop.py")], REPO, mode)
     expected = {"run", "exit code", "files", "list files", "background kill", "list sandboxes", "kill", "kill again"}
     assert set(checks) == expected and all(c["ok"] for c in checks.values()), checks
     assert "(POST /sandboxes)" in daemon.log()  # this release's create is v1's
