@@ -78,6 +78,36 @@ class AgentConnection:
         self.writer.write(P.encode(ftype, payload))
         await self.writer.drain()
 
+    # -- a live command's connection (AgentClient.start / attach)
+
+    async def read_event(self) -> ExecEvent | None:
+        """The next output or exit of the command (None: a frame of another kind)."""
+        ftype, payload = await self.read_frame()
+        if ftype in (P.STDOUT, P.STDERR):
+            return ExecEvent("stdout" if ftype == P.STDOUT else "stderr", payload)
+        if ftype == P.EXIT:
+            return exit_event(json.loads(payload))
+        return None
+
+    async def send_stdin(self, data: bytes) -> None:
+        for i in range(0, len(data), P.MAX_FRAME):
+            await self.send(P.STDIN, data[i : i + P.MAX_FRAME])
+
+    async def close_stdin(self) -> None:
+        await self.send(P.STDIN, b"")  # an empty STDIN frame closes the command's stdin
+
+    async def kill(self) -> None:
+        """SIGKILL to a one-shot command's process group (a terminal session: AgentClient.kill_session)."""
+        await self.send(P.KILL)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.send(P.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
+
+    async def read_watch_event(self) -> dict | None:
+        """The next change a watch (AgentClient.watch) reports: {"name", "type"}."""
+        ftype, payload = await self.read_frame()
+        return json.loads(payload) if ftype == P.WATCH_EVENT else None
+
     async def close(self) -> None:
         self.client.open.discard(self)
         self.writer.close()
@@ -261,9 +291,22 @@ class AgentClient:
         payload = json.dumps({"path": path, "depth": depth}).encode()
         return await self.request_json(P.FILE_ENTRIES, P.FILE_ENTRIES_RESP, payload, timeout=60)
 
-    async def file_op(self, ftype: int, request: dict) -> dict:
-        """FILE_MKDIR, FILE_MOVE or FILE_REMOVE: their EXIT record."""
-        return await self.request_json(ftype, P.EXIT, json.dumps(request).encode(), timeout=60)
+    async def make_dir(self, path: str, user: str) -> bool:
+        """mkdir -p owned by `user`; False when the directory was there already."""
+        payload = json.dumps({"path": path, "user": user}).encode()
+        return bool((await self.request_json(P.FILE_MKDIR, P.EXIT, payload, timeout=60)).get("created"))
+
+    async def move(self, source: str, destination: str) -> None:
+        payload = json.dumps({"source": source, "destination": destination}).encode()
+        await self.request_json(P.FILE_MOVE, P.EXIT, payload, timeout=60)
+
+    async def remove(self, path: str) -> None:
+        """A file, or a directory with everything in it."""
+        await self.request_json(P.FILE_REMOVE, P.EXIT, json.dumps({"path": path}).encode(), timeout=60)
+
+    async def kill_session(self, session_id: str) -> None:
+        """SIGKILL to a terminal session's process group."""
+        await self.request_json(P.EXEC_KILL, P.EXIT, json.dumps({"session_id": session_id}).encode())
 
     async def read(self, path: str, offset: int = 0, limit: int = 0, max_bytes: int = 0):
         """Open a file for reading: returns (its stat info, an async iterator of content chunks)."""

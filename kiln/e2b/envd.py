@@ -12,7 +12,6 @@ import asyncio
 import base64
 import contextlib
 import contextvars
-import json
 import logging
 import posixpath
 import tempfile
@@ -29,8 +28,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..agent import protocol as P
-from ..agent.client import AgentConnection, AgentError, AgentExists, AgentNotFound, AgentRequestError
+from ..agent.client import AgentClient, AgentConnection, AgentError, AgentExists, AgentNotFound, AgentRequestError
 from ..core.errors import KilnError
 from ..core.lifecycle import SandboxService
 from ..engine.base import SandboxHandle
@@ -324,10 +322,12 @@ class FilesystemService(Envd, Filesystem):
             except AgentError as e:
                 raise connect_error(e) from e
 
-    async def file_op(self, ftype: int, request: dict) -> dict:
+    @contextlib.asynccontextmanager
+    async def agent_call(self) -> AsyncIterator[AgentClient]:
+        """The sandbox's agent, its refusals as Connect errors."""
         async with self.agent() as handle:
             try:
-                return await handle.agent.file_op(ftype, request)
+                yield handle.agent
             except AgentError as e:
                 raise connect_error(e) from e
 
@@ -345,19 +345,22 @@ class FilesystemService(Envd, Filesystem):
     async def make_dir(self, request: fs_pb.MakeDirRequest, ctx: Any) -> fs_pb.MakeDirResponse:
         call = CALL.get()
         path = call.path(request.path)
-        done = await self.file_op(P.FILE_MKDIR, {"path": path, "user": call.user or "user"})
-        if not done.get("created"):
+        async with self.agent_call() as agent:
+            created = await agent.make_dir(path, call.user or "user")
+        if not created:
             raise ConnectError(Code.ALREADY_EXISTS, f"directory {path} already exists")
         return fs_pb.MakeDirResponse(entry=await self.entry(path))
 
     async def move(self, request: fs_pb.MoveRequest, ctx: Any) -> fs_pb.MoveResponse:
         call = CALL.get()
         source, destination = call.path(request.source), call.path(request.destination)
-        await self.file_op(P.FILE_MOVE, {"source": source, "destination": destination})
+        async with self.agent_call() as agent:
+            await agent.move(source, destination)
         return fs_pb.MoveResponse(entry=await self.entry(destination))
 
     async def remove(self, request: fs_pb.RemoveRequest, ctx: Any) -> fs_pb.RemoveResponse:
-        await self.file_op(P.FILE_REMOVE, {"path": CALL.get().path(request.path)})
+        async with self.agent_call() as agent:
+            await agent.remove(CALL.get().path(request.path))
         return fs_pb.RemoveResponse()
 
     async def open_watch(self, path: str, recursive: bool) -> AgentConnection:
@@ -374,14 +377,14 @@ class FilesystemService(Envd, Filesystem):
             yield fs_pb.WatchDirResponse(event=oneof("start", fs_pb.WatchDirResponse.StartEvent()))
             while True:
                 try:
-                    ftype, payload = await asyncio.wait_for(conn.read_frame(), keepalive)
+                    ev = await asyncio.wait_for(conn.read_watch_event(), keepalive)
                 except TimeoutError:
                     yield fs_pb.WatchDirResponse(event=oneof("keepalive", fs_pb.WatchDirResponse.KeepAlive()))
                     continue
                 except AgentError as e:
                     raise connect_error(e) from e
-                if ftype == P.WATCH_EVENT:
-                    yield fs_pb.WatchDirResponse(event=oneof("filesystem", fs_event(json.loads(payload))))
+                if ev is not None:
+                    yield fs_pb.WatchDirResponse(event=oneof("filesystem", fs_event(ev)))
         finally:
             await conn.close()
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 from dataclasses import dataclass, field
 
-from ..agent import protocol as P
-from ..agent.client import AgentConnection, AgentError, exit_event
+from ..agent.client import AgentConnection, AgentError
 
 log = logging.getLogger("kiln.e2b")
 
@@ -70,25 +68,22 @@ class EnvdProcess:
             await q.put(ev)
 
     async def send_stdin(self, data: bytes) -> None:
-        for i in range(0, len(data), P.MAX_FRAME):
-            await self.conn.send(P.STDIN, data[i : i + P.MAX_FRAME])
+        await self.conn.send_stdin(data)
 
     async def close_stdin(self) -> None:
-        await self.conn.send(P.STDIN, b"")
+        await self.conn.close_stdin()
 
     async def resize(self, rows: int, cols: int) -> None:
-        await self.conn.send(P.RESIZE, json.dumps({"rows": rows, "cols": cols}).encode())
+        await self.conn.resize(rows, cols)
 
     async def kill(self) -> None:
         """SIGKILL to its process group: a one-shot's KILL frame, a terminal session's EXEC_KILL."""
         self.killed = True
         with contextlib.suppress(ConnectionError, OSError, AgentError):
             if self.session_id:
-                await self.conn.client.request_json(
-                    P.EXEC_KILL, P.EXIT, json.dumps({"session_id": self.session_id}).encode()
-                )
+                await self.conn.client.kill_session(self.session_id)
             else:
-                await self.conn.send(P.KILL)
+                await self.conn.kill()
 
 
 class ProcessTable:
@@ -116,15 +111,14 @@ class ProcessTable:
         end = Event("end", error="the sandbox's agent went away")
         try:
             while True:
-                ftype, payload = await proc.conn.read_frame()
-                if ftype == P.STDOUT:
-                    await proc.publish(Event("pty" if proc.session_id else "stdout", payload))
-                elif ftype == P.STDERR:
-                    await proc.publish(Event("stderr", payload))
-                elif ftype == P.EXIT:
-                    info = exit_event(json.loads(payload))
-                    end = Event("end", exit_code=info.exit_code, signal=info.signal, timed_out=info.timed_out)
+                ev = await proc.conn.read_event()
+                if ev is None:
+                    continue
+                if ev.kind == "exit":
+                    end = Event("end", exit_code=ev.exit_code, signal=ev.signal, timed_out=ev.timed_out)
                     break
+                kind = "pty" if proc.session_id and ev.kind == "stdout" else ev.kind
+                await proc.publish(Event(kind, ev.data))
         except (AgentError, ConnectionError, OSError) as e:
             if proc.killed:  # the agent hangs up on a command it was told to kill
                 end = Event("end", signal=9)
@@ -178,9 +172,9 @@ class Watchers:
     async def read(self, w: Watcher) -> None:
         with contextlib.suppress(AgentError, ConnectionError, OSError):
             while True:
-                ftype, payload = await w.conn.read_frame()
-                if ftype == P.WATCH_EVENT:
-                    w.events.append(json.loads(payload))
+                ev = await w.conn.read_watch_event()
+                if ev is not None:
+                    w.events.append(ev)
                     del w.events[:-MAX_WATCHER_EVENTS]
 
     def take(self, sandbox_id: str, watcher_id: str) -> list[dict] | None:

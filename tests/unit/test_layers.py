@@ -1,5 +1,5 @@
-"""The layering rules, checked on every module's imports: core never imports api; engine never
-imports core, api or store; api never imports the agent's wire protocol; store imports no layer
+"""The layering rules, checked on every module's imports: core never imports api or e2b; engine never
+imports core, api or store; api and e2b never import the agent's wire protocol; store imports no layer
 above it; the guest agent imports nothing of kiln outside kiln.agent."""
 
 import ast
@@ -8,13 +8,20 @@ from pathlib import Path
 KILN = Path(__file__).resolve().parents[2] / "kiln"
 
 FORBIDDEN = {
-    "kiln.core": ["kiln.api"],
+    "kiln.core": ["kiln.api", "kiln.e2b"],
     "kiln.engine": ["kiln.core", "kiln.api", "kiln.store"],
     "kiln.api": ["kiln.agent.protocol"],
+    "kiln.e2b": ["kiln.agent.protocol"],  # the E2B surface talks to agents through their client, as the API does
     "kiln.store": ["kiln.core", "kiln.api", "kiln.engine"],
     "kiln.states": ["kiln.core", "kiln.api", "kiln.engine", "kiln.store"],
 }
-GUEST = ["kiln/agent/guest.py", "kiln/agent/files.py", "kiln/agent/ports.py", "kiln/agent/protocol.py"]
+GUEST = [
+    "kiln/agent/guest.py",
+    "kiln/agent/files.py",
+    "kiln/agent/ports.py",
+    "kiln/agent/protocol.py",
+    "kiln/agent/watch.py",
+]
 
 
 def module_name(path: Path) -> str:
