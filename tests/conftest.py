@@ -1,11 +1,10 @@
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.daemon import IMAGES, running_daemon
+from tests.daemon import IMAGES, KILN_PYTHON, running_daemon
 
 
 @pytest.fixture(scope="session")
@@ -17,7 +16,7 @@ def default_image():
         "from kiln.images.recipes import BUILTIN; from kiln.images.runtime import ensure_runtime;"
         f"d = Path({str(IMAGES)!r}); ensure_runtime(d); [ensure_built(r, d) for r in BUILTIN.values()]"
     )
-    subprocess.run([sys.executable, "-c", script], check=True)
+    subprocess.run([KILN_PYTHON, "-c", script], check=True)
     return IMAGES
 
 

@@ -29,6 +29,9 @@ from kiln.images.builder import image_dir
 from kiln.images.recipes import BUILTIN
 
 REPO = Path(__file__).resolve().parents[1]
+# the Python that runs kiln itself (daemon, CLI): this one, unless a test process of another venv (an
+# older E2B SDK's, which cannot hold kiln's dependencies) names kiln's
+KILN_PYTHON = os.environ.get("KILN_PYTHON") or sys.executable
 IMAGES = DEFAULT_IMAGES_DIR  # the machine-wide cache of built-in images, as a daemon uses by default
 _subnets = itertools.count((os.getpid() % 50) * 4)
 
@@ -91,7 +94,7 @@ class Daemon:
     def start(self, timeout: float = 120.0) -> Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kiln.cli.main", "serve", "--config", str(self.config_path)],
+            [KILN_PYTHON, "-m", "kiln.cli.main", "serve", "--config", str(self.config_path)],
             stdout=log,
             stderr=log,
             stdin=subprocess.DEVNULL,
@@ -140,7 +143,7 @@ class Daemon:
 
     def create_user(self, name: str, *flags: str) -> str:
         out = subprocess.run(
-            [sys.executable, "-m", "kiln.cli.main", "user", "create", name, *flags, "--config", str(self.config_path)],
+            [KILN_PYTHON, "-m", "kiln.cli.main", "user", "create", name, *flags, "--config", str(self.config_path)],
             capture_output=True,
             text=True,
             check=True,

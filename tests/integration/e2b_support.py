@@ -7,10 +7,9 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 
-from tests.daemon import Daemon, free_port
+from tests.daemon import KILN_PYTHON, Daemon, free_port
 
 DOMAIN = "e2b.localhost"
 FIRST_SETUP: list[str] = []  # where the first `kiln e2b setup` of this test process left its files
@@ -26,7 +25,7 @@ def e2b_daemon(**e2b_config):
         if FIRST_SETUP:  # the SDK's TLS stack keeps the first trust store it loads: one CA per test process
             shutil.copytree(FIRST_SETUP[0], d.data_dir / "e2b-tls")
         else:
-            argv = [sys.executable, "-m", "kiln.cli.main", "e2b", "setup", "--domain", DOMAIN]
+            argv = [KILN_PYTHON, "-m", "kiln.cli.main", "e2b", "setup", "--domain", DOMAIN]
             out = subprocess.run([*argv, "--config", str(d.config_path)], capture_output=True, text=True, check=True)
             assert all(
                 f"{v}=" in out.stdout for v in ("E2B_DOMAIN", "E2B_API_KEY", "SSL_CERT_FILE", "NODE_EXTRA_CA_CERTS")

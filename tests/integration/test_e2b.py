@@ -10,6 +10,8 @@ loopback only, in both of its modes:
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import os
 import ssl
 import threading
 import time
@@ -20,6 +22,7 @@ from e2b import AsyncSandbox, CommandExitException, NotFoundException, Sandbox, 
 from e2b.exceptions import AuthenticationException, SandboxException
 
 from tests.conftest import wait_for
+from tests.daemon import REPO
 from tests.integration.e2b_support import DOMAIN, e2b_daemon, sdk_opts, tls_port
 
 
@@ -56,6 +59,13 @@ def https_get(daemon, host: str, path: str = "/", **headers) -> httpx.Response:
             headers={"Host": f"{host}:{tls_port(daemon)}", **headers},
             extensions={"sni_hostname": host},
         )
+
+
+def test_the_sdk_is_the_pinned_one():
+    """pyproject's pin, or the older release test_e2b_clients.py runs this module under."""
+    pins = [ln for ln in (REPO / "pyproject.toml").read_text().splitlines() if '"e2b==' in ln]
+    expected = os.environ.get("KILN_E2B_SDK_VERSION") or pins[0].split("==")[1].split('"')[0]
+    assert importlib.metadata.version("e2b") == expected
 
 
 def test_create_returns_a_running_sandbox_with_its_metadata_and_envs(sbx, opts, api):

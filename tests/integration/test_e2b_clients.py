@@ -5,8 +5,10 @@ through E2B's v1 API) and the JS SDK from npm under Debian's node. scripts/insta
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,22 @@ def test_an_older_python_sdk_runs_the_core_loop_through_the_v1_api(daemon, mode)
     expected = {"run", "exit code", "files", "list files", "background kill", "list sandboxes", "kill", "kill again"}
     assert set(checks) == expected and all(c["ok"] for c in checks.values()), checks
     assert "(POST /sandboxes)" in daemon.log()  # this release's create is v1's
+
+
+def test_every_e2b_test_passes_with_the_older_python_sdk():
+    """tests/integration/test_e2b.py as a whole (both modes), in the older SDK's venv; kiln itself (daemon,
+    CLI) runs on this Python, whose dependencies that SDK's cannot share a venv with."""
+    python = installed(REPO / ".cache" / f"e2b-py-{VERSIONS['E2B_PY_OLD']}" / "bin" / "python")
+    env = {
+        **os.environ,
+        "KILN_PYTHON": sys.executable,
+        "PYTHONPATH": str(REPO),
+        "KILN_E2B_SDK_VERSION": VERSIONS["E2B_PY_OLD"],
+    }
+    argv = [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/integration/test_e2b.py"]
+    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-3000:]
+    assert " passed" in p.stdout and "failed" not in p.stdout and "skipped" not in p.stdout
 
 
 def test_the_js_sdk_runs_the_core_loop(daemon):
