@@ -114,11 +114,6 @@ def add_pip_and_copies(recipe: Recipe, rootfs: Path, progress: Progress) -> None
         argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-warn-script-location"]
         argv += ["--disable-pip-version-check", "--only-binary=:all:", "--target", str(target), *recipe.pip]
         run_with_progress(argv, progress)
-        bash_kernel = target / "share" / "jupyter" / "kernels" / "bash"
-        if any(r.startswith("bash_kernel") for r in recipe.pip) and not bash_kernel.exists():
-            bash_kernel.mkdir(parents=True)  # bash_kernel's installer would write this; its spec is one file
-            spec = {"argv": ["python3", "-m", "bash_kernel", "-f", "{connection_file}"], "display_name": "Bash"}
-            (bash_kernel / "kernel.json").write_text(json.dumps(spec) + "\n")
     for src, dst in recipe.copies:
         target = rootfs / dst.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 KILN = Path(__file__).resolve().parents[1]  # the package: sources of files copied into images
@@ -120,13 +120,11 @@ PIP_TARGET = "/opt/kiln-pip"  # where a recipe's PyPI packages go (on the image'
 
 # E2B's code interpreter: `base` plus Jupyter kernels (Python, bash), the Python data stack from PyPI,
 # and kiln's server for E2B's /execute contract on port 49999 (kiln/e2b/code_interpreter_server.py).
-E2B_CODE_INTERPRETER = Recipe(
+E2B_CODE_INTERPRETER = replace(
+    E2B_BASE,
     name="e2b-code-interpreter",
     description="the E2B SDKs' `code-interpreter-v1` template: `base` with Jupyter kernels and numpy, pandas, "
     "matplotlib, serving run_code on port 49999",
-    variant="apt",
-    packages=DEFAULT.packages,
-    hooks=E2B_USER,
     pip=(
         "jupyter_client==8.10.0",
         "ipykernel==7.4.0",
@@ -135,7 +133,11 @@ E2B_CODE_INTERPRETER = Recipe(
         "pandas==3.1.1",
         "matplotlib==3.11.2",
     ),
-    copies=(("e2b/code_interpreter_server.py", "/opt/kiln-interpreter/server.py"),),
+    copies=(
+        ("e2b/code_interpreter_server.py", "/opt/kiln-interpreter/server.py"),
+        # the bash kernel's spec, which bash_kernel's own installer would write
+        ("e2b/bash_kernel.json", f"{PIP_TARGET}/share/jupyter/kernels/bash/kernel.json"),
+    ),
     env=(
         ("PYTHONPATH", PIP_TARGET),
         ("JUPYTER_PATH", f"{PIP_TARGET}/share/jupyter"),
