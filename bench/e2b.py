@@ -9,6 +9,7 @@ import time
 from e2b import Sandbox
 
 from tests.daemon import Daemon
+from tests.integration.e2b_support import sdk_opts
 
 
 def bench_e2b(n_exec: int, n_create: int) -> dict[str, list[float]]:
@@ -16,11 +17,7 @@ def bench_e2b(n_exec: int, n_create: int) -> dict[str, list[float]]:
     d = Daemon()
     try:
         d.start()
-        opts = {
-            "api_key": "e2b_" + d.admin_token.removeprefix("kiln_"),
-            "api_url": f"{d.url}/e2b",
-            "sandbox_url": f"{d.url}/e2b/sandbox",
-        }
+        opts = sdk_opts(d, d.admin_token, "url")
         with d.client(timeout=300) as api:
             sb = Sandbox.create("base", timeout=3600, **opts)
             for _ in range(10):  # warm both paths up

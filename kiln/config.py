@@ -12,6 +12,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .config_paths import DEFAULT_DATA_DIR, DEFAULT_IMAGES_DIR, config_file
 
 
+def host_port(v: str, example: str) -> str:
+    _host, sep, port = v.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT, e.g. {example}")
+    return v
+
+
+def dns_name(v: str, min_labels: int, message: str) -> str:
+    """A DNS name of `min_labels` labels at least, lower-cased, without dots at its ends."""
+    v = v.strip(".").lower()
+    labels = v.split(".")
+    if not v or len(labels) < min_labels or any(not p or len(p) > 63 for p in labels):
+        raise ValueError(message)
+    return v
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -73,10 +89,7 @@ class PublishConfig(Section):
     @field_validator("domain")
     @classmethod
     def _domain(cls, v: str) -> str:
-        v = v.strip(".").lower()
-        if not v or any(not part or len(part) > 63 for part in v.split(".")):
-            raise ValueError("must be a DNS name such as localhost or sandboxes.example.com")
-        return v
+        return dns_name(v, 1, "must be a DNS name such as localhost or sandboxes.example.com")
 
 
 class PortsConfig(Section):
@@ -153,18 +166,12 @@ class E2bConfig(Section):
     @field_validator("domain")
     @classmethod
     def _domain(cls, v: str) -> str:
-        v = v.strip(".").lower()
-        if v and (len(v.split(".")) < 2 or any(not p or len(p) > 63 for p in v.split("."))):
-            raise ValueError("must be a DNS name of two labels at least, such as e2b.localhost")
-        return v
+        return dns_name(v, 2, "must be a DNS name of two labels at least, such as e2b.localhost") if v else v
 
     @field_validator("tls_listen")
     @classmethod
     def _tls_listen(cls, v: str) -> str:
-        _host, sep, port = v.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8443")
-        return v
+        return host_port(v, "127.0.0.1:8443")
 
 
 class Config(Section):
@@ -185,10 +192,7 @@ class Config(Section):
     @field_validator("listen")
     @classmethod
     def _listen(cls, v: str) -> str:
-        _host, sep, port = v.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8080")
-        return v
+        return host_port(v, "127.0.0.1:8080")
 
     @field_validator("log_level")
     @classmethod

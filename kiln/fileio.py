@@ -24,3 +24,14 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o600, durable: bool
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def key_file(path: Path, make) -> bytes:
+    """A key made once (by `make()`) and kept in `path`, root-only and durable: the key of every later start."""
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(make())
+            f.flush()
+            os.fsync(f.fileno())
+    return path.read_bytes()

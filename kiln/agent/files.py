@@ -152,9 +152,9 @@ def write_file(req: dict, receive) -> dict:
     return {"exit_code": 0}
 
 
-def make_dirs(path: str) -> None:
-    """mkdir -p, new directories owned by uid 1000 (the user who writes there). A loop, not recursion:
-    a path thousands of levels deep is an error from the kernel, never a crash of the agent."""
+def make_dirs(path: str, uid: int = OWNER, gid: int = OWNER) -> None:
+    """mkdir -p, new directories owned by uid 1000 (the user who writes there) unless told. A loop, not
+    recursion: a path thousands of levels deep is an error from the kernel, never a crash of the agent."""
     missing = []
     while not os.path.isdir(path):
         missing.append(path)
@@ -165,7 +165,7 @@ def make_dirs(path: str) -> None:
     for d in reversed(missing):
         try:
             os.mkdir(d, 0o755)
-            os.chown(d, OWNER, OWNER)
+            os.chown(d, uid, gid)
         except FileExistsError:
             pass
 
@@ -295,15 +295,8 @@ def make_dir(req: dict) -> dict:
             uid, gid = pw.pw_uid, pw.pw_gid
         except KeyError:
             raise FileError(f"unknown user: {user}")
-    missing = []
-    probe = path
-    while not os.path.isdir(probe):
-        missing.append(probe)
-        probe = os.path.dirname(probe)
     try:
-        for d in reversed(missing):
-            os.mkdir(d, 0o755)
-            os.chown(d, uid, gid)
+        make_dirs(path, uid, gid)
     except OSError as e:
         raise path_error(path, e)
     return {"exit_code": 0, "created": True}

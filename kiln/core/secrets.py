@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ..fileio import key_file
 from ..store.db import SecretRow, Store, User
 from .errors import BadRequest, Internal, NotFound
 from .names import check_secret_names, secret_env_name
@@ -27,13 +28,7 @@ NONCE = 12
 
 class SecretBox:
     def __init__(self, key_path: Path):
-        if not key_path.exists():
-            fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(AESGCM.generate_key(bit_length=256))
-                f.flush()
-                os.fsync(f.fileno())
-        self.aead = AESGCM(key_path.read_bytes())
+        self.aead = AESGCM(key_file(key_path, lambda: AESGCM.generate_key(bit_length=256)))
 
     def seal(self, plaintext: bytes, context: str) -> bytes:
         nonce = os.urandom(NONCE)

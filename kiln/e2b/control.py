@@ -9,7 +9,6 @@ before any body is read (gateway.py).
 from __future__ import annotations
 
 import urllib.parse
-from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -20,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..core.errors import BadRequest, Internal, KilnError, TooManyRequests
 from ..store.db import User
-from .sandboxes import ENVD_VERSION, E2bSandbox, E2bService
+from .sandboxes import ENVD_VERSION, E2bSandbox, E2bService, rfc3339
 
 USER = "kiln.e2b.user"  # where the gateway leaves the authenticated caller in the scope
 CLIENT_ID = "kiln"
@@ -94,14 +93,6 @@ class PauseBody(Body):
     require_healthy_guest: StrictBool | None = Field(None, alias="requireHealthyGuest")
 
 
-def rfc3339(unix: float) -> str:
-    return datetime.fromtimestamp(min(unix, 253402300799), UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def started_at(sb: E2bSandbox) -> str:
-    return sb.row.created_at
-
-
 def summary(sb: E2bSandbox) -> dict:
     """E2B's ListedSandbox."""
     return {
@@ -109,7 +100,7 @@ def summary(sb: E2bSandbox) -> dict:
         "alias": sb.record.template,
         "sandboxID": sb.row.id,
         "clientID": CLIENT_ID,
-        "startedAt": started_at(sb),
+        "startedAt": sb.row.created_at,
         "endAt": rfc3339(sb.record.end_at),
         "envdVersion": ENVD_VERSION,
         "cpuCount": max(1, round(sb.row.cpus)),

@@ -28,10 +28,11 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..agent.client import AgentClient, AgentConnection, AgentError, AgentExists, AgentNotFound, AgentRequestError
+from ..agent.client import AgentConnection, AgentError, AgentExists, AgentNotFound, AgentRequestError
 from ..core.errors import KilnError
 from ..core.lifecycle import SandboxService
 from ..engine.base import SandboxHandle
+from .control import error
 from .envd_schema import filesystem_pb as fs_pb, process_pb as proc_pb
 from .envd_schema.filesystem_connect import Filesystem, FilesystemASGIApplication
 from .envd_schema.process_connect import Process, ProcessASGIApplication
@@ -104,10 +105,15 @@ class Envd:
 
     @contextlib.asynccontextmanager
     async def agent(self) -> AsyncIterator[SandboxHandle]:
+        """The call's sandbox, woken and in use. What its agent refuses in the block is a Connect error
+        (caught here, before `using` makes it an API error), and so is a sandbox that cannot be reached."""
         call = CALL.get()
         try:
             async with self.sandboxes.using(call.sandbox.row) as handle:
-                yield handle
+                try:
+                    yield handle
+                except AgentError as e:
+                    raise connect_error(e) from e
         except (AgentError, KilnError) as e:
             raise connect_error(e) from e
 
@@ -317,19 +323,7 @@ def entry_info(e: dict) -> fs_pb.EntryInfo:
 class FilesystemService(Envd, Filesystem):
     async def entries(self, path: str, depth: int) -> list[dict]:
         async with self.agent() as handle:
-            try:
-                return await handle.agent.entries(path, depth)
-            except AgentError as e:
-                raise connect_error(e) from e
-
-    @contextlib.asynccontextmanager
-    async def agent_call(self) -> AsyncIterator[AgentClient]:
-        """The sandbox's agent, its refusals as Connect errors."""
-        async with self.agent() as handle:
-            try:
-                yield handle.agent
-            except AgentError as e:
-                raise connect_error(e) from e
+            return await handle.agent.entries(path, depth)
 
     async def entry(self, path: str) -> fs_pb.EntryInfo:
         return entry_info((await self.entries(path, 0))[0])
@@ -345,8 +339,8 @@ class FilesystemService(Envd, Filesystem):
     async def make_dir(self, request: fs_pb.MakeDirRequest, ctx: Any) -> fs_pb.MakeDirResponse:
         call = CALL.get()
         path = call.path(request.path)
-        async with self.agent_call() as agent:
-            created = await agent.make_dir(path, call.user or "user")
+        async with self.agent() as handle:
+            created = await handle.agent.make_dir(path, call.user or "user")
         if not created:
             raise ConnectError(Code.ALREADY_EXISTS, f"directory {path} already exists")
         return fs_pb.MakeDirResponse(entry=await self.entry(path))
@@ -354,21 +348,21 @@ class FilesystemService(Envd, Filesystem):
     async def move(self, request: fs_pb.MoveRequest, ctx: Any) -> fs_pb.MoveResponse:
         call = CALL.get()
         source, destination = call.path(request.source), call.path(request.destination)
-        async with self.agent_call() as agent:
-            await agent.move(source, destination)
+        async with self.agent() as handle:
+            await handle.agent.move(source, destination)
         return fs_pb.MoveResponse(entry=await self.entry(destination))
 
     async def remove(self, request: fs_pb.RemoveRequest, ctx: Any) -> fs_pb.RemoveResponse:
-        async with self.agent_call() as agent:
-            await agent.remove(CALL.get().path(request.path))
+        async with self.agent() as handle:
+            await handle.agent.remove(CALL.get().path(request.path))
         return fs_pb.RemoveResponse()
 
     async def open_watch(self, path: str, recursive: bool) -> AgentConnection:
-        async with self.agent() as handle:
-            try:
+        try:
+            async with self.agent() as handle:
                 return await handle.agent.watch(CALL.get().path(path), recursive)
-            except (AgentError, TimeoutError) as e:
-                raise connect_error(e) from e
+        except TimeoutError as e:
+            raise connect_error(e) from e
 
     async def watch_dir(self, request: fs_pb.WatchDirRequest, ctx: Any) -> AsyncIterator[fs_pb.WatchDirResponse]:
         conn = await self.open_watch(request.path, request.recursive)
@@ -423,8 +417,9 @@ def fs_event(e: dict) -> fs_pb.FilesystemEvent:
 # ---------------------------------------------------------------- /files and /health
 
 
-def envd_error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"code": status, "message": message}, status_code=status)
+def file_status(e: ConnectError) -> int:
+    """The HTTP status of a /files reply for what the agent answered."""
+    return {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404}.get(e.code, 502)
 
 
 class Files(Envd):
@@ -444,8 +439,8 @@ class Files(Envd):
         except (ConnectError, AgentError) as e:
             await stack.aclose()
             err = connect_error(e)
-            status = {Code.NOT_FOUND: 404, Code.INVALID_ARGUMENT: 400}.get(err.code, 502)
-            return envd_error(status, err.message if status != 404 else f"path '{path}' does not exist")
+            status = file_status(err)
+            return error(status, err.message if status != 404 else f"path '{path}' does not exist")
 
         gzipped = "gzip" in request.headers.get("accept-encoding", "").lower()
 
@@ -484,12 +479,10 @@ class Files(Envd):
                     await self.write(path, spool)
                 written.append({"name": posixpath.basename(path), "type": "file", "path": path})
         except UploadTooLarge:
-            return envd_error(413, f"upload larger than {self.max_upload} bytes")
+            return error(413, f"upload larger than {self.max_upload} bytes")
         except ConnectError as e:
-            status = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404}.get(e.code, 502)
-            if "No space" in e.message:
-                status = 507
-            return envd_error(status, e.message)
+            status = 507 if "No space" in e.message else file_status(e)
+            return error(status, e.message)
         return JSONResponse(written)
 
     async def spool(self, request: Request, spool) -> None:
@@ -515,10 +508,7 @@ class Files(Envd):
                 yield data
 
         async with self.agent() as handle:
-            try:
-                await handle.agent.write(path, size, 0o644, chunks())
-            except AgentError as e:
-                raise connect_error(e) from e
+            await handle.agent.write(path, size, 0o644, chunks())
 
 
 class UploadTooLarge(Exception):
@@ -560,7 +550,7 @@ def build_envd(sandboxes: SandboxService, processes: ProcessTable, watchers: Wat
         elif path == "/files" and request.method == "POST":
             response = await files.upload(request)
         else:
-            response = envd_error(404, f"envd has no {request.method} {path}")
+            response = error(404, f"envd has no {request.method} {path}")
         await response(scope, receive, send)
 
     return app

@@ -19,14 +19,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import logging
 import re
 import time
 import urllib.parse
 
 from fastapi import WebSocket
-from fastapi.responses import JSONResponse
 
 from ..api.auth import read_at_most, replay
 from ..api.deps import services_of
@@ -34,7 +32,7 @@ from ..api.proxy import Target, proxy_http, proxy_websocket
 from ..core.errors import KilnError
 from ..states import Status
 from ..store.db import User
-from .control import USER
+from .control import USER, error
 from .envd import CALL, EnvdCall, basic_user
 from .sandboxes import E2bSandbox, E2bService
 
@@ -46,27 +44,12 @@ ENVD_PORT = 49983
 SANDBOX_HOST = re.compile(r"(\d{1,5})-([0-9a-f]{1,64})")  # <port>-<sandbox id>
 
 
-async def reply(send, status: int, message: str) -> None:
-    body = json.dumps({"code": status, "message": message}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-async def refuse(scope, send, status: int, message: str) -> None:
+async def refuse(scope, receive, send, status: int, message: str) -> None:
+    """E2B's error body, as an HTTP reply or as the denial of a WebSocket handshake."""
+    response = error(status, message)
     if scope["type"] == "websocket":
-        body = JSONResponse({"code": status, "message": message}, status_code=status)
-        return await WebSocket(scope, no_receive, send).send_denial_response(body)
-    await reply(send, status, message)
-
-
-async def no_receive() -> dict:
-    return {"type": "websocket.connect"}
+        return await WebSocket(scope, receive, send).send_denial_response(response)
+    await response(scope, receive, send)
 
 
 def signed(token: str, method: str, query: dict[str, list[str]]) -> bool:
@@ -119,7 +102,9 @@ class E2bGateway:
         if domain and host.endswith("." + domain):
             label = SANDBOX_HOST.fullmatch(host[: -len(domain) - 1])
             if label is None:
-                return await reply(send, 404, f"{host} is not a sandbox host: <port>-<sandbox id>.{domain}")
+                return await refuse(
+                    scope, receive, send, 404, f"{host} is not a sandbox host: <port>-<sandbox id>.{domain}"
+                )
             return await self.sandbox(state, e2b, scope, headers, receive, send, label[2], int(label[1]))
         if state.publish.alias_of_host(host) is not None or not under(scope["path"], PREFIX):
             return await self.app(scope, receive, send)  # published URLs and kiln's own API
@@ -127,28 +112,30 @@ class E2bGateway:
             sandbox_id = headers.get(b"e2b-sandbox-id", b"").decode("latin-1")
             port = headers.get(b"e2b-sandbox-port", b"").decode("latin-1") or str(ENVD_PORT)
             if not port.isdigit() or not 0 < int(port) < 65536:
-                return await reply(send, 400, "E2b-Sandbox-Port must be a port number")
+                return await refuse(scope, receive, send, 400, "E2b-Sandbox-Port must be a port number")
             scope = strip(scope, SANDBOX_PREFIX)
             return await self.sandbox(state, e2b, scope, headers, receive, send, sandbox_id, int(port))
         return await self.control(state, e2b, strip(scope, PREFIX), headers, receive, send)
 
     async def control(self, state, e2b: E2bService, scope, headers, receive, send) -> None:
         if scope["type"] != "http":
-            return await reply(send, 404, "the E2B API has no WebSocket routes")
+            return await refuse(scope, receive, send, 404, "the E2B API has no WebSocket routes")
         user = api_key_user(e2b, headers)
         if user is None:
-            return await reply(send, 401, "invalid API key" if headers.get(b"x-api-key") else "X-API-Key required")
+            return await refuse(
+                scope, receive, send, 401, "invalid API key" if headers.get(b"x-api-key") else "X-API-Key required"
+            )
         cap = state.server.max_json_body_bytes
         body = await read_at_most(receive, cap)
         if body is None:
-            return await reply(send, 413, f"request body too large (max {cap} bytes)")
+            return await refuse(scope, receive, send, 413, f"request body too large (max {cap} bytes)")
         await e2b.control_app(dict(scope, **{USER: user}), replay(body, receive), send)
 
     async def sandbox(self, state, e2b: E2bService, scope, headers, receive, send, sandbox_id: str, port: int):
         token = headers.get(b"x-access-token", b"").decode("latin-1")
         sb = self.find(e2b, sandbox_id, token)
         if sb is None:
-            return await refuse(scope, send, 502, f"The sandbox {sandbox_id or '(unnamed)'} was not found")
+            return await refuse(scope, receive, send, 502, f"The sandbox {sandbox_id or '(unnamed)'} was not found")
         valid = hmac.compare_digest(token.encode(), e2b.envd_token(sb.row.id).encode())
         query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
         if port == ENVD_PORT:
@@ -160,22 +147,24 @@ class E2bGateway:
             valid = valid or hmac.compare_digest(traffic.encode(), e2b.envd_token(sb.row.id).encode())
             needs_token = not e2b.config.public_ports
         if needs_token and not valid:
-            return await refuse(scope, send, 401, "unauthenticated: a valid X-Access-Token is required")
+            return await refuse(scope, receive, send, 401, "unauthenticated: a valid X-Access-Token is required")
         if sb.row.status == Status.STOPPED and not sb.record.auto_resume:
-            return await refuse(scope, send, 502, f"The sandbox {sb.row.id} was not found")  # paused: not running
+            return await refuse(
+                scope, receive, send, 502, f"The sandbox {sb.row.id} was not found"
+            )  # paused: not running
         if not state.rate_limits.allow_class(sb.row.owner_id, "exec"):
-            return await refuse(scope, send, 429, "rate limit exceeded")
+            return await refuse(scope, receive, send, 429, "rate limit exceeded")
         if port != ENVD_PORT:
             target = Target(sb.row, port, (scope.get("raw_path") or b"/").decode("latin-1"), strip_credentials=False)
             if scope["type"] == "websocket":
                 return await proxy_websocket(state, target, WebSocket(scope, receive, send))
             return await proxy_http(state, target, scope, receive, send)
         if scope["type"] != "http":
-            return await refuse(scope, send, 404, "envd has no WebSocket routes")
+            return await refuse(scope, receive, send, 404, "envd has no WebSocket routes")
         try:
             user = basic_user(headers.get(b"authorization", b"").decode("latin-1"))
         except Exception:
-            return await reply(send, 400, "malformed Basic authorization")
+            return await refuse(scope, receive, send, 400, "malformed Basic authorization")
         if scope["path"] == "/files" and query.get("username"):
             user = query["username"][0]  # /files names its user in the query (signed URLs have no headers)
         call = EnvdCall(sb, user)
@@ -183,17 +172,11 @@ class E2bGateway:
         try:
             await e2b.envd_app(scope, receive, send)
         except KilnError as e:
-            await reply(send, e.status, e.message)
+            await refuse(scope, receive, send, e.status, e.message)
         finally:
             CALL.reset(reset)
 
     @staticmethod
     def find(e2b: E2bService, sandbox_id: str, token: str) -> E2bSandbox | None:
         """By its id (the token is checked after), else by the token alone."""
-        if sandbox_id:
-            record = e2b.store.e2b_record(sandbox_id)
-            row = e2b.store.sandbox_by_id(sandbox_id) if record else None
-            if record is None or row is None or row.status in (Status.CREATING, Status.DESTROYING):
-                return None
-            return E2bSandbox(row, record)
-        return e2b.by_token(token)
+        return e2b.by_id(sandbox_id) if sandbox_id else e2b.by_token(token)

@@ -137,9 +137,6 @@ class ProcessTable:
         for proc in list(self.by_sandbox.pop(sandbox_id, {}).values()):
             proc.conn.writer.transport.abort()
 
-    async def forget_destroyed(self, sandbox_id: str) -> None:
-        self.forget(sandbox_id)
-
     async def close(self) -> None:
         for sandbox_id in list(self.by_sandbox):
             self.forget(sandbox_id)

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from ..config import E2bConfig
 from ..core.errors import BadRequest, NotFound, Unavailable
 from ..core.lifecycle import CreateRequest, SandboxService
 from ..core.ratelimit import UserRateLimits
+from ..fileio import key_file
 from ..states import Status
 from ..store.db import E2bRecord, SandboxRow, Store, User
 
@@ -56,18 +56,21 @@ class TokenKey:
     """The daemon's key for envd tokens (data_dir/e2b.key, made once, root-only)."""
 
     def __init__(self, path: Path):
-        if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-        self.key = path.read_bytes()
+        self.key = key_file(path, lambda: secrets.token_bytes(32))
 
     def token(self, sandbox_id: str) -> str:
         return hmac.new(self.key, sandbox_id.encode(), hashlib.sha256).hexdigest()
 
 
-def datetime_unix(rfc3339: str) -> float:
-    return datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+RFC3339 = "%Y-%m-%dT%H:%M:%S.%fZ"  # the store's timestamps (store.db.now)
+
+
+def rfc3339(unix: float) -> str:
+    return datetime.fromtimestamp(min(unix, 253402300799), UTC).strftime(RFC3339)  # NEVER: year 9999
+
+
+def unix_of(text: str) -> float:
+    return datetime.strptime(text, RFC3339).replace(tzinfo=UTC).timestamp()
 
 
 def token_hash(token: str) -> str:
@@ -97,20 +100,27 @@ class E2bService:
     def envd_token(self, sandbox_id: str) -> str:
         return self.tokens.token(sandbox_id)
 
-    def by_token(self, token: str) -> E2bSandbox | None:
-        """The sandbox an envd token opens (any owner's: the token is the credential)."""
-        record = self.store.e2b_by_token_hash(token_hash(token)) if token else None
-        row = self.store.sandbox_by_id(record.sandbox_id) if record else None
-        if record is None or row is None or not hmac.compare_digest(self.envd_token(row.id), token):
+    def by_id(self, sandbox_id: str) -> E2bSandbox | None:
+        """Any owner's E2B sandbox that is neither being made nor being destroyed."""
+        record = self.store.e2b_record(sandbox_id)
+        row = self.store.sandbox_by_id(sandbox_id) if record else None
+        if record is None or row is None or row.status in (Status.CREATING, Status.DESTROYING):
             return None
         return E2bSandbox(row, record)
 
+    def by_token(self, token: str) -> E2bSandbox | None:
+        """The sandbox an envd token opens (any owner's: the token is the credential)."""
+        record = self.store.e2b_by_token_hash(token_hash(token)) if token else None
+        sb = self.by_id(record.sandbox_id) if record else None
+        if sb is None or not hmac.compare_digest(self.envd_token(sb.row.id), token):
+            return None
+        return sb
+
     def get(self, user: User, sandbox_id: str) -> E2bSandbox:
-        record = self.store.e2b_record(sandbox_id)
-        row = self.store.get_sandbox(user.id, sandbox_id) if record else None
-        if record is None or row is None or row.id != sandbox_id or row.status in (Status.CREATING, Status.DESTROYING):
+        sb = self.by_id(sandbox_id)
+        if sb is None or sb.row.owner_id != user.id:
             raise NotFound(f"sandbox {sandbox_id} not found")
-        return E2bSandbox(row, record)
+        return sb
 
     def list(self, user: User) -> builtins.list[E2bSandbox]:
         out = []
@@ -216,12 +226,12 @@ class E2bService:
         if usage is None:
             return []
         now = time.time()
-        then, cpu_then = self.cpu_seen.get(sb.row.id, (datetime_unix(sb.row.created_at), 0.0))
+        then, cpu_then = self.cpu_seen.get(sb.row.id, (unix_of(sb.row.created_at), 0.0))
         self.cpu_seen[sb.row.id] = (now, usage.cpu_seconds)
         pct = 100 * (usage.cpu_seconds - cpu_then) / max(now - then, 1e-3) / max(sb.row.cpus, 0.01)
         return [
             {
-                "timestamp": datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "timestamp": rfc3339(now),
                 "timestampUnix": int(now),
                 "cpuCount": max(1, round(sb.row.cpus)),
                 "cpuUsedPct": round(min(max(pct, 0.0), 100.0), 2),

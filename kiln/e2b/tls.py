@@ -10,9 +10,10 @@ replaces the system's), cert.pem + key.pem (the listener's), domain (what setup 
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..fileio import write_atomic
 
 SYSTEM_ROOTS = Path("/etc/ssl/certs/ca-certificates.crt")
 
@@ -51,12 +52,6 @@ class TlsFiles:
 
 def tls_files(data_dir: Path) -> TlsFiles:
     return TlsFiles(data_dir / "e2b-tls")
-
-
-def write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def setup(data_dir: Path, domain: str) -> TlsFiles:
@@ -122,9 +117,6 @@ def setup(data_dir: Path, domain: str) -> TlsFiles:
     roots = SYSTEM_ROOTS.read_bytes() if SYSTEM_ROOTS.exists() else b""
     files.bundle.write_bytes(roots + (b"\n" if roots and not roots.endswith(b"\n") else b"") + ca_pem)
     files.cert.write_bytes(leaf.public_bytes(pem) + ca_pem)
-    write_private(
-        files.key,
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-    )
+    write_atomic(files.key, key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     files.domain_file.write_text(domain + "\n")
     return files
