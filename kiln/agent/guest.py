@@ -11,15 +11,25 @@ oneshot.py (one-shot exec), sessions.py (PTY sessions), files.py, watch.py (inot
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
-try:  # imported as kiln.agent.guest on the host (tests), run as a plain script in the sandbox
-    from .server import Agent
-except ImportError:  # pragma: no cover
-    from server import Agent  # type: ignore[no-redef,import-not-found]
+
+def serve(config_path: str, started: int) -> None:
+    """The server process: everything the agent imports is imported here, after the fork, so PID 1
+    stays a bare interpreter (~half the agent's memory otherwise, for a loop that only reaps)."""
+    import json
+
+    try:  # imported as kiln.agent.guest on the host (tests), run as a plain script in the sandbox
+        from .server import Agent
+    except ImportError:  # pragma: no cover
+        from server import Agent  # type: ignore[no-redef,import-not-found]
+
+    with open(config_path) as f:
+        agent = Agent(json.load(f))
+    agent.started = started  # how many servers this sandbox has had (more than 1: the server crashed)
+    agent.serve()
 
 
 def reap_forever(server_pid: int, start_server) -> None:
@@ -62,16 +72,16 @@ def detach_from_host_console() -> None:
 def main() -> None:
     # set only so the runtime's python finds its stdlib (kiln/images/runtime.py): no child inherits it
     os.environ.pop("PYTHONHOME", None)
-    with open(sys.argv[1]) as f:
-        config = json.load(f)
-    agent = Agent(config)
+    config_path = sys.argv[1]
+    started = 0
 
     def start_server() -> int:
-        agent.started += 1  # the child inherits the count: how many servers this sandbox has had
+        nonlocal started
+        started += 1
         pid = os.fork()
         if pid == 0:
             try:
-                agent.serve()
+                serve(config_path, started)
             finally:
                 os._exit(1)
         return pid
@@ -80,7 +90,7 @@ def main() -> None:
         detach_from_host_console()
         reap_forever(start_server(), start_server)
     else:  # run directly (tests on the host): no orphans of ours to reap
-        agent.serve()
+        serve(config_path, 1)
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ DRAIN_QUIET = 0.05  # after it exits: output is drained until the pipes are quie
 DRAIN_MAX = 1.0  # ... or for this long at most
 
 
-def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
-    """Run argv until it exits, streaming stdout/stderr frames, then EXIT.
+def run_exec(agent: Agent, conn: Conn, req: dict) -> bool:
+    """Run argv until it exits, streaming stdout/stderr frames, then EXIT. True when the connection
+    may carry another request: the host sent nothing while the command ran (no stdin, no KILL).
 
     The child gets its own process group; timeout, a KILL frame or the host going away kill
     the whole group. When the command exits, its output is drained briefly and EXIT sent, even if
@@ -41,7 +42,8 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
     """
     argv = checked_argv(req)
     if req.get("detach"):
-        return run_detached(agent, conn, req, argv)
+        run_detached(agent, conn, req, argv)
+        return True
     launch = agent.launch_spec(req)
     timeout = req.get("timeout_sec")
     deadline = time.monotonic() + float(timeout) if timeout else None
@@ -58,7 +60,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         code, why = known.get(e.errno or 0, (126, e.strerror or str(e)))
         conn.send(P.STDERR, f"exec: {argv[0]}: {why}\n".encode())
         conn.send_json(P.EXIT, {"exit_code": code})
-        return
+        return in_w < 0
     finally:
         for fd in (in_r, out_w, err_w):
             os.close(fd)
@@ -71,7 +73,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         sel.register(fd, selectors.EVENT_READ)
     sel.register(conn.sock, selectors.EVENT_READ)
     inbuf = bytearray()
-    timed_out = host_gone = False
+    timed_out = host_gone = heard_from_host = False
     exited_at: float | None = None  # when the command itself exited (its pipes may still be held)
     next_poll = time.monotonic() + EXIT_POLL
     try:
@@ -99,6 +101,7 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
                 if key.fileobj is conn.sock:
                     data = conn.sock.recv(READ_CHUNK)  # readable: does not block
                     inbuf += data
+                    heard_from_host = True
                     if not data or not apply_host_frames(inbuf, stdin):
                         host_gone = True
                         break
@@ -129,12 +132,13 @@ def run_exec(agent: Agent, conn: Conn, req: dict) -> None:
         if stdin:
             stdin.close()
     if host_gone:
-        return
+        return False
     if timed_out:
         conn.send_json(P.EXIT, {"exit_code": 124, "timed_out": True})
     else:
         rc = proc.returncode or 0
         conn.send_json(P.EXIT, {"exit_code": 128 - rc, "signal": -rc} if rc < 0 else {"exit_code": rc})
+    return stdin is None and not heard_from_host
 
 
 def checked_argv(req: dict) -> list[str]:

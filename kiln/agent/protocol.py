@@ -1,9 +1,13 @@
 """kiln agent wire protocol, shared by the guest agent and the host client. Standard library only.
 
-One request per TCP connection. Every frame is: 4-byte big-endian length (= 1 + payload length),
-1 type byte, payload. The first frame from the host is AUTH carrying the sandbox's token; the
-second is the request (EXEC_REQ, EXEC_LIST_REQ, ACTIVITY_REQ, FILE_*, PORTS_REQ, ...). JSON
-payloads are UTF-8. Unknown frame types are ignored by both sides (forward compatibility).
+Every frame is: 4-byte big-endian length (= 1 + payload length), 1 type byte, payload. The first
+frame from the host on a TCP connection is AUTH carrying the sandbox's token; the second is the
+request (EXEC_REQ, EXEC_LIST_REQ, ACTIVITY_REQ, FILE_*, PORTS_REQ, ...). Once a request is
+answered in full, the connection takes another request without AUTH, unless it carried a stream
+the host could have cut short (stdin, a terminal, a forward, a watch, a file write) or an ERROR:
+then the agent closes it. Agents that can do this say "keepalive": true in ACTIVITY_RESP (an agent
+restored from an older snapshot cannot). JSON payloads are UTF-8. Unknown frame types are
+ignored by both sides (forward compatibility).
 """
 
 from __future__ import annotations

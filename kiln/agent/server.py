@@ -1,4 +1,5 @@
-"""The agent's server: one authenticated request per connection, sessions, secrets, activity.
+"""The agent's server: authenticated connections carrying requests one after another, sessions,
+secrets, activity.
 
 Part of the guest agent: standard library only, imported as kiln.agent.server on the host (tests) and
 as a plain module inside the sandbox."""
@@ -43,6 +44,7 @@ def watch_dir(conn: Conn, req: dict) -> None:
 
 DEFAULT_UID = 1000
 AUTH_DEADLINE = 5.0
+KEEP_IDLE = 60.0  # an answered connection waits this long for the host's next request (the host's pool: 20 s)
 MAX_CONNECTIONS = 50
 MAX_SESSIONS = 20  # running at once
 MAX_EXITED = 50  # exited ones still listed
@@ -294,11 +296,14 @@ class Agent:
             if first is None or first[0] != P.AUTH or not compare_digest(first[1], self.token):
                 conn.send_json(P.ERROR, {"error": "auth required", "kind": P.FAILED})
                 return
-            request = recv_frame(sock)
-            sock.settimeout(None)
-            if request is None:
-                return
-            self.dispatch(conn, *request)
+            while True:  # the host may send another request once one is answered (KEEP_IDLE)
+                request = recv_frame(sock)
+                sock.settimeout(None)
+                if request is None or not self.dispatch(conn, *request):
+                    return
+                sock.settimeout(KEEP_IDLE)
+        except TimeoutError:
+            return  # the host sent no request in time (or left an idle connection): close quietly
         except RequestError as e:
             conn.send_json(P.ERROR, {"error": str(e), "kind": e.kind})
         except (OSError, ValueError) as e:
@@ -307,9 +312,11 @@ class Agent:
             conn.close()
             self.connections.release()
 
-    def dispatch(self, conn: Conn, ftype: int, payload: bytes) -> None:
+    def dispatch(self, conn: Conn, ftype: int, payload: bytes) -> bool:
+        """Serve one request; True when it has been answered in full and the connection may carry
+        the next (requests and replies only: no stream the host could have cut short)."""
         if ftype == P.ACTIVITY_REQ:
-            conn.send_json(P.ACTIVITY_RESP, self.activity())
+            conn.send_json(P.ACTIVITY_RESP, dict(self.activity(), keepalive=True))
         elif ftype == P.EXEC_LIST_REQ:
             conn.send_json(P.EXEC_LIST_RESP, self.session_list())
         elif ftype == P.EXEC_REQ:
@@ -321,15 +328,19 @@ class Agent:
                 session = Session.start(self, self.new_session_id(req.get("session_id")), req)
                 session.attach(conn, force=True)
             else:
-                run_exec(self, conn, req)
+                return run_exec(self, conn, req)
+            return False
         elif ftype in P.FILE_REQUESTS:
             self.file_request(conn, ftype, json.loads(payload))
+            return ftype != P.FILE_WRITE
         elif ftype == P.WATCH_REQ:
             watch_dir(conn, json.loads(payload))
+            return False
         elif ftype == P.PORTS_REQ:
             conn.send_json(P.PORTS_RESP, ports.listening_ports(exclude={self.port}))
         elif ftype == P.FORWARD_REQ:
             self.forward(conn, json.loads(payload))
+            return False
         elif ftype == P.TOKEN_SET:
             self.set_token(payload)
             conn.send_json(P.EXIT, {"exit_code": 0})
@@ -341,6 +352,7 @@ class Agent:
             conn.send_json(P.EXIT, {"exit_code": 0})
         else:
             raise RequestError(f"unknown request type 0x{ftype:02x}")
+        return True
 
     def token_file(self) -> str:
         return os.path.join(os.path.dirname(self.secrets_file), "token")

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -231,3 +232,61 @@ def test_exited_sessions_stay_listed_30_seconds_and_are_bounded(tmp_path):
     agent.sessions = {f"s{i}": session(now - 20 + i * 0.1) for i in range(MAX_EXITED + 10)}
     agent.reap_sessions_locked()
     assert set(agent.sessions) == {f"s{i}" for i in range(10, MAX_EXITED + 10)}  # the newest are kept
+
+
+def start_agent(cfg, port: int) -> subprocess.Popen:
+    cfg.write_text(json.dumps({"token": TOKEN, "port": port, "bind": "127.0.0.1"}))
+    return subprocess.Popen([sys.executable, str(AGENT_DIR / "guest.py"), str(cfg)])
+
+
+def listening(port: int) -> None:
+    """Wait (blocking: no event loop runs meanwhile) until something accepts on port."""
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port)).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def test_answered_connections_carry_the_next_request_and_a_stale_one_is_replaced(tmp_path):
+    """Requests answered in full leave their connection pooled for the next; a stream the host fed
+    (stdin) or an ERROR closes it; a pooled connection the agent lost (here: the agent was
+    restarted) is replaced by a new one without the caller noticing."""
+    port = free_port()
+    procs = [start_agent(tmp_path / "a.json", port)]
+
+    async def scenario():
+        client = AgentClient("127.0.0.1", port, TOKEN)
+        await client.wait_ready(asyncio.get_running_loop().time() + 10)
+        assert client.keepalive and len(client.idle) == 1
+        first = client.idle[0][0]
+        out, _, ex = await collect(client, {"argv": ["echo", "one"], "user": "root"})
+        assert (out, ex.exit_code) == (b"one\n", 0)
+        assert [c for c, _ in client.idle] == [first]  # the same connection, answered and back
+        assert (await client.stat("/"))["is_dir"] and [c for c, _ in client.idle] == [first]
+        out, _, _ = await collect(client, {"argv": ["cat"], "user": "root"}, stdin=b"fed")
+        assert out == b"fed" and [c for c, _ in client.idle] == [first]  # a connection of its own, closed
+        with pytest.raises(AgentRequestError):
+            await client.stat("relative")
+        assert client.idle == [] and client.open == set()  # the ERROR closed the pooled one
+
+        await client.activity()
+        assert len(client.idle) == 1
+        # the agent holding the pooled connection dies and a new one takes its port, all before this
+        # loop runs again: the pooled connection looks open until the request is sent on it
+        procs[0].kill()
+        procs[0].wait()
+        procs[0] = start_agent(tmp_path / "a.json", port)
+        listening(port)
+        assert not client.idle[0][0].reader.at_eof()
+        out, _, ex = await collect(client, {"argv": ["echo", "two"], "user": "root"})
+        assert (out, ex.exit_code) == (b"two\n", 0)
+        assert len(client.idle) == 1 and client.idle[0][0] is not first, (client.idle, first)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        procs[0].kill()
+        procs[0].wait()

@@ -1,7 +1,7 @@
 """Memory snapshots that write only what changed: a content-addressed page store per sandbox.
 
 runsc checkpoints uncompressed, so `pages.img` is raw 4 KiB pages. Pages are named by their
-SHA-256 (first 16 bytes) and live in append-only pack files; a snapshot is an index (one record
+XXH3-128 digest and live in append-only pack files; a snapshot is an index (one record
 per page: digest, pack, slot) plus the small image files runsc writes beside the pages.
 
 - First stop (full): runsc writes into the sandbox directory on disk and `pages.img` itself is
@@ -14,22 +14,27 @@ per page: digest, pack, slot) plus the small image files runsc writes beside the
   which defeats larger fixed chunks but not page-sized ones.
 - A manifest written last (temp + fsync + rename) makes a snapshot current, so a failed stop
   never harms the previous good one. Packs the current index no longer references are deleted.
+- The hash: XXH3-128 costs ~0.07 s for a 290 MB image here, SHA-256 ~0.6 s (more than the writes a
+  diff saves). It is not collision-resistant against someone crafting pages, but every page store
+  is one sandbox's (kept.py: one owner's), so a crafted collision could only swap that tenant's
+  own pages. Indexes of SHA-256 digests written before simply match nothing: their pages are
+  written again once, and restores (by pack and slot) are unaffected.
 - Restore reassembles the image files beside the store for `runsc restore` (on disk, not tmpfs:
   a restore from tmpfs made the sandbox's next checkpoint 3x slower, and pinned its RAM).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import struct
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
+
+from xxhash import xxh3_128_digest
 
 from ...fileio import write_atomic
 from ..base import SnapshotSummary
@@ -312,27 +317,10 @@ def remove_scratch(path: Path) -> None:
 
 
 def page_digests(path: Path) -> list[bytes]:
-    """SHA-256 (first 16 bytes) of every 4 KiB page, hashed in two threads (hashlib drops the GIL)."""
-    size = path.stat().st_size
-    pages = (size + PAGE - 1) // PAGE
-    half = pages // 2
-
-    def hash_range(first: int, count: int) -> list[bytes]:
-        out = []
-        with open(path, "rb") as f:
-            f.seek(first * PAGE)
-            left = count
-            while left:
-                buf = f.read(min(left, 256) * PAGE)
-                if not buf:
-                    break
-                view = memoryview(buf)
-                for off in range(0, len(buf), PAGE):
-                    out.append(hashlib.sha256(view[off : off + PAGE]).digest()[:16])
-                left -= (len(buf) + PAGE - 1) // PAGE
-        return out
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        low = pool.submit(hash_range, 0, half)
-        high = pool.submit(hash_range, half, pages - half)
-        return low.result() + high.result()
+    """The XXH3-128 digest of every 4 KiB page (see the module's note on the hash)."""
+    out = []
+    with open(path, "rb") as f:
+        while buf := f.read(256 * PAGE):
+            view = memoryview(buf)
+            out += [xxh3_128_digest(view[off : off + PAGE]) for off in range(0, len(buf), PAGE)]
+    return out
