@@ -15,6 +15,8 @@ Layout of a sandbox directory:
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from pathlib import Path
 
 from ... import diskimage
@@ -153,9 +155,29 @@ def write_bundle(
     write_atomic(sandbox_dir / "config.json", json.dumps(config))
 
 
-async def make_disk(sandbox_dir: Path, size_mb: int) -> None:
-    """The writable disk: sparse (costs only what is written), no reserved blocks, lazy init (~10 ms)."""
-    await diskimage.make_ext4(sandbox_dir / "disk.ext4", size_mb)
+MAX_DISK_TEMPLATES = 4  # sizes kept as templates (users may ask for any size: the rest get mkfs)
+
+
+async def make_disk(sandbox_dir: Path, size_mb: int, templates: Path) -> None:
+    """The writable disk: sparse (costs only what is written), no reserved blocks, lazy init.
+
+    mkfs costs ~30 ms a disk here, a sparse copy of an empty ext4 of the same size ~5 ms: the first
+    disk of a size leaves its empty ext4 in `templates` for the next ones. (The copies share the
+    template's filesystem UUID, which nothing of kiln's or of ext4's relies on.)"""
+    disk = sandbox_dir / "disk.ext4"
+    template = templates / f"empty-{size_mb}mb.ext4"
+    if not template.exists():
+        templates.mkdir(parents=True, exist_ok=True)
+        if len(list(templates.glob("empty-*.ext4"))) >= MAX_DISK_TEMPLATES:
+            await diskimage.make_ext4(disk, size_mb)
+            return
+        tmp = templates / f".{template.name}.{secrets.token_hex(4)}"
+        try:
+            await diskimage.make_ext4(tmp, size_mb)
+            os.replace(tmp, template)
+        finally:
+            tmp.unlink(missing_ok=True)
+    await diskimage.copy_sparse(template, disk)
 
 
 def layer_dir(sandbox_dir: Path) -> Path:

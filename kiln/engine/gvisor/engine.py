@@ -303,11 +303,17 @@ class GVisorEngine:
                 self.network.resolver_ip,
                 self.runtime(),
             )
-            await self.volume_mounts.ensure(list(spec.volumes))
-            await bundle.make_disk(sandbox_dir, spec.disk_mb)
-            await self.network.create(link, spec.net_policy)
-            await self.attach_resolver(rec)
-            await bundle.mount_rootfs(image_dir, sandbox_dir)
+
+            async def disk_and_rootfs() -> None:
+                await bundle.make_disk(sandbox_dir, spec.disk_mb, self.data_dir / "disk-templates")
+                await bundle.mount_rootfs(image_dir, sandbox_dir)
+
+            async def network() -> None:
+                await self.network.create(link, spec.net_policy)
+                await self.attach_resolver(rec)
+
+            # independent of each other, and mostly forks of mkfs, mount and ip: side by side
+            await all_of(self.volume_mounts.ensure(list(spec.volumes)), disk_and_rootfs(), network())
             # engine.json last: a directory without it is a half-made sandbox, removed on start.
             write_atomic(sandbox_dir / RECORD_FILE, rec.to_json())
             return await self.launch(rec)
