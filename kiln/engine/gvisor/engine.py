@@ -46,7 +46,7 @@ from .reaper import ProcessWatcher
 from .records import RECORD_FILE, RESOLVED_FILE, Record
 from .resolver import Resolver
 from .runsc import Runsc, tail
-from .snapshots import PageStore, remove_scratch
+from .snapshots import PageStore, remove_and_commit, remove_scratch, set_aside
 from .volumes import VolumeMounts
 
 log = logging.getLogger("kiln.engine.gvisor")
@@ -94,6 +94,7 @@ class GVisorEngine:
         self.indexing: dict[str, asyncio.Task] = {}  # full snapshots being indexed after their stop
         self.kept = KeptSnapshots(self.data_dir)  # named snapshots
         self.exit_tasks: set[asyncio.Task] = set()  # exit reports under way (referenced until done)
+        self.deletions: set[asyncio.Task] = set()  # scratch images being deleted after their request
         self.slot_lock = asyncio.Lock()
         self.exit_listener: ExitListener | None = None
         self.runtime_dir: Path | None = None  # the agent's Python runtime (kiln/images/runtime.py)
@@ -151,6 +152,8 @@ class GVisorEngine:
         self.pending_deletes.clear()
         for sandbox_id in list(self.indexing):
             await self.index_done(sandbox_id)
+        for task in list(self.deletions):
+            await task
         self.processes.close()
         if self.resolver is not None:
             self.resolver.close()
@@ -476,7 +479,15 @@ class GVisorEngine:
                     ) from e
                 raise EngineError(f"writing the snapshot failed: {e.strerror or e}") from e
         finally:
-            await asyncio.to_thread(remove_scratch, image_dir)
+            self.delete_later(image_dir)
+
+    def delete_later(self, scratch: Path) -> None:
+        """A scratch image (hundreds of MB) is deleted after the request that used it has returned."""
+        target = set_aside(scratch)
+        if target is not None:
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(remove_and_commit, target))
+            self.deletions.add(task)
+            task.add_done_callback(self.deletions.discard)
 
     def free_bytes(self) -> int:
         """Disk space left for sandboxes (what an unprivileged writer could still use)."""
@@ -542,7 +553,7 @@ class GVisorEngine:
             await self.restore_detached(sandbox_id, self.dir(sandbox_id), self.dir(sandbox_id) / "console.log", scratch)
             handle = await self.until_ready(rec)
         finally:
-            await asyncio.to_thread(remove_scratch, scratch)
+            self.delete_later(scratch)  # (runsc has read it, or holds it open)
         await self.index_done(sandbox_id)
         await asyncio.to_thread(store.mark_consumed)
         return handle

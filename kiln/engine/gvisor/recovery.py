@@ -14,7 +14,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..base import State
-from .snapshots import PageStore, remove_scratch
+from .snapshots import PageStore, remove_scratch, remove_trash
 
 if TYPE_CHECKING:
     from .engine import GVisorEngine
@@ -40,6 +40,7 @@ async def remove_strays(engine: GVisorEngine) -> None:
 async def recover_interrupted_stop(engine: GVisorEngine, sandbox_id: str) -> None:
     sandbox_dir = engine.dir(sandbox_id)
     await asyncio.to_thread(remove_scratch, sandbox_dir / "restore.tmp")
+    await asyncio.to_thread(remove_trash, sandbox_dir)  # scratch images set aside, not deleted yet
     image_dir = sandbox_dir / "checkpoint.tmp"
     if not image_dir.exists():
         return
