@@ -117,3 +117,31 @@ def test_a_diff_indexes_an_unindexed_full_snapshot_itself(tmp_path):
     diff = store.save(image(tmp_path, "i1", data))
     assert diff.kind == "diff" and diff.bytes_written < PAGE
     assert assembled(store, tmp_path)[0] == data
+
+
+def test_a_diff_with_nothing_new_writes_no_pack_and_repeated_new_pages_are_stored_once(tmp_path):
+    base = os.urandom(PAGE * 20)
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", base))
+    packs = sorted(p.name for p in store.packs.iterdir())
+    same = store.save(image(tmp_path, "i1", base, b"state-1"))
+    assert same.bytes_written == len(b"state-1") and sorted(p.name for p in store.packs.iterdir()) == packs
+    page = os.urandom(PAGE)
+    doubled = page + base + page  # one new page, twice
+    twice = store.save(image(tmp_path, "i2", doubled, b"s"))
+    assert twice.bytes_written == PAGE + 1
+    assert assembled(store, tmp_path, "a2") == (doubled, b"s")
+
+
+def test_scratch_images_set_aside_are_deleted_later_or_at_the_next_start(tmp_path):
+    sandbox = tmp_path / "sb"
+    sandbox.mkdir()
+    scratch = image(tmp_path, "sb/checkpoint.tmp", b"x" * PAGE)
+    aside = snapshots.set_aside(scratch)
+    assert aside is not None and not scratch.exists() and aside.parent == sandbox
+    assert snapshots.set_aside(scratch) is None  # nothing there: nothing to set aside
+    leftover = snapshots.set_aside(image(tmp_path, "sb/restore.tmp", b"y"))
+    snapshots.remove_and_commit(aside)
+    assert not aside.exists() and leftover is not None and leftover.exists()
+    snapshots.remove_trash(sandbox)  # what a start does with what a crash left
+    assert sorted(p.name for p in sandbox.iterdir()) == []
