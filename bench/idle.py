@@ -18,6 +18,7 @@ import time
 from bench.raw import raw_engine
 from kiln.config import PortsConfig
 from kiln.engine.base import SandboxSpec
+from kiln.images.runtime import python_request
 from tests.daemon import Daemon, builtin_image
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -35,6 +36,7 @@ AGENT_RSS = (
 )
 
 
+BARE_RSS = "print([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1])"
 AGENT_CPU = (
     "print(sum(sum(int(f) for f in open(f'/proc/{p}/stat').read().rsplit(')', 1)[1].split()[11:13]) for p in (1, 2)))"
 )
@@ -119,6 +121,11 @@ def bench_idle(n: int, window: float) -> dict:
                 f"/sandboxes/{ids[0]}/exec", json={"cmd": ["python3", "-c", AGENT_RSS], "user": "root"}
             ).json()
             res["agent_rss"] = [int(line.split()[1]) * 1024 for line in out["stdout"].split("\n") if line]
+            bare = python_request(BARE_RSS, 30)  # the agent's own interpreter, doing nothing
+            out = api.post(
+                f"/sandboxes/{ids[0]}/exec", json={"cmd": bare["argv"], "env": bare["env"], "user": "root"}
+            ).json()
+            res["bare_rss"] = int(out["stdout"]) * 1024
 
             def agent_ticks() -> int:  # the agents' own processes (PID 1 and its server), inside the guests
                 total = 0
@@ -222,6 +229,7 @@ def idle_report(res: dict) -> list[str]:
         f"| its memory cgroup (guest memory, gVisor, page cache) | {res['cgroup_per_hot'] / mb:.1f} |",
         f"| its gofer's RSS (outside the cgroup) | {res['gofer_per_hot'] / mb:.1f} |",
         f"| the agent's RSS inside (PID 1 + its server) | {' + '.join(f'{a / mb:.1f}' for a in agent)} |",
+        f"| (the agent's Python doing nothing, in the same sandbox, for comparison) | {res['bare_rss'] / mb:.1f} |",
         f"| freed per sandbox by a stop (it is then a file on disk) | {res['host_per_cold_freed'] / mb:.1f} |",
         "",
         f"So this machine's {meminfo('MemTotal') / (1 << 30):.0f} GiB hold about "

@@ -145,3 +145,43 @@ def test_scratch_images_set_aside_are_deleted_later_or_at_the_next_start(tmp_pat
     assert not aside.exists() and leftover is not None and leftover.exists()
     snapshots.remove_trash(sandbox)  # what a start does with what a crash left
     assert sorted(p.name for p in sandbox.iterdir()) == []
+
+
+def test_a_repacked_diff_is_one_pack_that_a_restore_links(tmp_path):
+    base = os.urandom(PAGE * 40) + b"short"
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", base))
+    store.ensure_index()
+    changed = os.urandom(PAGE) + base[PAGE:]
+    assert store.save(image(tmp_path, "i1", changed, b"state-1")).kind == "diff"
+    assert len(list(store.packs.glob("*.pack"))) == 2
+    before = assembled(store, tmp_path, "a0")
+    m = store.repack()
+    assert m is not None and store.restorable() and store.stray_packs() == []
+    assert [p.name for p in store.packs.iterdir()] == [f"{m['generation']}.pack"]  # the old ones collected
+    assert assembled(store, tmp_path, "a1") == before == (changed, b"state-1")
+    assert os.stat(tmp_path / "a1" / "pages.img").st_nlink == 2  # linked, not copied
+    assert store.repack() == m  # nothing left to do
+    later = changed[: PAGE * 3] + os.urandom(PAGE) + changed[PAGE * 4 :]
+    third = store.save(image(tmp_path, "i2", later, b"state-2"))  # a diff against the repacked pack
+    assert third.kind == "diff" and third.bytes_written <= PAGE + len(b"state-2")
+    assert assembled(store, tmp_path, "a2") == (later, b"state-2")
+
+
+def test_a_failed_repack_leaves_the_snapshot_as_it_was(tmp_path, monkeypatch):
+    store = PageStore(tmp_path / "sb")
+    base = os.urandom(PAGE * 8)
+    store.save(image(tmp_path, "i0", base))
+    changed = base[: PAGE * 4] + os.urandom(PAGE) + base[PAGE * 5 :]
+    store.save(image(tmp_path, "i1", changed, b"s"))
+    packs = sorted(p.name for p in store.packs.iterdir())
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(snapshots.os, "fsync", full_disk)
+    with pytest.raises(OSError):
+        store.repack()
+    monkeypatch.undo()
+    assert sorted(p.name for p in store.packs.iterdir()) == packs and store.stray_packs() == []
+    assert assembled(store, tmp_path, "a") == (changed, b"s")

@@ -39,6 +39,27 @@ class Cgroups:
         except (OSError, ValueError):
             return None
 
+    def memory_limits(self, sandbox_id: str) -> tuple[int, int | None] | None:
+        """(memory.limit_in_bytes, memory.memsw.limit_in_bytes or None without swap accounting)."""
+        d = self.dir("memory", sandbox_id)
+        try:
+            memsw = d / "memory.memsw.limit_in_bytes"
+            return int((d / "memory.limit_in_bytes").read_text()), int(memsw.read_text()) if memsw.exists() else None
+        except (OSError, ValueError):
+            return None
+
+    def set_memory_limits(self, sandbox_id: str, limits: tuple[int, int | None]) -> None:
+        """Set both limits, in the order the kernel accepts (memsw may never be below memory's)."""
+        d = self.dir("memory", sandbox_id)
+        memory, memsw = limits
+        files = [("memory.limit_in_bytes", memory), ("memory.memsw.limit_in_bytes", memsw)]
+        current = self.memory_limits(sandbox_id)
+        if current is not None and memory > current[0]:
+            files.reverse()  # raising: memsw first
+        for name, value in files:
+            if value is not None:
+                (d / name).write_text(str(value))
+
     def cpu_seconds(self, sandbox_id: str) -> float | None:
         try:
             return int((self.dir("cpuacct", sandbox_id) / "cpuacct.usage").read_text()) / 1e9

@@ -42,7 +42,8 @@ async def recover_interrupted_stop(engine: GVisorEngine, sandbox_id: str) -> Non
     await asyncio.to_thread(remove_scratch, sandbox_dir / "restore.tmp")
     await asyncio.to_thread(remove_trash, sandbox_dir)  # scratch images set aside, not deleted yet
     image_dir = sandbox_dir / "checkpoint.tmp"
-    if not image_dir.exists():
+    if not image_dir.exists():  # (or a link to a memory scratch that a reboot emptied)
+        await asyncio.to_thread(remove_scratch, image_dir)
         return
     for _ in range(1200):
         if not engine.runsc.checkpoint_running(sandbox_id):

@@ -221,11 +221,49 @@ class PageStore:
                 os.fsync(out.fileno())
         return [(digest, *known[digest]) for digest in digests], written
 
+    def repack(self) -> dict | None:
+        """Rewrite the current snapshot's pages as one pack, page for page, and drop the packs it no
+        longer needs. Run after a diff stop has returned (the stop itself wrote only new pages): the
+        next wake then links the pack as its image instead of copying ~all pages (~0.2 s for 290 MB
+        here). Idempotent; returns the manifest."""
+        m = self.manifest()
+        if m is None or m["index"] is None:
+            return m
+        records = self.records(m)
+        if page_for_page(records) is not None:
+            return m
+        gen = m["generation"] + 1  # a generation of its own, so pack numbers stay unique
+        pack, partial = self.pack_path(gen), self.packs / f".repack-{gen}"  # not *.pack until it is whole
+        index = f"{gen}.idx"
+        switched = False
+        try:
+            with open(partial, "wb") as out:
+                copy_pages(((p, slot) for _, p, slot in records), self.pack_path, out)
+                out.truncate(m["pages_size"])
+                out.flush()
+                os.fsync(out.fileno())
+            records = [(digest, gen, i) for i, (digest, _, _) in enumerate(records)]
+            write_atomic(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
+            os.replace(partial, pack)
+            fsync_dir(self.packs)
+            m = dict(m, generation=gen, index=index)
+            write_atomic(self.dir / MANIFEST, json.dumps(m).encode())
+            switched = True
+            fsync_dir(self.dir)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            if not switched:  # the new pack and index are nobody's
+                pack.unlink(missing_ok=True)
+                (self.dir / index).unlink(missing_ok=True)
+            raise
+        self.collect_garbage(m, records)
+        return m
+
     def collect_garbage(self, manifest: dict, records) -> None:
-        """Delete packs and files the current snapshot does not use."""
+        """Delete packs and files the current snapshot does not use (and half-written repacks)."""
         live_packs = {p for _, p, _ in records} if records is not None else {manifest["generation"]}
         for pack in self.packs.iterdir():
-            if pack.suffix == ".pack" and int(pack.stem) not in live_packs:
+            if pack.suffix != ".pack" or int(pack.stem) not in live_packs:
                 pack.unlink(missing_ok=True)
         keep = {MANIFEST, manifest["index"], "packs", *manifest["files"].values()} - {None}
         for f in self.dir.iterdir():
@@ -250,12 +288,23 @@ class PageStore:
         target_dir.mkdir(parents=True, exist_ok=True)
         for name, stored in m["files"].items():
             shutil.copyfile(self.dir / stored, target_dir / name)
-        if m["index"] is None:  # a full snapshot is its pack, page for page: no copy at all
-            os.link(self.pack_path(m["generation"]), target_dir / PAGES_FILE)
+        records = self.records(m) if m["index"] is not None else None
+        whole = m["generation"] if records is None else page_for_page(records)
+        if whole is not None:  # a full snapshot (or a repacked one) is its pack, page for page: no copy
+            os.link(self.pack_path(whole), target_dir / PAGES_FILE)
             return
+        assert records is not None
         with open(target_dir / PAGES_FILE, "wb") as out:
-            copy_pages(((pack, slot) for _, pack, slot in self.records(m)), self.pack_path, out)
+            copy_pages(((pack, slot) for _, pack, slot in records), self.pack_path, out)
             out.truncate(m["pages_size"])
+
+
+def page_for_page(records: list[tuple[bytes, int, int]]) -> int | None:
+    """The pack that holds these pages as the image itself (page i at slot i), if one does."""
+    if not records:
+        return None
+    pack = records[0][1]
+    return pack if all(p == pack and slot == i for i, (_, p, slot) in enumerate(records)) else None
 
 
 GATHER = 1 << 20  # bytes read or written at once (memory stays flat however large a snapshot is)
@@ -312,7 +361,12 @@ def copy_pages(pages: Iterable[tuple[int, int]], pack_path: Callable[[int], Path
 
 
 def remove_scratch(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove a scratch image directory, or the link to one in memory (memory_scratch) and its target."""
+    if path.is_symlink():
+        shutil.rmtree(path.readlink(), ignore_errors=True)
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 TRASH = ".trash-"  # scratch images set aside for deletion in the background (recovery removes leftovers)
@@ -332,14 +386,14 @@ def remove_and_commit(path: Path) -> None:
     """Delete a set-aside image and commit the deletion: on a filesystem mounted with `discard`,
     freeing a few hundred MB costs ~0.2 s, and the next fsync anyone makes (a stop's) would pay
     for it if this did not."""
-    shutil.rmtree(path, ignore_errors=True)
+    remove_scratch(path)
     with contextlib.suppress(OSError):  # the sandbox's directory may be gone meanwhile (a destroy)
         fsync_dir(path.parent)
 
 
 def remove_trash(sandbox_dir: Path) -> None:
     for p in sandbox_dir.glob(TRASH + "*"):
-        shutil.rmtree(p, ignore_errors=True)
+        remove_scratch(p)
 
 
 def page_digests(path: Path) -> list[bytes]:
