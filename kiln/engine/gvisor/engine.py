@@ -456,6 +456,8 @@ class GVisorEngine:
         limits = self.memory_scratch(sandbox_id, image_dir) if store.manifest() is not None else None
         if limits is None:
             image_dir.mkdir(parents=True)
+        else:
+            log.info("sandbox %s: diff checkpoint into memory", sandbox_id)
         if self.is_paused(sandbox_id):
             await self.resume(sandbox_id)  # a checkpoint of a frozen sandbox never finishes
         self.expect_exit(sandbox_id)
