@@ -251,7 +251,13 @@ def thermal_report(api: dict, raw: dict) -> list[str]:
             raw["restore"],
             "raw = `runsc restore` until the agent answers",
         ),
-        row("cold wake, 256 MB written", api["cold_wake_256"], raw["restore_256"], ""),
+        row("cold wake, 256 MB written", api["cold_wake_256"], raw["restore_256"], "woken right after its stop"),
+        row(
+            "cold wake, 256 MB written, stopped a while",
+            api["cold_wake_256_settled"],
+            raw["restore_256"],
+            "its diff repacked (5 s after the stop): the wake links the image, copies nothing",
+        ),
         row(
             "stop, full (first stop, 256 MB written)",
             api["stop_full"],

@@ -185,3 +185,20 @@ def test_a_failed_repack_leaves_the_snapshot_as_it_was(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert sorted(p.name for p in store.packs.iterdir()) == packs and store.stray_packs() == []
     assert assembled(store, tmp_path, "a") == (changed, b"s")
+
+
+def test_a_stopped_repack_leaves_the_snapshot_as_it_was(tmp_path):
+    import threading
+
+    store = PageStore(tmp_path / "sb")
+    base = os.urandom(PAGE * 600)  # more than one big write (GATHER) of pages to copy
+    store.save(image(tmp_path, "i0", base))
+    changed = base[:PAGE] + os.urandom(PAGE) + base[PAGE * 2 :]
+    store.save(image(tmp_path, "i1", changed, b"s"))
+    packs, manifest = sorted(p.name for p in store.packs.iterdir()), store.manifest()
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(snapshots.RepackStopped):
+        store.repack(stop)
+    assert sorted(p.name for p in store.packs.iterdir()) == packs and store.manifest() == manifest
+    assert assembled(store, tmp_path, "a") == (changed, b"s")

@@ -185,10 +185,10 @@ def test_second_stop_writes_only_what_changed(daemon, api):
         assert second["bytes_written"] <= first["bytes_written"] * 0.10, (first, second)
         assert second["bytes_total"] >= 200_000_000
         assert f"sandbox {sb['id']}: diff checkpoint into memory" in daemon.log()
-        assert run(api, sb, ["sha256sum", "-c", "/home/kiln/sum"])["exit_code"] == 0
         snapshot_dir = daemon.data_dir / "sandboxes" / sb["id"] / "snapshot"
-        # the wake waited for the diff's repack: one pack, page for page, which it linked
-        assert len(list(snapshot_dir.rglob("*.pack"))) == 1
+        # left stopped, the diff is repacked as one pack, page for page, which the wake links
+        wait_for(lambda: len(list(snapshot_dir.rglob("*.pack"))) == 1, timeout=30, what="the repack")
+        assert run(api, sb, ["sha256sum", "-c", "/home/kiln/sum"])["exit_code"] == 0
         engine = daemon.engine()
         wait_for(lambda: not any(engine.memory_scratch_root.glob("*")), what="the memory scratch deleted")
         limits = engine.cgroups.memory_limits(sb["id"])  # raised for the checkpoint only

@@ -16,6 +16,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from .reaper import ProcessWatcher
 from .records import RECORD_FILE, RESOLVED_FILE, Record
 from .resolver import Resolver
 from .runsc import Runsc, tail
-from .snapshots import PageStore, remove_and_commit, remove_scratch, set_aside
+from .snapshots import PageStore, RepackStopped, remove_and_commit, remove_scratch, set_aside
 from .volumes import VolumeMounts
 
 log = logging.getLogger("kiln.engine.gvisor")
@@ -55,6 +56,17 @@ BOOT_TIMEOUT = 30.0
 SNAPSHOT_MARGIN = 32 << 20
 MEMORY_SCRATCH = Path("/dev/shm")  # the host's tmpfs: where diff stops write their checkpoint
 MEMORY_HEADROOM = 1 << 30  # host memory a diff stop leaves available for everything else
+
+
+REPACK_DELAY = 5.0  # a diff stop's repack waits this long first: a sandbox woken at once needs none
+
+
+async def repack_later(store: PageStore, stop: threading.Event) -> None:
+    for _ in range(int(REPACK_DELAY / 0.1)):
+        if stop.is_set():
+            return
+        await asyncio.sleep(0.1)
+    await asyncio.to_thread(store.repack, stop)
 
 
 def available_memory() -> int:
@@ -103,6 +115,7 @@ class GVisorEngine:
         self.sandbox_pids: dict[str, int] = {}  # sandbox id -> pid whose exit means it died
         self.pending_deletes: dict[str, asyncio.Task] = {}  # container deletes still running
         self.indexing: dict[str, asyncio.Task] = {}  # snapshots being indexed or repacked after their stop
+        self.repack_stops: dict[str, threading.Event] = {}  # set: a repack stops (or never starts)
         self.kept = KeptSnapshots(self.data_dir)  # named snapshots
         self.memory_scratch_root = MEMORY_SCRATCH / f"kiln-{self.prefix}"
         self.exit_tasks: set[asyncio.Task] = set()  # exit reports under way (referenced until done)
@@ -163,7 +176,7 @@ class GVisorEngine:
             await task
         self.pending_deletes.clear()
         for sandbox_id in list(self.indexing):
-            await self.index_done(sandbox_id)
+            await self.index_done(sandbox_id, stop_repack=True)  # (a repack is an optimisation only)
         for task in list(self.deletions):
             await task
         self.processes.close()
@@ -387,7 +400,7 @@ class GVisorEngine:
         """Boot a sandbox again, fresh, on the disk it had (after a crash, an OOM, a lost snapshot)."""
         handle = await self.launch(await self.prepare_relaunch(sandbox_id))
         # an older memory snapshot no longer matches this sandbox: never restore it
-        await self.index_done(sandbox_id)
+        await self.index_done(sandbox_id, stop_repack=True)
         await asyncio.to_thread(PageStore(self.dir(sandbox_id)).mark_consumed)
         return handle
 
@@ -480,8 +493,12 @@ class GVisorEngine:
                 info = await asyncio.to_thread(store.save, image_dir)
                 # after the stop: a full snapshot's digests (only the next diff needs them), a diff's
                 # pages rewritten as one pack (the next wake links it instead of copying them)
-                settle = store.ensure_index if info.kind == "full" else store.repack
-                self.indexing[sandbox_id] = asyncio.get_running_loop().create_task(asyncio.to_thread(settle))
+                loop = asyncio.get_running_loop()
+                if info.kind == "full":
+                    self.indexing[sandbox_id] = loop.create_task(asyncio.to_thread(store.ensure_index))
+                else:
+                    self.repack_stops[sandbox_id] = stop = threading.Event()
+                    self.indexing[sandbox_id] = loop.create_task(repack_later(store, stop))
                 return info
             except OSError as e:
                 log.error("writing the snapshot of %s failed (%s); restoring it from the image", sandbox_id, e)
@@ -588,7 +605,7 @@ class GVisorEngine:
             raise EngineError(f"sandbox {sandbox_id} has no snapshot to restore")
         scratch = self.dir(sandbox_id) / "restore.tmp"
         await asyncio.to_thread(remove_scratch, scratch)
-        await self.index_done(sandbox_id)  # a repack may be replacing the packs this reads
+        await self.index_done(sandbox_id, stop_repack=True)  # (a repack would replace the packs this reads)
         try:
             rec = await self.prepare_relaunch(sandbox_id)
             try:
@@ -603,19 +620,25 @@ class GVisorEngine:
         await asyncio.to_thread(store.mark_consumed)
         return handle
 
-    async def index_done(self, sandbox_id: str) -> None:
+    async def index_done(self, sandbox_id: str, stop_repack: bool = False) -> None:
         """Wait for a background indexing or repack of the sandbox's snapshot (nothing else may write
-        its manifest or read its packs meanwhile). A failure only means the next diff indexes it itself,
-        or the next wake copies the pages."""
+        its manifest or read its packs meanwhile). With stop_repack (a wake, a fork, a destroy: it
+        wants the sandbox now) a repack is abandoned at its next chunk, or never starts. A failure
+        only means the next diff indexes it itself, or the next wake copies the pages."""
+        stop = self.repack_stops.pop(sandbox_id, None)
+        if stop is not None and stop_repack:
+            stop.set()
         task = self.indexing.pop(sandbox_id, None)
         if task is not None:
             try:
                 await task
+            except RepackStopped:
+                pass
             except OSError as e:
                 log.warning("indexing the snapshot of %s failed (the next stop will): %s", sandbox_id, e)
 
     async def destroy(self, sandbox_id: str) -> None:
-        await self.index_done(sandbox_id)
+        await self.index_done(sandbox_id, stop_repack=True)
         rec = self.records.get(sandbox_id)
         await self.remove_leftovers(sandbox_id, rec)
         self.records.pop(sandbox_id, None)

@@ -115,7 +115,7 @@ async def capture(engine: GVisorEngine, source_id: str, image_dir: Path, disk_co
     if state in (State.RUNNING, State.PAUSED):
         return await checkpoint_and_clone(engine, source_id, image_dir, disk_copy)
     if state == State.STOPPED and PageStore(engine.dir(source_id)).restorable():
-        await engine.index_done(source_id)  # a repack may be replacing the packs assemble reads
+        await engine.index_done(source_id, stop_repack=True)  # (a repack would replace the packs assemble reads)
         await clone_disk(engine, source_id, disk_copy)
         await asyncio.to_thread(PageStore(engine.dir(source_id)).assemble, image_dir)
         return 0

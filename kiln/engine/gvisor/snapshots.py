@@ -32,6 +32,7 @@ import os
 import secrets
 import shutil
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,11 +222,12 @@ class PageStore:
                 os.fsync(out.fileno())
         return [(digest, *known[digest]) for digest in digests], written
 
-    def repack(self) -> dict | None:
+    def repack(self, stop: threading.Event | None = None) -> dict | None:
         """Rewrite the current snapshot's pages as one pack, page for page, and drop the packs it no
         longer needs. Run after a diff stop has returned (the stop itself wrote only new pages): the
         next wake then links the pack as its image instead of copying ~all pages (~0.2 s for 290 MB
-        here). Idempotent; returns the manifest."""
+        here). Setting `stop` abandons it (RepackStopped), leaving the snapshot as it was.
+        Idempotent; returns the manifest."""
         m = self.manifest()
         if m is None or m["index"] is None:
             return m
@@ -238,10 +240,12 @@ class PageStore:
         switched = False
         try:
             with open(partial, "wb") as out:
-                copy_pages(((p, slot) for _, p, slot in records), self.pack_path, out)
+                copy_pages(((p, slot) for _, p, slot in records), self.pack_path, out, stop)
                 out.truncate(m["pages_size"])
                 out.flush()
                 os.fsync(out.fileno())
+            if stop is not None and stop.is_set():
+                raise RepackStopped
             records = [(digest, gen, i) for i, (digest, _, _) in enumerate(records)]
             write_atomic(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
             os.replace(partial, pack)
@@ -310,10 +314,20 @@ def page_for_page(records: list[tuple[bytes, int, int]]) -> int | None:
 GATHER = 1 << 20  # bytes read or written at once (memory stays flat however large a snapshot is)
 
 
-def copy_pages(pages: Iterable[tuple[int, int]], pack_path: Callable[[int], Path], out: BinaryIO) -> None:
+class RepackStopped(Exception):
+    """A repack was abandoned: someone wants the sandbox (or its packs) now."""
+
+
+def copy_pages(
+    pages: Iterable[tuple[int, int]],
+    pack_path: Callable[[int], Path],
+    out: BinaryIO,
+    stop: threading.Event | None = None,
+) -> None:
     """Write the pages at (pack, slot), in order, to out (from where it is; packs are numbers, opened
     by pack_path once each: a Path per page cost more than the copy): each run of consecutive
-    slots of one pack is read in big reads, and short runs are gathered into big writes."""
+    slots of one pack is read in big reads, and short runs are gathered into big writes. Setting
+    `stop` ends it at the next big write (RepackStopped)."""
     out.flush()
     out_fd, pos = out.fileno(), out.tell()
     packs: dict[int, int] = {}
@@ -323,6 +337,8 @@ def copy_pages(pages: Iterable[tuple[int, int]], pack_path: Callable[[int], Path
 
     def write_gathered() -> None:
         nonlocal pos
+        if stop is not None and stop.is_set():
+            raise RepackStopped
         done = 0
         with memoryview(gathered) as view:  # released before the buffer is cleared
             while done < len(view):
