@@ -61,12 +61,24 @@ MEMORY_HEADROOM = 1 << 30  # host memory a diff stop leaves available for everyt
 REPACK_DELAY = 5.0  # a diff stop's repack waits this long first: a sandbox woken at once needs none
 
 
-async def repack_later(store: PageStore, stop: threading.Event) -> None:
-    for _ in range(int(REPACK_DELAY / 0.1)):
-        if stop.is_set():
-            return
-        await asyncio.sleep(0.1)
-    await asyncio.to_thread(store.repack, stop)
+class Repack:
+    """A diff snapshot's repack, REPACK_DELAY after its stop; stopped at once by whoever needs the
+    sandbox: cancelled while it waits, or told to end (at its next 1 MB write) once its thread runs."""
+
+    def __init__(self, store: PageStore):
+        self.stop = threading.Event()
+        self.running = False
+        self.task = asyncio.get_running_loop().create_task(self.later(store))
+
+    async def later(self, store: PageStore) -> None:
+        await asyncio.sleep(REPACK_DELAY)
+        self.running = True
+        await asyncio.to_thread(store.repack, self.stop)
+
+    def abandon(self) -> None:
+        self.stop.set()
+        if not self.running:
+            self.task.cancel()  # still waiting: it never starts (a running thread cannot be cancelled)
 
 
 def available_memory() -> int:
@@ -115,7 +127,7 @@ class GVisorEngine:
         self.sandbox_pids: dict[str, int] = {}  # sandbox id -> pid whose exit means it died
         self.pending_deletes: dict[str, asyncio.Task] = {}  # container deletes still running
         self.indexing: dict[str, asyncio.Task] = {}  # snapshots being indexed or repacked after their stop
-        self.repack_stops: dict[str, threading.Event] = {}  # set: a repack stops (or never starts)
+        self.repacks: dict[str, Repack] = {}  # diff snapshots to repack (their tasks are in indexing)
         self.kept = KeptSnapshots(self.data_dir)  # named snapshots
         self.memory_scratch_root = MEMORY_SCRATCH / f"kiln-{self.prefix}"
         self.exit_tasks: set[asyncio.Task] = set()  # exit reports under way (referenced until done)
@@ -497,8 +509,8 @@ class GVisorEngine:
                 if info.kind == "full":
                     self.indexing[sandbox_id] = loop.create_task(asyncio.to_thread(store.ensure_index))
                 else:
-                    self.repack_stops[sandbox_id] = stop = threading.Event()
-                    self.indexing[sandbox_id] = loop.create_task(repack_later(store, stop))
+                    repack = self.repacks[sandbox_id] = Repack(store)
+                    self.indexing[sandbox_id] = repack.task
                 return info
             except OSError as e:
                 log.error("writing the snapshot of %s failed (%s); restoring it from the image", sandbox_id, e)
@@ -625,17 +637,18 @@ class GVisorEngine:
         its manifest or read its packs meanwhile). With stop_repack (a wake, a fork, a destroy: it
         wants the sandbox now) a repack is abandoned at its next chunk, or never starts. A failure
         only means the next diff indexes it itself, or the next wake copies the pages."""
-        stop = self.repack_stops.pop(sandbox_id, None)
-        if stop is not None and stop_repack:
-            stop.set()
+        repack = self.repacks.pop(sandbox_id, None)
+        if repack is not None and stop_repack:
+            repack.abandon()
         task = self.indexing.pop(sandbox_id, None)
-        if task is not None:
-            try:
-                await task
-            except RepackStopped:
-                pass
-            except OSError as e:
-                log.warning("indexing the snapshot of %s failed (the next stop will): %s", sandbox_id, e)
+        if task is None:
+            return
+        await asyncio.wait({task})  # (awaiting a task cancelled here would raise into the caller)
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, OSError):
+            log.warning("indexing the snapshot of %s failed (the next stop will): %s", sandbox_id, error)
+        elif error is not None and not isinstance(error, RepackStopped):
+            raise error
 
     async def destroy(self, sandbox_id: str) -> None:
         await self.index_done(sandbox_id, stop_repack=True)
