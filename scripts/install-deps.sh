@@ -85,12 +85,12 @@ if [ "$mode" = "--test" ]; then
   # the package sources pip and npm are already configured with.
   source tests/integration/e2b_clients/versions.env
   old=.cache/e2b-py-$E2B_PY_OLD
-  if ! "$old/bin/python" -c "import e2b, e2b_code_interpreter, pytest, yaml, pydantic, dnslib" 2>/dev/null; then
+  if ! "$old/bin/python" -c "import e2b, e2b_code_interpreter, pytest, yaml, pydantic, dnslib, xxhash" 2>/dev/null; then
     # the E2B tests run under it too: pytest and what the tests' daemon helpers import (kiln itself runs
     # on .venv's Python; its dependencies and this SDK's cannot share a venv)
     say "pip: e2b $E2B_PY_OLD into $old (the E2B tests' older Python SDK)"
     rm -rf "$old" && "$PY" -m venv "$old" && "$old/bin/pip" install -q "e2b==$E2B_PY_OLD" \
-      "e2b-code-interpreter==$E2B_CI_OLD" pytest pyyaml pydantic dnslib
+      "e2b-code-interpreter==$E2B_CI_OLD" pytest pyyaml pydantic dnslib xxhash
   fi
   js=.cache/e2b-js-$E2B_JS
   if [ ! -f "$js/node_modules/e2b/package.json" ]; then

@@ -8,6 +8,7 @@ indexing and repacking) that later calls for the same sandbox wait for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -547,11 +548,19 @@ class GVisorEngine:
         if st.f_bavail * st.f_frsize < need or available_memory() < need + MEMORY_HEADROOM:
             return None
         target = self.memory_scratch_root / sandbox_id
-        remove_scratch(target)
-        target.mkdir(parents=True, mode=0o700)
-        image_dir.symlink_to(target)
         memory, memsw = limits
-        self.cgroups.set_memory_limits(sandbox_id, (memory + need, None if memsw is None else memsw + need))
+        try:
+            remove_scratch(target)
+            target.mkdir(parents=True, mode=0o700)
+            image_dir.symlink_to(target)
+            self.cgroups.set_memory_limits(sandbox_id, (memory + need, None if memsw is None else memsw + need))
+        except OSError as e:  # then the disk, as before
+            log.warning("sandbox %s: no diff checkpoint into memory: %s", sandbox_id, e)
+            with contextlib.suppress(OSError):
+                self.cgroups.set_memory_limits(sandbox_id, limits)
+            remove_scratch(image_dir)
+            remove_scratch(target)
+            return None
         return limits
 
     def delete_later(self, scratch: Path) -> None:
