@@ -165,10 +165,13 @@ class AgentClient:
             fresh = loop.time() - since < KEEP_IDLE and conn.loop is loop  # (tests run several loops)
             if fresh and conn in self.open and not conn.reader.at_eof():
                 return conn
-            self.open.discard(conn)
-            with contextlib.suppress(RuntimeError):  # its loop is closed: so is the connection
-                conn.writer.transport.abort()
+            self.drop(conn)
         return None
+
+    def drop(self, conn: AgentConnection) -> None:
+        self.open.discard(conn)
+        with contextlib.suppress(RuntimeError):  # its loop is closed: so is the connection
+            conn.writer.transport.abort()
 
     async def connect(
         self, ftype: int, payload: bytes = b"", timeout: float = 5.0, reuse: bool = False
@@ -248,8 +251,7 @@ class AgentClient:
         await self.request_json(P.TOKEN_SET, P.EXIT, token.encode())
         self.token = token.encode()
         for conn, _ in self.idle:  # opened with the old token: none outlives it
-            conn.writer.transport.abort()
-            self.open.discard(conn)
+            self.drop(conn)
         self.idle.clear()
 
     async def ports(self) -> list[dict]:

@@ -57,8 +57,7 @@ BOOT_TIMEOUT = 30.0
 SNAPSHOT_MARGIN = 32 << 20
 MEMORY_SCRATCH = Path("/dev/shm")  # the host's tmpfs: where diff stops write their checkpoint
 MEMORY_HEADROOM = 1 << 30  # host memory a diff stop leaves available for everything else
-
-
+CREATE_MIN_FREE = 64 << 20
 REPACK_DELAY = 5.0  # a diff stop's repack waits this long first: a sandbox woken at once needs none
 
 
@@ -87,9 +86,6 @@ def available_memory() -> int:
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-CREATE_MIN_FREE = 64 << 20
 
 
 def host_prefix(data_dir: Path) -> str:
@@ -637,7 +633,6 @@ class GVisorEngine:
             handle = await self.until_ready(rec)
         finally:
             self.delete_later(scratch)  # (runsc has read it, or holds it open)
-        await self.index_done(sandbox_id)
         await asyncio.to_thread(store.mark_consumed)
         return handle
 

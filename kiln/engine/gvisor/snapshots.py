@@ -7,8 +7,10 @@ per page: digest, pack, slot) plus the small image files runsc writes beside the
 - First stop (full): runsc writes into the sandbox directory on disk and `pages.img` itself is
   renamed into pack 0 — nothing is copied. Its index (the page digests) is only needed by the
   next diff, so it is computed after the stop has returned (`ensure_index`), or by that diff.
-- Later stops (diff): runsc writes a scratch image beside the store; only pages whose digest the
-  store lacks are appended to a new pack, and the scratch image is deleted unsynced. 4 KiB
+- Later stops (diff): runsc writes a scratch image in memory when there is room (the engine's
+  memory_scratch), else beside the store; only pages whose digest the store lacks are appended to
+  a new pack, and the scratch image is deleted unsynced. A diff left stopped is later repacked as
+  one pack, page for page (`repack`), which a restore links like a full snapshot's. 4 KiB
   granularity matters: gVisor's memory file shifts by whole pages
   between checkpoints (a process allocating a few pages moves everything after it),
   which defeats larger fixed chunks but not page-sized ones.
@@ -102,12 +104,15 @@ class PageStore:
         gen = m["generation"]
         digests = page_digests(self.pack_path(gen))
         index = f"{gen}.idx"
-        write_atomic(self.dir / index, b"".join(RECORD.pack(d, gen, slot) for slot, d in enumerate(digests)))
+        self.write_index(index, [(d, gen, slot) for slot, d in enumerate(digests)])
         m = self.manifest()  # unchanged meanwhile: the engine never writes it concurrently
         assert m is not None
         m["index"] = index
         write_atomic(self.dir / MANIFEST, json.dumps(m).encode())
         return m
+
+    def write_index(self, name: str, records: list[tuple[bytes, int, int]]) -> None:
+        write_atomic(self.dir / name, b"".join(RECORD.pack(*r) for r in records))
 
     def stray_packs(self) -> list[str]:
         """Page packs no snapshot references (a save cut short must leave none behind)."""
@@ -176,7 +181,7 @@ class PageStore:
         index = None
         if records is not None:
             index = f"{gen}.idx"
-            write_atomic(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
+            self.write_index(index, records)
         info = SnapshotSummary(
             kind="diff" if old else "full", bytes_written=written, bytes_total=total, taken_at=now_rfc3339()
         )
@@ -247,7 +252,7 @@ class PageStore:
             if stop is not None and stop.is_set():
                 raise RepackStopped
             records = [(digest, gen, i) for i, (digest, _, _) in enumerate(records)]
-            write_atomic(self.dir / index, b"".join(RECORD.pack(*r) for r in records))
+            self.write_index(index, records)
             os.replace(partial, pack)
             fsync_dir(self.packs)
             m = dict(m, generation=gen, index=index)
