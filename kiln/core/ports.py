@@ -157,6 +157,8 @@ class PortTracker:
             await asyncio.sleep(self.config.scan_interval)
             now = time.monotonic()
             for sandbox_id in self.store.running_sandbox_ids():  # rows are read only for scans that are due
+                if self.sandboxes.waker.is_warm(sandbox_id):
+                    continue  # a frozen agent cannot answer; its wake is a use, which makes a scan due
                 schedule = self.schedules.setdefault(sandbox_id, ScanSchedule(self.config.scan_interval))
                 rt = self.sandboxes.runtimes.peek(sandbox_id)
                 used = rt.last_activity if rt is not None else 0.0

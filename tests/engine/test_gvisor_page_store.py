@@ -40,6 +40,25 @@ def test_full_then_diff_round_trip_and_write_only_new_pages(tmp_path):
     assert store.restorable()
 
 
+def test_long_runs_are_copied_by_the_kernel_or_read_when_it_refuses(tmp_path, monkeypatch):
+    base = os.urandom(PAGE * 1500) + b"tail-not-page-aligned"  # runs of 700 and 800 pages after the diff
+    changed = bytearray(os.urandom(PAGE) + base)
+    changed[PAGE * 701 : PAGE * 702] = os.urandom(PAGE)
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", base))
+    store.save(image(tmp_path, "i1", bytes(changed)))
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a) or real(*a))
+    assert assembled(store, tmp_path, "kernel")[0] == bytes(changed) and calls
+
+    def refused(*a):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", refused)
+    assert assembled(store, tmp_path, "read")[0] == bytes(changed)
+
+
 def test_unreferenced_packs_are_deleted(tmp_path):
     store = PageStore(tmp_path / "sb")
     store.save(image(tmp_path, "i0", os.urandom(PAGE * 10)))

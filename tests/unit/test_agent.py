@@ -2,9 +2,11 @@
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -79,6 +81,34 @@ def test_exec_missing_binary_and_signal(agent):
     assert ex.exit_code == 127 and b"not found" in err
     _, _, ex = run(collect(agent, {"argv": ["sh", "-c", "kill -KILL $$"], "user": "root"}))
     assert ex.exit_code == 137
+
+
+def test_a_spawning_thread_has_a_working_directory_of_its_own(tmp_path):
+    from kiln.agent.spawn import own_working_directory
+
+    seen = {}
+
+    def thread():
+        seen["private"] = own_working_directory() and own_working_directory()  # (the second: kept)
+        os.chdir(tmp_path)
+        seen["cwd"] = os.getcwd()
+
+    before = os.getcwd()
+    t = threading.Thread(target=thread)
+    t.start()
+    t.join()
+    assert seen == {"private": True, "cwd": str(tmp_path)} and os.getcwd() == before
+
+
+def test_parallel_execs_each_start_in_their_own_cwd(agent, tmp_path):
+    dirs = [tmp_path / f"d{i}" for i in range(16)]
+    for d in dirs:
+        d.mkdir()
+
+    async def all_at_once():
+        return await asyncio.gather(*(collect(agent, {"argv": ["pwd"], "user": "root", "cwd": str(d)}) for d in dirs))
+
+    assert [out.decode().strip() for out, _, _ in run(all_at_once())] == [str(d) for d in dirs]
 
 
 def test_exec_timeout_kills_group(agent, tmp_path):
