@@ -1,12 +1,14 @@
-"""kiln guest agent: PID 1 inside every sandbox. Standard library only; it runs on kiln's own
+"""kiln guest agent: its server inside every sandbox. Standard library only; it runs on kiln's own
 Python runtime mounted into every sandbox (kiln/images/runtime.py), so any image runs it.
 
-    python3 guest.py CONFIG_JSON
+    kiln-init python3 guest.py CONFIG_JSON
 
 CONFIG_JSON holds {"token", "env", "init"} and optionally "port" and "bind" (tests run it on the host).
-This module is PID 1: it forks the server (server.py) and reaps orphans, and forks the server again
-if it ever dies. The rest of the agent: wire.py (framing), spawn.py (starting processes),
-oneshot.py (one-shot exec), sessions.py (PTY sessions), files.py, watch.py (inotify), ports.py, protocol.py.
+PID 1 is kiln-init (init.c): it starts this server, reaps orphans, and starts the server again if it
+ever dies. Sandboxes whose bundle was written before kiln-init run this module as PID 1 itself, which
+then does the same by forking. The rest of the agent: wire.py (framing), spawn.py (starting
+processes), oneshot.py (one-shot exec), sessions.py (PTY sessions), files.py, watch.py (inotify),
+ports.py, protocol.py.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ import time
 
 
 def serve(config_path: str, started: int) -> None:
-    """The server process: everything the agent imports is imported here, after the fork, so PID 1
-    stays a bare interpreter (~half the agent's memory otherwise, for a loop that only reaps)."""
+    """The server: everything the agent imports is imported here (a Python PID 1 forks first, and
+    stays a bare interpreter)."""
     import json
 
     try:  # imported as kiln.agent.guest on the host (tests), run as a plain script in the sandbox
@@ -86,11 +88,11 @@ def main() -> None:
                 os._exit(1)
         return pid
 
-    if os.getpid() == 1:
+    if os.getpid() == 1:  # a bundle from before kiln-init
         detach_from_host_console()
         reap_forever(start_server(), start_server)
-    else:  # run directly (tests on the host): no orphans of ours to reap
-        serve(config_path, 1)
+    else:  # started by kiln-init (or directly, by tests on the host)
+        serve(config_path, int(os.environ.pop("KILN_AGENT_STARTS", "1")))
 
 
 if __name__ == "__main__":

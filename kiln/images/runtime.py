@@ -1,10 +1,11 @@
-"""The agent's own Python: the host's python3 with its stdlib and shared libraries, mounted
-read-only into every sandbox at /opt/kiln/runtime, so any image runs the agent, with or without
-a python3 of its own (and whatever version it has).
+"""The agent's own runtime: the host's python3 with its stdlib and shared libraries, and kiln-init
+(the agent's PID 1, kiln/agent/init.c, compiled static), mounted read-only into every sandbox at
+/opt/kiln/runtime, so any image runs the agent, with or without a python3 or libc of its own.
 
 The interpreter starts through the runtime's own dynamic loader with the runtime's libraries, so
-nothing of the image's libc or loader is used. The copy is keyed by the interpreter's content: a
-host upgrade makes a new runtime and leaves the old one for the sandboxes whose memory still maps it.
+nothing of the image's libc or loader is used. The copy is keyed by the interpreter's content and
+kiln-init's source: a host upgrade makes a new runtime and leaves the old one for the sandboxes
+whose memory still maps it (and whose bundles name it).
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..agent import AGENT_DIR
 from ..fileio import write_atomic
 from .builder import build_lock
 
 HOST_PYTHON = Path("/usr/bin/python3")
+INIT_SOURCE = AGENT_DIR / "init.c"
+INIT = "bin/kiln-init"
 GUEST_RUNTIME = "/opt/kiln/runtime"
 # Not needed by a stdlib-only agent, and large.
 SKIP = {
@@ -48,7 +52,21 @@ def interpreter() -> Path:
 
 
 def runtime_key(python: Path) -> str:
-    return hashlib.sha256(python.read_bytes()).hexdigest()[:12]
+    return hashlib.sha256(python.read_bytes() + INIT_SOURCE.read_bytes()).hexdigest()[:12]
+
+
+def compile_init(target: Path) -> None:
+    """kiln-init, static: it runs in any image (the libc, if any, is the image's)."""
+    compiler = shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeUnavailable("gcc is missing: kiln builds its sandboxes' PID 1 with it (apt: gcc libc6-dev)")
+    out = subprocess.run(
+        [compiler, "-static", "-Os", "-s", "-Wall", "-o", str(target), str(INIT_SOURCE)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise RuntimeUnavailable(f"building kiln-init failed (apt: gcc libc6-dev): {out.stderr.strip()[-500:]}")
 
 
 def stdlib_dir(python: Path) -> Path:
@@ -101,6 +119,7 @@ def ensure_runtime(images_dir: Path) -> Path:
         extensions = list((lib / version / "lib-dynload").glob("*.so"))
         for so in shared_libraries([python, *extensions]):
             shutil.copy2(so, lib / so.name)
+        compile_init(target / INIT)
         write_atomic(target / READY, version, mode=0o644)
         return target
 
@@ -118,7 +137,8 @@ def python_request(script: str, timeout_sec: int) -> dict:
 
 
 def agent_argv(guest_agent: str, config: str) -> list[str]:
-    return [*agent_python(), "-u", f"{guest_agent}/guest.py", config]
+    """PID 1 of a sandbox: kiln-init, which runs the agent's server (and runs it again if it dies)."""
+    return [f"{GUEST_RUNTIME}/{INIT}", *agent_python(), "-u", f"{guest_agent}/guest.py", config]
 
 
 RUNTIME_ENV = {"PYTHONHOME": GUEST_RUNTIME}  # the agent drops it at start: its children never see it

@@ -200,6 +200,27 @@ def test_killing_the_agent_is_detected_reported_and_recoverable(api, attacker):
     assert run(api, attacker, ["cat", "/home/kiln/data"])["stdout"] == "precious\n"
 
 
+def test_a_bundle_from_before_kiln_init_boots_with_its_python_pid1(daemon, api, attacker):
+    """Sandboxes created before kiln-init keep their bundle: the agent is its own PID 1 there."""
+    config = daemon.data_dir / "sandboxes" / attacker["id"] / "config.json"
+    spec = json.loads(config.read_text())
+    assert spec["process"]["args"][0].endswith("/kiln-init")
+    spec["process"]["args"] = spec["process"]["args"][1:]
+    config.write_text(json.dumps(spec))
+    assert (
+        api.post(f"/sandboxes/{attacker['id']}/exec", json={"cmd": ["kill", "-9", "1"], "user": "root"}).status_code
+        == 409
+    )
+    assert api.post(f"/sandboxes/{attacker['id']}/start").json()["status"] == "running"
+    assert "guest.py" in run(api, attacker, ["cat", "/proc/1/cmdline"], user="root")["stdout"]
+    assert "kiln-init" not in run(api, attacker, ["ps", "-eo", "args"], user="root")["stdout"]
+    before = api.get(f"/sandboxes/{attacker['id']}").json().get("agent_restarts", 0)
+    r = api.post(f"/sandboxes/{attacker['id']}/exec", json={"cmd": ["sh", "-c", "kill -9 $PPID"], "user": "root"})
+    assert r.status_code == 502 and "restarted" in r.json()["error"]
+    assert api.get(f"/sandboxes/{attacker['id']}").json()["agent_restarts"] == before + 1
+    assert run(api, attacker, ["true"])["exit_code"] == 0
+
+
 def test_a_streamed_exec_that_fails_midway_says_so_and_is_logged(daemon, api, attacker):
     r = api.post(
         f"/sandboxes/{attacker['id']}/exec",

@@ -4,6 +4,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 
 import pytest
 
@@ -101,6 +102,16 @@ def test_host_processes_are_invisible(daemon, api, pair):
     # only the agent (PID 1 and its server) and ps itself: no daemon, no runsc, no host process
     assert all("guest.py" in c or c.startswith("ps ") for c in commands), commands
     assert ps.splitlines()[1].split()[0] == "1"
+
+
+def test_pid1_is_kiln_init_and_reaps_orphans(api, pair):
+    a, _ = pair
+    assert run(api, a, ["cat", "/proc/1/comm"], user="root")["stdout"].strip() == "kiln-init"
+    # the subshell exits at once: its sleep is an orphan, PID 1's to reap once it ends
+    assert run(api, a, ["sh", "-c", "(sleep 0.3 &) ; exit 0"])["exit_code"] == 0
+    time.sleep(1)
+    ps = run(api, a, ["ps", "-eo", "stat,ppid,args"], user="root")["stdout"].splitlines()[1:]
+    assert not [line for line in ps if line.split()[0].startswith("Z")], ps
 
 
 def test_host_files_are_invisible(daemon, api, pair, tmp_path):
