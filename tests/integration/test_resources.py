@@ -17,6 +17,8 @@ def test_memory_hog_kills_only_its_sandbox_which_reports_oom_and_restarts(daemon
     bystander = make_sandbox(api, name="bystander")
     hog = make_sandbox(api, name="hog", memory_mb=128)
     try:
+        sandbox_pid = daemon.engine().runsc.pids(hog["id"])[0]  # type: ignore[attr-defined]
+        assert open(f"/proc/{sandbox_pid}/oom_score_adj").read().strip() == "1000"  # killed whole, first
         assert exec_(api, hog, ["sh", "-c", "echo kept > /home/kiln/disk-marker"]).json()["exit_code"] == 0
         meminfo = exec_(api, hog, ["head", "-1", "/proc/meminfo"]).json()["stdout"]
         assert "131072 kB" in meminfo

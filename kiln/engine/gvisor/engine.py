@@ -88,6 +88,15 @@ def available_memory() -> int:
     return 0
 
 
+def first_to_go_out_of_memory(pid: int) -> None:
+    """Over its memory limit, a sandbox is killed whole: its own process goes first, never one of
+    gVisor's stub processes (which one the kernel would pick is a matter of a few MB of RSS; a
+    killed stub leaves the guest process it served dead with exit code 1 and no word of memory).
+    Host-wide, too, sandboxes go before the daemon."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/oom_score_adj").write_text("1000")
+
+
 def host_prefix(data_dir: Path) -> str:
     """6 hex chars derived from the data dir: the namespace of every host-global name we create."""
     return hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:6]
@@ -740,6 +749,7 @@ class GVisorEngine:
         (an OOM kills the whole sandbox, agent included)."""
         pid, gofer = self.runsc.pids(sandbox_id)
         if pid:
+            first_to_go_out_of_memory(pid)
             self.processes.track(pid, lambda: self._exited(sandbox_id, pid))
         if gofer:
             self.processes.track(gofer)
