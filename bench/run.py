@@ -233,6 +233,12 @@ def thermal_report(api: dict, raw: dict) -> list[str]:
         return f"| {name} | {len(kiln)} | {k50:.1f} | {k99:.1f} | | | | {note} |"
 
     mb = lambda v: sum(v) / len(v) / 1e6  # noqa: E731
+
+    def wake_alone(kiln: list[float], rawv: list[float]) -> str:
+        """kiln's figure holds a whole exec `true`; raw's ends at the agent's first answer."""
+        alone = ms(pct(kiln, 50) - hot50)
+        return f"the wake alone (minus a hot exec): {alone:.1f} ms, {alone / ms(pct(rawv, 50)):.2f}x"
+
     return [
         "## Thermal",
         "",
@@ -249,14 +255,20 @@ def thermal_report(api: dict, raw: dict) -> list[str]:
             "cold wake, idle 512 MB sandbox: exec `true` after stop",
             api["cold_wake"],
             raw["restore"],
-            "raw = `runsc restore` until the agent answers",
+            "raw = `runsc restore` until the agent answers; " + wake_alone(api["cold_wake"], raw["restore"]),
         ),
-        row("cold wake, 256 MB written", api["cold_wake_256"], raw["restore_256"], "woken right after its stop"),
+        row(
+            "cold wake, 256 MB written",
+            api["cold_wake_256"],
+            raw["restore_256"],
+            "woken right after its stop; " + wake_alone(api["cold_wake_256"], raw["restore_256"]),
+        ),
         row(
             "cold wake, 256 MB written, stopped a while",
             api["cold_wake_256_settled"],
             raw["restore_256"],
-            "its diff repacked (5 s after the stop): the wake links the image, copies nothing",
+            "its diff repacked (5 s after the stop): the wake links the image, copies nothing; "
+            + wake_alone(api["cold_wake_256_settled"], raw["restore_256"]),
         ),
         row(
             "stop, full (first stop, 256 MB written)",
