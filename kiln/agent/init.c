@@ -4,8 +4,8 @@
  *
  * It detaches from the host console, starts the server, reaps every orphan, and starts the server
  * again whenever it dies (KILN_AGENT_STARTS tells it how many servers this sandbox has had). A
- * Python PID 1 doing only this cost ~3 MB of the sandbox's host memory and 14 MB of RSS; this is
- * static, so it runs in any image, whatever libc it has or lacks.
+ * Python PID 1 doing only this cost ~7 MB of the sandbox's host memory (its cgroup: 28.7 -> 21.0 MB)
+ * and 14 MB of RSS; this is static, so it runs in any image, whatever libc it has or lacks.
  *
  * PID 1 of a PID namespace gets no signal it has not asked for from inside: it asks for none.
  */

@@ -332,8 +332,7 @@ def copy_pages(
     """Write the pages at (pack, slot), in order, to out (from where it is; packs are numbers, opened
     by pack_path once each: a Path per page cost more than the copy): each run of consecutive
     slots of one pack is copied by the kernel when long, else read in big reads, and short runs are
-    gathered into big writes. Setting
-    `stop` ends it at the next big write (RepackStopped)."""
+    gathered into big writes. Setting `stop` ends it at the next big write (RepackStopped)."""
     out.flush()
     out_fd, pos = out.fileno(), out.tell()
     packs: dict[int, int] = {}
