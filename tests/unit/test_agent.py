@@ -264,9 +264,41 @@ def test_exited_sessions_stay_listed_30_seconds_and_are_bounded(tmp_path):
     assert set(agent.sessions) == {f"s{i}" for i in range(10, MAX_EXITED + 10)}  # the newest are kept
 
 
-def start_agent(cfg, port: int) -> subprocess.Popen:
-    cfg.write_text(json.dumps({"token": TOKEN, "port": port, "bind": "127.0.0.1"}))
+def start_agent(cfg, port: int, **config) -> subprocess.Popen:
+    cfg.write_text(json.dumps({"token": TOKEN, "port": port, "bind": "127.0.0.1", **config}))
     return subprocess.Popen([sys.executable, str(AGENT_DIR / "guest.py"), str(cfg)])
+
+
+def threads_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
+def test_a_burst_of_parallel_execs_leaves_one_idle_worker_behind(tmp_path):
+    port = free_port()
+    proc = start_agent(tmp_path / "a.json", port, worker_idle_sec=0.3)
+
+    async def burst():
+        client = AgentClient("127.0.0.1", port, TOKEN)
+        await client.wait_ready(asyncio.get_running_loop().time() + 10)
+        request = {"argv": ["sleep", "0.5"], "user": "root"}
+        results = await asyncio.gather(*(collect(client, request) for _ in range(6)))
+        assert [ex.exit_code for _, _, ex in results] == [0] * 6
+        during = threads_of(proc.pid)
+        client.abort()  # (pooled connections hold a worker each)
+        return during
+
+    try:
+        assert asyncio.run(burst()) >= 7  # the main thread and a worker per exec
+        deadline = time.monotonic() + 10
+        while threads_of(proc.pid) > 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert threads_of(proc.pid) == 2  # the main thread and one idle worker
+        out, _, ex = run(collect(AgentClient("127.0.0.1", port, TOKEN), {"argv": ["echo", "ok"], "user": "root"}))
+        assert (out, ex.exit_code) == (b"ok\n", 0)  # and the one left serves
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def listening(port: int) -> None:
