@@ -96,23 +96,25 @@ def bench_api(n_sandboxes: int, n_exec: int) -> dict[str, list[float]]:
                 api.post(f"/sandboxes/{ids[0]}/exec", json=body)
             # execs and the floor in alternating rounds: this machine's spawn cost drifts by ~1.5x within
             # minutes, and a floor measured before or after all the execs compared phases, not paths
-            rounds = 10
-            floor_round = SPAWN_FLOOR.replace("N", str(max(1, n_exec // rounds)))
+            per_round = max(1, n_exec // 10)
+            floor_round = SPAWN_FLOOR.replace("N", str(per_round))
+            floors = {
+                "spawn": floor_round,
+                "spawn_spaced": floor_round.replace(
+                    "t = time.perf_counter()", f"time.sleep({GAP})\n    t = time.perf_counter()"
+                ),
+            }
             for i in range(n_exec):
                 t = time.perf_counter()
                 r = api.post(f"/sandboxes/{ids[0]}/exec", json=body)
                 results["exec"].append(time.perf_counter() - t)
                 assert r.json()["exit_code"] == 0
-                if (i + 1) % max(1, n_exec // rounds) == 0:
-                    r = api.post(
-                        f"/sandboxes/{ids[0]}/exec", json={"cmd": ["python3", "-c", floor_round], "user": "root"}
-                    )
-                    results["spawn"] += [float(x) for x in r.json()["stdout"].split()]
-                    spaced = floor_round.replace(
-                        "t = time.perf_counter()", f"time.sleep({GAP})\n    t = time.perf_counter()"
-                    )
-                    r = api.post(f"/sandboxes/{ids[0]}/exec", json={"cmd": ["python3", "-c", spaced], "user": "root"})
-                    results["spawn_spaced"] += [float(x) for x in r.json()["stdout"].split()]
+                if (i + 1) % per_round == 0:
+                    for key, script in floors.items():
+                        r = api.post(
+                            f"/sandboxes/{ids[0]}/exec", json={"cmd": ["python3", "-c", script], "user": "root"}
+                        )
+                        results[key] += [float(x) for x in r.json()["stdout"].split()]
             with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
                 for _ in range(5):  # 20 clients at once, each its own connection
                     clients = [d.client() for _ in range(PARALLEL)]

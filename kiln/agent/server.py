@@ -46,6 +46,7 @@ DEFAULT_UID = 1000
 AUTH_DEADLINE = 5.0
 KEEP_IDLE = 60.0  # an answered connection waits this long for the host's next request (the host's pool: 20 s)
 MAX_CONNECTIONS = 50
+WORKER_IDLE = 30.0  # an idle worker beyond the last one ends after this long without a connection
 # a thread's stack: 512 KiB is ample for the agent's threads (no deep recursion), and under gVisor an
 # idle thread with glibc's 8 MiB default cost ~1.4 MB of the sandbox's memory, ~0.6 MB with this
 THREAD_STACK = 512 * 1024
@@ -75,7 +76,7 @@ class Workers:
     and all but one end after `idle_for` seconds without a connection (each costs the sandbox
     ~0.6 MB: a burst of parallel execs must not leave it larger for good)."""
 
-    def __init__(self, handle, keep: int = 8, idle_for: float = 30.0):
+    def __init__(self, handle, keep: int = 8, idle_for: float = WORKER_IDLE):
         self.handle = handle
         self.keep = keep
         self.idle_for = idle_for
@@ -98,19 +99,25 @@ class Workers:
                 if self.idle >= self.keep:
                     return
                 self.idle += 1
-            next_sock = None
-            while next_sock is None:
-                try:
-                    next_sock = self.jobs.get(timeout=self.idle_for)
-                except Empty:
-                    with self.lock:  # (submit puts under the lock: a job counted for us is there now)
-                        try:
-                            next_sock = self.jobs.get_nowait()
-                        except Empty:
-                            if self.idle > 1:
-                                self.idle -= 1
-                                return
-            sock = next_sock
+            job = self.next_job()
+            if job is None:
+                return
+            sock = job
+
+    def next_job(self) -> socket.socket | None:
+        """The next connection for an idle worker, or None when it should end: `idle_for` seconds
+        without one while another worker waits too."""
+        while True:
+            try:
+                return self.jobs.get(timeout=self.idle_for)
+            except Empty:
+                with self.lock:  # (submit puts under the lock: a job counted for us is there now)
+                    try:
+                        return self.jobs.get_nowait()
+                    except Empty:
+                        if self.idle > 1:
+                            self.idle -= 1
+                            return None
 
 
 class Agent:
@@ -140,7 +147,7 @@ class Agent:
         self.sessions_lock = threading.Lock()
         self.session_counter = 0
         self.connections = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.workers = Workers(self.handle_connection, idle_for=float(config.get("worker_idle_sec", 30.0)))
+        self.workers = Workers(self.handle_connection, idle_for=float(config.get("worker_idle_sec", WORKER_IDLE)))
 
     def touch(self) -> None:
         self.last_activity = time.time()
