@@ -171,7 +171,7 @@ def test_a_repacked_diff_is_one_pack_that_a_restore_links(tmp_path):
     store = PageStore(tmp_path / "sb")
     store.save(image(tmp_path, "i0", base))
     store.ensure_index()
-    changed = os.urandom(PAGE) + base[PAGE:]
+    changed = os.urandom(PAGE) + base  # every page moved by one: no fold, a repack's work
     assert store.save(image(tmp_path, "i1", changed, b"state-1")).kind == "diff"
     assert len(list(store.packs.glob("*.pack"))) == 2
     before = assembled(store, tmp_path, "a0")
@@ -181,17 +181,20 @@ def test_a_repacked_diff_is_one_pack_that_a_restore_links(tmp_path):
     assert assembled(store, tmp_path, "a1") == before == (changed, b"state-1")
     assert os.stat(tmp_path / "a1" / "pages.img").st_nlink == 2  # linked, not copied
     assert store.repack() == m  # nothing left to do
+    (tmp_path / "a1" / "pages.img").unlink()  # the restore is done with its image
     later = changed[: PAGE * 3] + os.urandom(PAGE) + changed[PAGE * 4 :]
     third = store.save(image(tmp_path, "i2", later, b"state-2"))  # a diff against the repacked pack
-    assert third.kind == "diff" and third.bytes_written <= PAGE + len(b"state-2")
+    # its new page written twice: into a pack of its own, then folded into the repacked one
+    assert third.kind == "diff" and third.bytes_written <= 2 * PAGE + len(b"state-2")
     assert assembled(store, tmp_path, "a2") == (later, b"state-2")
+    assert len(list(store.packs.glob("*.pack"))) == 1
 
 
 def test_a_failed_repack_leaves_the_snapshot_as_it_was(tmp_path, monkeypatch):
     store = PageStore(tmp_path / "sb")
     base = os.urandom(PAGE * 8)
     store.save(image(tmp_path, "i0", base))
-    changed = base[: PAGE * 4] + os.urandom(PAGE) + base[PAGE * 5 :]
+    changed = base[: PAGE * 4] + os.urandom(PAGE) + base[PAGE * 4 :]  # half the pages moved: no fold
     store.save(image(tmp_path, "i1", changed, b"s"))
     packs = sorted(p.name for p in store.packs.iterdir())
 
@@ -212,7 +215,7 @@ def test_a_stopped_repack_leaves_the_snapshot_as_it_was(tmp_path):
     store = PageStore(tmp_path / "sb")
     base = os.urandom(PAGE * 600)  # more than one big write (GATHER) of pages to copy
     store.save(image(tmp_path, "i0", base))
-    changed = base[:PAGE] + os.urandom(PAGE) + base[PAGE * 2 :]
+    changed = base[:PAGE] + os.urandom(PAGE) + base[PAGE:]  # pages moved: no fold
     store.save(image(tmp_path, "i1", changed, b"s"))
     packs, manifest = sorted(p.name for p in store.packs.iterdir()), store.manifest()
     stop = threading.Event()
@@ -221,3 +224,52 @@ def test_a_stopped_repack_leaves_the_snapshot_as_it_was(tmp_path):
         store.repack(stop)
     assert sorted(p.name for p in store.packs.iterdir()) == packs and store.manifest() == manifest
     assert assembled(store, tmp_path, "a") == (changed, b"s")
+
+
+def test_a_diff_of_pages_changed_in_place_is_folded_into_its_base_which_a_restore_links(tmp_path):
+    base = os.urandom(PAGE * 64) + b"short"
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", base))
+    changed = bytearray(base + os.urandom(PAGE * 2))  # two pages changed, two more at the end
+    changed[PAGE * 3 : PAGE * 4] = os.urandom(PAGE)
+    changed[PAGE * 9 : PAGE * 10] = os.urandom(PAGE)
+    changed[PAGE * 64 :] = os.urandom(PAGE * 2) + b"tail"  # (the short last page grows into a whole one)
+    diff = store.save(image(tmp_path, "i1", bytes(changed), b"state-1"))
+    # written twice: into the diff's own pack, then into the base pack's slots
+    assert diff.kind == "diff" and diff.bytes_written <= 2 * 5 * PAGE + len(b"state-1")
+    assert [p.name for p in store.packs.iterdir()] == ["0.pack"] and store.stray_packs() == []
+    assert assembled(store, tmp_path, "a") == (bytes(changed), b"state-1")
+    assert os.stat(tmp_path / "a" / "pages.img").st_nlink == 2  # linked, not copied
+    (tmp_path / "a" / "pages.img").unlink()
+    shorter = bytes(changed[: PAGE * 10])  # the image shrinks: the pack is cut to it
+    store.save(image(tmp_path, "i2", shorter, b"state-2"))
+    assert store.pack_path(0).stat().st_size == len(shorter)
+    assert assembled(store, tmp_path, "b") == (shorter, b"state-2")
+
+
+def test_no_fold_into_a_pack_someone_else_links_and_a_fold_cut_short_leaves_the_diff_whole(tmp_path, monkeypatch):
+    base = os.urandom(PAGE * 32)
+    store = PageStore(tmp_path / "sb")
+    store.save(image(tmp_path, "i0", base))
+    os.link(store.pack_path(0), tmp_path / "forks-image")  # a fork restoring from it reads it
+    changed = base[: PAGE * 5] + os.urandom(PAGE) + base[PAGE * 6 :]
+    store.save(image(tmp_path, "i1", changed, b"s1"))
+    assert len(list(store.packs.glob("*.pack"))) == 2 and (tmp_path / "forks-image").read_bytes() == base
+    assert assembled(store, tmp_path, "a") == (changed, b"s1")
+    (tmp_path / "forks-image").unlink()
+
+    later = changed[: PAGE * 7] + os.urandom(PAGE * 2) + changed[PAGE * 9 :]
+    real_pwrite, calls = os.pwrite, []
+
+    def host_gone_mid_fold(fd, data, offset):  # the fold's first page is written, then the disk fails
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "I/O error")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(snapshots.os, "pwrite", host_gone_mid_fold)
+    second = store.save(image(tmp_path, "i2", later, b"s2"))
+    monkeypatch.undo()
+    assert len(calls) == 2 and second.bytes_written <= 2 * PAGE + len(b"s2")  # no fold counted
+    assert len(list(store.packs.glob("*.pack"))) == 3 and store.stray_packs() == []  # (the diffs' own packs)
+    assert assembled(store, tmp_path, "b") == (later, b"s2")

@@ -40,6 +40,7 @@ from ..base import (
     Status,
     Usage,
 )
+from ..phases import Phases
 from . import bundle, export, fork as forking, recovery
 from .cgroups import Cgroups
 from .kept import KeptSnapshots
@@ -476,6 +477,7 @@ class GVisorEngine:
         rec = self.records.get(sandbox_id)
         if rec is None:
             raise EngineError(f"unknown sandbox {sandbox_id}")
+        phases = Phases()
         await self.index_done(sandbox_id)
         store = PageStore(self.dir(sandbox_id))
         # runsc writes the image beside the snapshot: the first (full) one is adopted as it is;
@@ -496,7 +498,9 @@ class GVisorEngine:
             self.agents[sandbox_id].abort()
         try:
             try:
+                phases.mark("prepare")
                 await self.runsc.checkpoint(sandbox_id, image_dir)
+                phases.mark("runsc checkpoint")
             except EngineError:
                 if (await self.status(sandbox_id)).state == State.RUNNING:
                     if limits is not None:  # it goes on running: with its own memory limit again
@@ -509,6 +513,8 @@ class GVisorEngine:
             )
             try:
                 info = await asyncio.to_thread(store.save, image_dir)
+                phases.mark(f"save ({info.kind})")
+                log.info("sandbox %s: stopped (%s)", sandbox_id, phases)
                 # after the stop: a full snapshot's digests (only the next diff needs them), a diff's
                 # pages rewritten as one pack (the next wake links it instead of copying them)
                 loop = asyncio.get_running_loop()
@@ -632,14 +638,20 @@ class GVisorEngine:
         scratch = self.dir(sandbox_id) / "restore.tmp"
         await asyncio.to_thread(remove_scratch, scratch)
         await self.index_done(sandbox_id, stop_repack=True)  # (a repack would replace the packs this reads)
+        phases = Phases()
         try:
             rec = await self.prepare_relaunch(sandbox_id)
+            phases.mark("relaunch")
             try:
                 await asyncio.to_thread(store.assemble, scratch)
             except OSError as e:
                 raise EngineError(f"snapshot of {sandbox_id} is unreadable: {e}") from e
+            phases.mark("assemble")
             await self.restore_detached(sandbox_id, self.dir(sandbox_id), self.dir(sandbox_id) / "console.log", scratch)
+            phases.mark("runsc restore")
             handle = await self.until_ready(rec)
+            phases.mark("agent")
+            log.info("sandbox %s: restored (%s)", sandbox_id, phases)
         finally:
             self.delete_later(scratch)  # (runsc has read it, or holds it open)
         await asyncio.to_thread(store.mark_consumed)
@@ -717,6 +729,10 @@ class GVisorEngine:
             return Status(State.MISSING)
         if self.is_paused(sandbox_id):
             return Status(State.PAUSED)  # runsc state would hang: it asks the frozen sandbox
+        if sandbox_id in self.pending_deletes and PageStore(self.dir(sandbox_id)).restorable():
+            # checkpointed by a stop, its container still being deleted: `runsc state` of it takes
+            # ~100 ms here, on an immediate wake's path
+            return Status(State.STOPPED)
         st = await self.runsc.state(sandbox_id)
         s = (st or {}).get("status")
         if s == "running":

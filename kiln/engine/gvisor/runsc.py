@@ -97,7 +97,7 @@ class Runsc:
         return False
 
     async def state(self, container_id: str) -> dict | None:
-        if not any(self.root.glob(f"{container_id}_sandbox:*.state")):
+        if not self.exists(container_id):
             return None
         out = await run(self.argv("state", container_id), check=False)
         try:
@@ -116,7 +116,12 @@ class Runsc:
         return None, None
 
     async def delete(self, container_id: str) -> None:
-        await run(self.argv("delete", "-force", container_id), check=False)
+        if self.exists(container_id):  # (else runsc would only say so, in ~20 ms)
+            await run(self.argv("delete", "-force", container_id), check=False)
+
+    def exists(self, container_id: str) -> bool:
+        """Whether runsc has the container: its state file is there until `runsc delete` ends it."""
+        return any(self.root.glob(f"{container_id}_sandbox:*.state"))
 
     def list_ids(self) -> list[str]:
         """Containers under our root, from their state files (`runsc list` hangs on a frozen one)."""
