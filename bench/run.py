@@ -232,9 +232,9 @@ def report(api: dict, raw: dict, args) -> str:
 
 
 def thermal_section(n: int) -> list[str]:
-    from bench.thermal import bench_thermal_api, bench_thermal_raw
+    from bench.thermal import bench_thermal
 
-    return thermal_report(bench_thermal_api(n), asyncio.run(bench_thermal_raw(n)))
+    return thermal_report(*bench_thermal(n))
 
 
 def thermal_report(api: dict, raw: dict) -> list[str]:
@@ -279,14 +279,16 @@ def thermal_report(api: dict, raw: dict) -> list[str]:
             "cold wake, 256 MB written",
             api["cold_wake_256"],
             raw["restore_256"],
-            "woken right after its stop; " + wake_alone(api["cold_wake_256"], raw["restore_256"]),
+            f"woken right after its stop (its diff folded into one pack at the stop in {sum(api['folded'])} of "
+            f"{len(api['folded'])} stops: gVisor moved the others' pages, which the wake then copies); "
+            + wake_alone(api["cold_wake_256"], raw["restore_256"]),
         ),
         row(
             "cold wake, 256 MB written, stopped a while",
             api["cold_wake_256_settled"],
             raw["restore_256"],
-            "its diff repacked (5 s after the stop): the wake links the image, copies nothing; "
-            + wake_alone(api["cold_wake_256_settled"], raw["restore_256"]),
+            "its snapshot one pack (folded at the stop, or repacked 5 s after it): the wake links the image, "
+            "copies nothing; " + wake_alone(api["cold_wake_256_settled"], raw["restore_256"]),
         ),
         row(
             "stop, full (first stop, 256 MB written)",
@@ -661,12 +663,10 @@ def main() -> int:
     api = bench_api(args.sandboxes, args.execs)
     print("raw runsc: the same operations ...", flush=True)
     raw = asyncio.run(bench_raw(args.sandboxes, args.execs))
-    from bench.thermal import bench_thermal_api, bench_thermal_raw
+    from bench.thermal import bench_thermal
 
-    print(f"thermal: {args.thermal} samples each of warm/cold wakes and stops ...", flush=True)
-    thermal_api = bench_thermal_api(args.thermal)
-    print("raw runsc: pause/resume, checkpoint/restore ...", flush=True)
-    thermal_raw = asyncio.run(bench_thermal_raw(args.thermal))
+    print(f"thermal: {args.thermal} samples each of warm/cold wakes and stops, each with its raw twin ...", flush=True)
+    thermal_api, thermal_raw = bench_thermal(args.thermal)
     from bench.files import bench_files
 
     print(f"files: {args.files} reads and writes per size ...", flush=True)

@@ -6,10 +6,17 @@ kiln (through the API):
 - stop: POST /stop, full (first stop of a sandbox) and diff (later stops), with bytes written
 raw (runsc CLI on an engine-prepared bundle): `runsc pause`/`resume`; `runsc checkpoint
 --compression=none` to disk (+ `delete`); `runsc restore -detach` until the agent answers.
+
+Each kiln measurement is followed at once by its raw twin (the raw side runs on an event loop of its
+own): stop and checkpoint times drift ~1.5x within minutes here, and measuring all of kiln's first
+and then all of raw's compared two different machines.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
 
 from bench.raw import raw_checkpoint, raw_engine, raw_restore
@@ -18,6 +25,67 @@ from kiln.engine.gvisor.proc import run
 from tests.daemon import Daemon, builtin_image
 
 FILL_256MB = "head -c 268435456 /dev/urandom > /dev/shm/fill"
+
+
+class RawSide:
+    """runsc driven directly, on its own event loop in a thread: `call` runs one raw step and waits."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.res: dict[str, list] = {
+            "pause": [],
+            "resume": [],
+            "checkpoint_first": [],
+            "checkpoint_again": [],
+            "restore": [],
+            "restore_256": [],
+        }
+        self.images: dict = {}
+        self.handles: dict = {}
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    @contextlib.contextmanager
+    def running(self):
+        self.thread.start()
+        engine_cm = raw_engine()
+        self.engine = self.call(engine_cm.__aenter__())
+        try:
+            yield self
+        finally:
+            self.call(engine_cm.__aexit__(None, None, None))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join()
+
+    async def make(self, sid: str, fill: str | None = None) -> None:
+        handle = await self.engine.create(SandboxSpec(id=sid, hostname=sid, image=builtin_image("default")))
+        if fill:
+            [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
+        self.handles[sid] = handle
+
+    async def pause_resume(self, sid: str) -> None:
+        for step in ("pause", "resume"):
+            t = time.perf_counter()
+            await run(self.engine.runsc.argv(step, sid))
+            self.res[step].append(time.perf_counter() - t)
+
+    async def checkpoint(self, sid: str, key: str | None) -> None:
+        took, self.images[sid] = await raw_checkpoint(self.engine, sid)
+        if key:
+            self.res[key].append(took)
+
+    async def restore(self, sid: str, key: str | None) -> None:
+        took = await raw_restore(self.engine, sid, self.handles[sid], self.images[sid])
+        if key:
+            self.res[key].append(took)
+
+    async def first_checkpoint_of_fresh(self, sid: str) -> None:
+        """What a full stop does: the first checkpoint of a fresh sandbox holding 256 MB."""
+        await self.make(sid, FILL_256MB)
+        await self.checkpoint(sid, "checkpoint_first")
+        await self.engine.destroy(sid)
 
 
 def timed(fn):
@@ -36,7 +104,8 @@ def wait_warm(api, sid, timeout=20.0) -> None:
     raise RuntimeError("sandbox never went warm")
 
 
-def bench_thermal_api(n: int) -> dict[str, list]:
+def bench_thermal(n: int) -> tuple[dict[str, list], dict[str, list]]:
+    """(kiln's figures, raw's), each raw step right after its kiln twin."""
     d = Daemon({"thermal": {"warm_after": 0.5, "cold_after": 3600, "tick": 0.1}})
     res: dict[str, list] = {
         "hot_exec": [],
@@ -48,10 +117,12 @@ def bench_thermal_api(n: int) -> dict[str, list]:
         "stop_diff": [],
         "full_bytes": [],
         "diff_bytes": [],
+        "folded": [],
     }
+    raw = RawSide()
     try:
         d.start()
-        with d.client() as api:
+        with d.client() as api, raw.running():
 
             def exec_true(sid):
                 r = api.post(f"/sandboxes/{sid}/exec", json={"cmd": ["true"]})
@@ -65,13 +136,17 @@ def bench_thermal_api(n: int) -> dict[str, list]:
             idle = api.post("/sandboxes", json={"name": "warm"}).json()["id"]
             for _ in range(30):
                 res["hot_exec"].append(timed(lambda: exec_true(idle))[0])
+            raw.call(raw.make("rawidle"))
             for _ in range(n):
                 wait_warm(api, idle)
                 res["warm_exec"].append(timed(lambda: exec_true(idle))[0])
+                raw.call(raw.pause_resume("rawidle"))
 
             cold = api.post("/sandboxes", json={"name": "cold", "keep_hot": True}).json()["id"]
             big = api.post("/sandboxes", json={"name": "cold256", "keep_hot": True}).json()["id"]
             api.post(f"/sandboxes/{big}/exec", json={"cmd": ["sh", "-c", FILL_256MB]})
+            raw.call(raw.make("rawbig", FILL_256MB))
+            packs = d.data_dir / "sandboxes" / big / "snapshot" / "packs"
             for i in range(n + 1):
                 for sid, key in ((cold, "cold_wake"), (big, "cold_wake_256")):
                     t, snap = timed(lambda: stop(sid))
@@ -79,11 +154,18 @@ def bench_thermal_api(n: int) -> dict[str, list]:
                     if sid == big:
                         res[f"stop_{kind}"].append(t)
                         res[f"{kind}_bytes"].append(snap["bytes_written"])
+                        if kind == "diff":  # folded into its base at the stop: one pack, linked by the wake
+                            res["folded"].append(len(list(packs.glob("*.pack"))) == 1)
                     wake = timed(lambda: exec_true(sid))[0]
                     if i:  # the first restore warms the page cache of a fresh snapshot
                         res[key].append(wake)
-            packs = d.data_dir / "sandboxes" / big / "snapshot" / "packs"
-            for _ in range(3):  # left stopped until its diff is repacked (REPACK_DELAY), as idle sandboxes are
+                    # the raw twins: checkpoint (the first: full, later ones: after a restore), restore
+                    raw_sid = "rawidle" if sid == cold else "rawbig"
+                    raw.call(
+                        raw.checkpoint(raw_sid, None if sid == cold else f"checkpoint_{'first' if i == 0 else 'again'}")
+                    )
+                    raw.call(raw.restore(raw_sid, (("restore" if sid == cold else "restore_256") if i else None)))
+            for _ in range(3):  # left stopped until its diff is one pack (folded, or repacked after REPACK_DELAY)
                 stop(big)
                 deadline = time.monotonic() + 60
                 while len(list(packs.glob("*.pack"))) != 1:
@@ -97,55 +179,10 @@ def bench_thermal_api(n: int) -> dict[str, list]:
                 res["stop_full"].append(t)
                 res["full_bytes"].append(snap["bytes_written"])
                 api.delete(f"/sandboxes/{sid}")
+                raw.call(raw.first_checkpoint_of_fresh(f"rawfull{i}"))
     except Exception:
         print(d.log())
         raise
     finally:
         d.scrub()
-    return res
-
-
-async def bench_thermal_raw(n: int) -> dict[str, list]:
-    res: dict[str, list] = {
-        "pause": [],
-        "resume": [],
-        "checkpoint_first": [],
-        "checkpoint_again": [],
-        "restore": [],
-        "restore_256": [],
-    }
-    async with raw_engine() as engine:
-        runsc = engine.runsc
-
-        async def make(sid: str, fill: str | None):
-            handle = await engine.create(SandboxSpec(id=sid, hostname=sid, image=builtin_image("default")))
-            if fill:
-                [ev async for ev in handle.agent.exec({"argv": ["sh", "-c", fill]})]
-            return handle
-
-        idle = await make("rawidle", None)
-        for _ in range(n):
-            t = time.perf_counter()
-            await run(runsc.argv("pause", "rawidle"))
-            res["pause"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            await run(runsc.argv("resume", "rawidle"))
-            res["resume"].append(time.perf_counter() - t)
-        for _ in range(n + 1):
-            _, image = await raw_checkpoint(engine, "rawidle")
-            res["restore"].append(await raw_restore(engine, "rawidle", idle, image))
-        res["restore"] = res["restore"][1:]
-        await engine.destroy("rawidle")
-        for i in range(n):  # the first checkpoint of a fresh sandbox holding 256 MB: what a full stop does
-            sid = f"rawfull{i}"
-            handle = await make(sid, FILL_256MB)
-            took, image = await raw_checkpoint(engine, sid)
-            res["checkpoint_first"].append(took)
-            if i == 0:  # then the same sandbox again and again: what a diff stop does
-                for _ in range(n + 1):
-                    res["restore_256"].append(await raw_restore(engine, sid, handle, image))
-                    took, image = await raw_checkpoint(engine, sid)
-                    res["checkpoint_again"].append(took)
-                res["restore_256"] = res["restore_256"][1:]
-            await engine.destroy(sid)
-    return res
+    return res, raw.res
