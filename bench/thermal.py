@@ -9,13 +9,17 @@ raw (runsc CLI on an engine-prepared bundle): `runsc pause`/`resume`; `runsc che
 
 Each kiln measurement is followed at once by its raw twin (the raw side runs on an event loop of its
 own): stop and checkpoint times drift ~1.5x within minutes here, and measuring all of kiln's first
-and then all of raw's compared two different machines.
+and then all of raw's compared two different machines. Every stop and checkpoint starts settled
+(`settle`): what the step before left in the page cache is written back first, so neither side's
+figure carries the other's writes (a raw checkpoint leaves ~280 MB unwritten; kiln's diff stops
+took up to 3x longer right after one).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import threading
 import time
 
@@ -25,6 +29,13 @@ from kiln.engine.gvisor.proc import run
 from tests.daemon import Daemon, builtin_image
 
 FILL_256MB = "head -c 268435456 /dev/urandom > /dev/shm/fill"
+SETTLE = 0.3  # seconds of quiet after the writeback
+
+
+def settle() -> None:
+    """Write back what earlier steps left in the page cache, then let the machine be quiet a moment."""
+    os.sync()
+    time.sleep(SETTLE)
 
 
 class RawSide:
@@ -72,6 +83,7 @@ class RawSide:
             self.res[step].append(time.perf_counter() - t)
 
     async def checkpoint(self, sid: str, key: str | None) -> None:
+        await asyncio.to_thread(settle)
         took, self.images[sid] = await raw_checkpoint(self.engine, sid)
         if key:
             self.res[key].append(took)
@@ -149,6 +161,7 @@ def bench_thermal(n: int) -> tuple[dict[str, list], dict[str, list]]:
             packs = d.data_dir / "sandboxes" / big / "snapshot" / "packs"
             for i in range(n + 1):
                 for sid, key in ((cold, "cold_wake"), (big, "cold_wake_256")):
+                    settle()
                     t, snap = timed(lambda: stop(sid))
                     kind = "full" if snap["kind"] == "full" else "diff"
                     if sid == big:
@@ -166,6 +179,7 @@ def bench_thermal(n: int) -> tuple[dict[str, list], dict[str, list]]:
                     )
                     raw.call(raw.restore(raw_sid, (("restore" if sid == cold else "restore_256") if i else None)))
             for _ in range(3):  # left stopped until its diff is one pack (folded, or repacked after REPACK_DELAY)
+                settle()
                 stop(big)
                 deadline = time.monotonic() + 60
                 while len(list(packs.glob("*.pack"))) != 1:
@@ -175,6 +189,7 @@ def bench_thermal(n: int) -> tuple[dict[str, list], dict[str, list]]:
             for i in range(n - 1):  # more full stops: first stops of fresh 256 MB sandboxes
                 sid = api.post("/sandboxes", json={"name": f"full-{i}", "keep_hot": True}).json()["id"]
                 api.post(f"/sandboxes/{sid}/exec", json={"cmd": ["sh", "-c", FILL_256MB]})
+                settle()
                 t, snap = timed(lambda: stop(sid))
                 res["stop_full"].append(t)
                 res["full_bytes"].append(snap["bytes_written"])
