@@ -273,3 +273,14 @@ def test_no_fold_into_a_pack_someone_else_links_and_a_fold_cut_short_leaves_the_
     assert len(calls) == 2 and second.bytes_written <= 2 * PAGE + len(b"s2")  # no fold counted
     assert len(list(store.packs.glob("*.pack"))) == 3 and store.stray_packs() == []  # (the diffs' own packs)
     assert assembled(store, tmp_path, "b") == (later, b"s2")
+
+
+def test_an_index_in_columns_reads_and_writes_the_records_on_disk():
+    digests = [os.urandom(16) for _ in range(1000)]
+    records = [(d, i % 3, 7 * i) for i, d in enumerate(digests)]
+    on_disk = b"".join(snapshots.RECORD.pack(*r) for r in records)
+    index = snapshots.Index.parse(on_disk)
+    assert list(zip(index.digests, index.packs, index.slots, strict=True)) == records
+    assert index.to_bytes() == on_disk and index.whole_pack() is None
+    assert snapshots.Index.parse(snapshots.Index.whole(digests, 5).to_bytes()).whole_pack() == 5
+    assert snapshots.differing(index.slots, snapshots.Index.whole(digests, 0).slots) == list(range(1, 1000))

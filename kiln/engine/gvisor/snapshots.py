@@ -12,10 +12,9 @@ per page: digest, pack, slot) plus the small image files runsc writes beside the
   a new pack, and the scratch image is deleted unsynced. When the changed pages stayed in place they
   are then folded into the base pack's own slots (`fold_into_base`); otherwise a diff left stopped is
   later repacked as one pack, page for page (`repack`). Either way a restore then links the pack like
-  a full snapshot's. 4 KiB
-  granularity matters: gVisor's memory file shifts by whole pages
-  between checkpoints (a process allocating a few pages moves everything after it),
-  which defeats larger fixed chunks but not page-sized ones.
+  a full snapshot's. 4 KiB granularity matters: gVisor's memory file shifts by whole pages between
+  checkpoints (a process allocating a few pages moves everything after it), which defeats larger
+  fixed chunks but not page-sized ones.
 - A manifest written last (temp + fsync + rename) makes a snapshot current, so a failed stop
   never harms the previous good one. Packs the current index no longer references are deleted.
 - The hash: XXH3-128 costs ~0.07 s for a 290 MB image here, SHA-256 ~0.6 s (more than the writes a
@@ -95,6 +94,8 @@ class Index:
         n = len(self.digests)
         digests = array("I")
         digests.frombytes(b"".join(self.digests))
+        if sys.byteorder == "big":  # (swapped back with the rest below: digests are bytes, as they were)
+            digests.byteswap()
         columns = array("I", bytes(RECORD.size * n))
         for word in range(4):
             columns[word::6] = digests[word::4]
