@@ -159,6 +159,7 @@ def bench_thermal(n: int) -> tuple[dict[str, list], dict[str, list]]:
             api.post(f"/sandboxes/{big}/exec", json={"cmd": ["sh", "-c", FILL_256MB]})
             raw.call(raw.make("rawbig", FILL_256MB))
             packs = d.data_dir / "sandboxes" / big / "snapshot" / "packs"
+            twins = {cold: ("rawidle", None, "restore"), big: ("rawbig", "checkpoint", "restore_256")}
             for i in range(n + 1):
                 for sid, key in ((cold, "cold_wake"), (big, "cold_wake_256")):
                     settle()
@@ -172,12 +173,12 @@ def bench_thermal(n: int) -> tuple[dict[str, list], dict[str, list]]:
                     wake = timed(lambda: exec_true(sid))[0]
                     if i:  # the first restore warms the page cache of a fresh snapshot
                         res[key].append(wake)
-                    # the raw twins: checkpoint (the first: full, later ones: after a restore), restore
-                    raw_sid = "rawidle" if sid == cold else "rawbig"
+                    # the raw twins: a checkpoint (the first one full, later ones after a restore), a restore
+                    raw_sid, checkpoint_key, restore_key = twins[sid]
                     raw.call(
-                        raw.checkpoint(raw_sid, None if sid == cold else f"checkpoint_{'first' if i == 0 else 'again'}")
+                        raw.checkpoint(raw_sid, checkpoint_key and f"{checkpoint_key}_{'again' if i else 'first'}")
                     )
-                    raw.call(raw.restore(raw_sid, (("restore" if sid == cold else "restore_256") if i else None)))
+                    raw.call(raw.restore(raw_sid, restore_key if i else None))
             for _ in range(3):  # left stopped until its diff is one pack (folded, or repacked after REPACK_DELAY)
                 settle()
                 stop(big)

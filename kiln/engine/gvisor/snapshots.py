@@ -112,11 +112,10 @@ class Index:
 
     def whole_pack(self) -> int | None:
         """The pack that holds these pages as the image itself (page i at slot i), if one does."""
-        n = len(self.digests)
-        if not n:
+        if not self.digests:
             return None
-        pack = self.packs[0]
-        return pack if self.packs == array("I", [pack]) * n and self.slots == array("I", range(n)) else None
+        ideal = Index.whole(self.digests, self.packs[0])
+        return ideal.packs[0] if self.packs == ideal.packs and self.slots == ideal.slots else None
 
 
 def now_rfc3339() -> str:
@@ -291,9 +290,9 @@ class PageStore:
             return 0
         base = Counter(index.packs).most_common(1)[0][0]
         target = self.pack_path(base)
+        folded = Index.whole(index.digests, base)
         packs, slots = index.packs, index.slots
-        elsewhere = differing(packs, array("I", [base]) * len(index))
-        changed = sorted({*elsewhere, *differing(slots, array("I", range(len(index))))})
+        changed = sorted({*differing(packs, folded.packs), *differing(slots, folded.slots)})
         if len(changed) > len(index) * FOLD_AT_MOST or os.stat(target).st_nlink != 1:
             return 0
         if changed:
@@ -302,12 +301,12 @@ class PageStore:
             if not {slots[i] for i in changed if packs[i] == base}.isdisjoint(changed):
                 return 0
             self._write_into(target, [(i, packs[i], slots[i]) for i in changed])
-            index = Index.whole(index.digests, base)
-            self.write_index(manifest["index"], index)  # both indexes describe the same pages now
+            self.write_index(manifest["index"], folded)  # both indexes describe the same pages now
             fsync_dir(self.dir)
         if target.stat().st_size > manifest["pages_size"]:  # slots past the image: nobody's any more
             os.truncate(target, manifest["pages_size"])
-        self.collect_garbage(manifest, index)
+        if changed:  # (with nothing changed, the save has just collected what the diff left)
+            self.collect_garbage(manifest, folded)
         return len(changed) * PAGE
 
     def _write_into(self, target: Path, moves: list[tuple[int, int, int]]) -> None:
